@@ -1,0 +1,215 @@
+"""Tests of the PatchCore functions against numpy / scipy references and their properties."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.ndimage
+import torch
+
+from wdam_jax.methods import patchcore as pc
+
+
+def _brute_knn(bank, queries, k):
+    d = np.sqrt(
+        ((queries[:, None, :].astype(np.float64) - bank[None].astype(np.float64)) ** 2).sum(-1)
+    )
+    order = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, order, axis=1), order
+
+
+@pytest.mark.parametrize(
+    ("num_bank", "num_q", "k", "bank_chunk", "query_chunk"),
+    [
+        (100, 37, 1, 32, 16),
+        (100, 37, 5, 32, 16),
+        (64, 10, 3, 64, 64),
+        (7, 5, 7, 3, 2),
+        (50, 9, 1, 128, 4),
+    ],
+)
+def test_knn_matches_brute_force(num_bank, num_q, k, bank_chunk, query_chunk):
+    rng = np.random.default_rng(0)
+    bank = rng.standard_normal((num_bank, 24)).astype(np.float32)
+    queries = rng.standard_normal((num_q, 24)).astype(np.float32)
+    dist, idx = pc.knn_search(bank, queries, k=k, bank_chunk=bank_chunk, query_chunk=query_chunk)
+    ref_d, ref_i = _brute_knn(bank, queries, k)
+    chex.assert_shape(dist, (num_q, k))
+    np.testing.assert_allclose(np.asarray(dist), ref_d, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(idx), ref_i)
+    np.testing.assert_allclose(
+        np.asarray(pc.knn_scores(bank, queries, k=k)), ref_d, rtol=1e-4, atol=1e-4
+    )
+
+
+def test_knn_exact_match_distance_is_zero():
+    rng = np.random.default_rng(1)
+    # A large common offset (as ReLU features have) must not cost precision: the bank is centred.
+    bank = rng.standard_normal((40, 16)).astype(np.float32) + 100.0
+    dist = pc.knn_scores(bank, bank[::3], k=1)
+    assert np.all(np.asarray(dist) >= 0)
+    np.testing.assert_allclose(np.asarray(dist), 0.0, atol=2e-3)
+
+
+def test_coreset_unique_deterministic_and_covers():
+    rng = np.random.default_rng(0)
+    # Clustered data, as patch features are: random selection misses small clusters.
+    centres = rng.standard_normal((30, 256)) * 5
+    feats = (centres[rng.integers(0, 30, 2000)] + rng.standard_normal((2000, 256))).astype(
+        np.float32
+    )
+    key = jax.random.key(0)
+    n = 60
+    picks = np.asarray(pc.greedy_coreset(key, feats, n, steps_per_call=25))
+    chex.assert_shape(picks, (n,))
+    assert len(np.unique(picks)) == n
+    np.testing.assert_array_equal(picks, np.asarray(pc.greedy_coreset(key, jnp.asarray(feats), n)))
+    assert not np.array_equal(picks, np.asarray(pc.greedy_coreset(jax.random.key(1), feats, n)))
+    radius = pc.coverage_radius(feats, picks)
+    random_radii = [
+        pc.coverage_radius(feats, np.random.default_rng(s).choice(2000, n, replace=False))
+        for s in range(5)
+    ]
+    assert radius <= np.mean(random_radii)
+    assert radius <= min(random_radii)
+
+
+def test_coreset_unique_with_duplicate_rows_and_full_size():
+    feats = np.repeat(np.eye(4, 8, dtype=np.float32), 5, axis=0)  # 20 rows, 4 distinct
+    picks = np.asarray(pc.greedy_coreset(jax.random.key(3), feats, 20))
+    np.testing.assert_array_equal(np.sort(picks), np.arange(20))
+    # The first 4 picks are the 4 distinct rows (k-center on duplicates).
+    assert len({tuple(feats[i]) for i in picks[:4]}) == 4
+
+
+def _max_intermediate_size(jaxpr):
+    """Largest number of elements of any value a jaxpr (or a loop / jit body inside it) makes."""
+    size = 0
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            size = max(size, int(np.prod(var.aval.shape)) if hasattr(var.aval, "shape") else 0)
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", None)
+            if inner is not None:
+                size = max(size, _max_intermediate_size(getattr(inner, "jaxpr", inner)))
+    return size
+
+
+def test_coreset_and_knn_never_form_n_by_n():
+    n, d = 4096, 256
+    jaxpr = jax.make_jaxpr(pc._coreset_steps)(
+        jnp.zeros((n, 128)), jnp.zeros(n), jnp.zeros(n), jnp.zeros(64, jnp.int32),
+        jnp.int32(0), jnp.int32(64),
+    )  # fmt: skip
+    # Inside the loop only [N] vectors are made (the [N, 128] projection is an input).
+    assert _max_intermediate_size(jaxpr.jaxpr) == n
+    jaxpr = jax.make_jaxpr(lambda b, c, s, q: pc._knn_block(b, c, s, q, k=3, bank_chunk=512))(
+        jnp.zeros((n, d)), jnp.zeros(d), jnp.zeros(n), jnp.zeros((256, d))
+    )
+    # The largest block is one query chunk x one bank chunk, whatever the bank size.
+    assert _max_intermediate_size(jaxpr.jaxpr) == 256 * 512
+
+
+def test_coreset_compiles_once_across_calls():
+    pc._coreset_steps.clear_cache()
+    feats = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
+    pc.greedy_coreset(jax.random.key(0), feats, 50, steps_per_call=7)
+    pc.greedy_coreset(jax.random.key(1), feats, 50, steps_per_call=7)
+    assert pc._coreset_steps._cache_size() == 1
+
+
+def test_adaptive_pool_matches_torch():
+    x = np.random.default_rng(0).standard_normal((3, 1536)).astype(np.float32)
+    for out in (1024, 512, 3072, 700):
+        ref = torch.nn.functional.adaptive_avg_pool1d(torch.from_numpy(x)[:, None], out)[:, 0]
+        np.testing.assert_allclose(
+            np.asarray(pc.adaptive_avg_pool_last(x, out)), ref.numpy(), atol=1e-5
+        )
+
+
+def test_patch_features_shapes_and_reference():
+    rng = np.random.default_rng(0)
+    l2 = rng.standard_normal((2, 8, 8, 32)).astype(np.float32)
+    l3 = rng.standard_normal((2, 4, 4, 64)).astype(np.float32)
+    feats = pc.patch_features(l2, l3, pretrain_dim=48, target_dim=40)
+    chex.assert_shape(feats, (2, 8, 8, 40))
+    chex.assert_type(feats, jnp.float32)
+    # Reference with torch ops: zero-padded 3x3 average, bilinear (align_corners=False) upsampling.
+    t2 = torch.nn.functional.avg_pool2d(torch.from_numpy(l2).permute(0, 3, 1, 2), 3, 1, 1)
+    t3 = torch.nn.functional.avg_pool2d(torch.from_numpy(l3).permute(0, 3, 1, 2), 3, 1, 1)
+    t3 = torch.nn.functional.interpolate(t3, size=(8, 8), mode="bilinear", align_corners=False)
+    per = [
+        torch.nn.functional.adaptive_avg_pool1d(
+            t.permute(0, 2, 3, 1).reshape(-1, 1, t.shape[1]), 48
+        )
+        for t in (t2, t3)
+    ]
+    ref = torch.nn.functional.adaptive_avg_pool1d(torch.cat(per, dim=-1), 40).reshape(2, 8, 8, 40)
+    np.testing.assert_allclose(np.asarray(feats), ref.numpy(), atol=1e-5)
+
+
+def test_gaussian_blur_matches_scipy():
+    x = np.random.default_rng(0).random((2, 40, 33)).astype(np.float32)
+    ref = np.stack([scipy.ndimage.gaussian_filter(m, sigma=4.0) for m in x])
+    np.testing.assert_allclose(np.asarray(pc.gaussian_blur(x, sigma=4.0)), ref, atol=1e-5)
+    maps = pc.anomaly_maps(x[:, :8, :8], image_size=(32, 32))
+    chex.assert_shape(maps, (2, 32, 32))
+
+
+def test_reweighting_matches_numpy():
+    rng = np.random.default_rng(0)
+    bank = rng.standard_normal((50, 8)).astype(np.float32)
+    feats = rng.standard_normal((3, 20, 8)).astype(np.float32)
+    dist, idx = pc.knn_search(bank, feats.reshape(-1, 8), k=1)
+    dist, idx = np.asarray(dist).reshape(3, 20), np.asarray(idx).reshape(3, 20)
+    got = np.asarray(pc.reweighted_image_scores(bank, feats, dist, idx, num_neighbors=4))
+    for b in range(3):
+        j = dist[b].argmax()
+        m_test, m_star = feats[b, j], bank[idx[b, j]]
+        support = np.argsort(np.linalg.norm(bank - m_star, axis=1))[:4]
+        d = np.linalg.norm(bank[support] - m_test, axis=1)
+        w = 1 - np.exp(d[0]) / np.exp(d).sum()
+        np.testing.assert_allclose(got[b], w * dist[b, j], rtol=1e-4)
+    # b = 1: the unweighted maximum.
+    np.testing.assert_allclose(
+        np.asarray(pc.reweighted_image_scores(bank, feats, dist, idx, num_neighbors=1)), dist.max(1)
+    )
+    # Large distances do not overflow.
+    big = np.asarray(pc.reweighted_image_scores(bank * 1e3, feats * 1e3, dist * 1e3, idx))
+    assert np.all(np.isfinite(big))
+
+
+def test_identical_training_images_score_zero_and_bank_roundtrip(tmp_path):
+    rng = np.random.default_rng(0)
+    train = np.tile(rng.standard_normal((1, 6, 6, 16)).astype(np.float32), (4, 1, 1, 1))
+    flat = train.reshape(-1, 16)
+    # 36 distinct patches x 4 images: a 40-row k-center coreset covers every distinct patch.
+    picks = pc.greedy_coreset(jax.random.key(0), flat, 40)
+    bank = flat[np.asarray(picks)]
+    scores, maps = pc.score_patches(bank, train[:2], image_size=(24, 24))
+    np.testing.assert_allclose(np.asarray(scores), 0.0, atol=1e-2)
+    np.testing.assert_allclose(np.asarray(maps), 0.0, atol=1e-2)
+    test = train[:2] + rng.standard_normal(train[:2].shape).astype(np.float32)
+    scores, maps = pc.score_patches(bank, test, image_size=(24, 24))
+    assert np.all(np.asarray(scores) > 0.5)
+    path = pc.save_bank(tmp_path / "bank", bank, image_mean=1.5, member="plain")
+    bank2, meta = pc.load_bank(path)
+    assert meta == {"image_mean": 1.5, "member": "plain"}
+    scores2, maps2 = pc.score_patches(bank2, test, image_size=(24, 24))
+    np.testing.assert_array_equal(np.asarray(scores2), np.asarray(scores))
+    np.testing.assert_array_equal(np.asarray(maps2), np.asarray(maps))
+    with pytest.raises(FileNotFoundError, match="fit first"):
+        pc.load_bank(tmp_path / "missing.npz")
+
+
+def test_ensemble_standardises_members():
+    s1, m1 = np.array([1.0, 3.0]), np.ones((2, 4, 4))
+    s2, m2 = np.array([10.0, 30.0]), np.full((2, 4, 4), 5.0)
+    st1 = {"image_mean": 1.0, "image_std": 1.0, "pixel_mean": 0.0, "pixel_std": 1.0}
+    st2 = {"image_mean": 10.0, "image_std": 10.0, "pixel_mean": 0.0, "pixel_std": 5.0}
+    scores, maps = pc.ensemble_scores([(s1, m1), (s2, m2)], [st1, st2])
+    np.testing.assert_allclose(np.asarray(scores), [0.0, 2.0])
+    np.testing.assert_allclose(np.asarray(maps), 1.0)
+    stats = pc.normalisation_stats(s2, m2)
+    assert stats["image_mean"] == 20.0 and stats["pixel_std"] == 0.0
