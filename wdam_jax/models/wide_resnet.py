@@ -1,0 +1,369 @@
+"""WideResNet50-2 in Flax NNX, with optional WDAM bottlenecks (paper Sec. 3.3, eq. 9; Fig. 5).
+
+The architecture is torchvision's ``wide_resnet50_2`` (Bottleneck v1.5 with the stride on the 3x3
+conv, expansion 4, width_per_group 128, layers [3, 4, 6, 3]). Submodule names mirror torchvision's
+(``conv1``, ``bn1``, ``layer1[0].conv2``, ``layer2[0].downsample``, ``fc``) so weight conversion is
+a name mapping (:func:`from_torchvision`, :func:`to_torchvision`).
+
+Inputs are NHWC images in [0, 1]; ImageNet normalisation happens inside the model so synthetic
+anomalies and real images share one range.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from wdam_jax.wdam import WDAM
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))  # (planes, blocks, stride)
+EXPANSION = 4
+WIDTH_FACTOR = 2  # width_per_group 128 / 64
+FEATURES = ("stem", "layer1", "layer2", "layer3", "layer4", "pooled", "logits")
+
+# torchvision's init: kaiming normal, fan_out, for convs.
+_conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def _conv(cin: int, cout: int, kernel: int, stride: int, *, dtype, rngs: nnx.Rngs) -> nnx.Conv:
+    # Explicit symmetric padding: XLA's "SAME" pads (0, 1) at stride 2 where torch pads (1, 1).
+    pad = kernel // 2
+    return nnx.Conv(
+        cin,
+        cout,
+        kernel_size=(kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        kernel_init=_conv_init,
+        dtype=dtype,
+        rngs=rngs,
+    )
+
+
+def _bn(channels: int, *, dtype, rngs: nnx.Rngs) -> nnx.BatchNorm:
+    # torch momentum 0.1 on the new statistic == flax momentum 0.9 on the running one.
+    return nnx.BatchNorm(channels, momentum=0.9, epsilon=1e-5, dtype=dtype, rngs=rngs)
+
+
+class Downsample(nnx.Module):
+    """The projection shortcut; torchvision's ``downsample.0`` (conv) and ``downsample.1`` (bn)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, *, dtype, rngs: nnx.Rngs):
+        self.conv = _conv(cin, cout, 1, stride, dtype=dtype, rngs=rngs)
+        self.bn = _bn(cout, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        return self.bn(self.conv(x), use_running_average=not train)
+
+
+class Bottleneck(nnx.Module):
+    """torchvision's Bottleneck; with ``wdam=True`` it is the paper's Bottleneck* (eq. 9).
+
+    Bottleneck* appends ``X' = ReLU(X + WDAM(X))`` to the block's output X. With all sub-band
+    weights 0 it is the plain bottleneck; with all weights 1 it returns ``ReLU(2 X)``.
+    """
+
+    def __init__(
+        self,
+        cin: int,
+        planes: int,
+        *,
+        stride: int,
+        wdam: bool,
+        wdam_reduction: int,
+        dtype,
+        rngs: nnx.Rngs,
+    ):
+        width = planes * WIDTH_FACTOR
+        cout = planes * EXPANSION
+        self.conv1 = _conv(cin, width, 1, 1, dtype=dtype, rngs=rngs)
+        self.bn1 = _bn(width, dtype=dtype, rngs=rngs)
+        self.conv2 = _conv(width, width, 3, stride, dtype=dtype, rngs=rngs)
+        self.bn2 = _bn(width, dtype=dtype, rngs=rngs)
+        self.conv3 = _conv(width, cout, 1, 1, dtype=dtype, rngs=rngs)
+        self.bn3 = _bn(cout, dtype=dtype, rngs=rngs)
+        needs_projection = stride != 1 or cin != cout
+        self.downsample = (
+            Downsample(cin, cout, stride, dtype=dtype, rngs=rngs) if needs_projection else None
+        )
+        self.wdam = WDAM(cout, reduction=wdam_reduction, rngs=rngs) if wdam else None
+
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        frozen = not train
+        out = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=frozen))
+        out = jax.nn.relu(self.bn2(self.conv2(out), use_running_average=frozen))
+        out = self.bn3(self.conv3(out), use_running_average=frozen)
+        identity = x if self.downsample is None else self.downsample(x, train=train)
+        out = jax.nn.relu(out + identity)
+        if self.wdam is not None:
+            out = jax.nn.relu(out + self.wdam(out))  # eq. 9
+        return out
+
+
+class WideResNet50_2(nnx.Module):  # noqa: N801  (the torchvision name)
+    """WideResNet50-2 returning named features.
+
+    Args:
+      wdam_layers: which of layers 1..4 use Bottleneck* (the paper's choice is ``(1,)``).
+      num_classes: size of the ``fc`` classifier; ``None`` drops it (and the ``logits`` feature).
+      wdam_reduction: the WDAM MLP reduction ratio r.
+      dtype: computation dtype (e.g. ``jnp.bfloat16`` on GPU); parameters stay float32.
+      rngs: parameter initialisation keys.
+    """
+
+    def __init__(
+        self,
+        *,
+        wdam_layers: Sequence[int] = (),
+        num_classes: int | None = 1000,
+        wdam_reduction: int = 16,
+        dtype: Any = None,
+        rngs: nnx.Rngs,
+    ):
+        unknown = sorted(set(wdam_layers) - {1, 2, 3, 4})
+        if unknown:
+            raise ValueError(f"wdam_layers must be drawn from 1..4, got {tuple(wdam_layers)}.")
+        self.wdam_layers = tuple(sorted(set(wdam_layers)))
+        self.dtype = dtype
+        self.conv1 = _conv(3, 64, 7, 2, dtype=dtype, rngs=rngs)
+        self.bn1 = _bn(64, dtype=dtype, rngs=rngs)
+        cin = 64
+        for index, (planes, blocks, stride) in enumerate(STAGES, start=1):
+            layer = []
+            for block in range(blocks):
+                layer.append(
+                    Bottleneck(
+                        cin,
+                        planes,
+                        stride=stride if block == 0 else 1,
+                        wdam=index in self.wdam_layers,
+                        wdam_reduction=wdam_reduction,
+                        dtype=dtype,
+                        rngs=rngs,
+                    )
+                )
+                cin = planes * EXPANSION
+            setattr(self, f"layer{index}", nnx.List(layer))
+        self.fc = nnx.Linear(cin, num_classes, rngs=rngs) if num_classes else None
+
+    def __call__(self, x: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
+        """Runs the network.
+
+        Args:
+          x: ``[B, H, W, 3]`` images in [0, 1].
+          train: BatchNorm uses batch statistics and updates its running ones when True.
+
+        Returns:
+          ``stem`` ``[B, H/4, W/4, 64]`` (after the max-pool), ``layer1`` .. ``layer4``
+          (``[B, H/4, W/4, 256]`` .. ``[B, H/32, W/32, 2048]``), ``pooled`` ``[B, 2048]`` and,
+          with a classifier, ``logits`` ``[B, num_classes]``.
+        """
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"WideResNet50_2 expects [B, H, W, 3] images, got {x.shape}.")
+        mean = jnp.asarray(IMAGENET_MEAN, x.dtype)
+        std = jnp.asarray(IMAGENET_STD, x.dtype)
+        x = (x - mean) / std
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+        x = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=not train))
+        x = lax.reduce_window(
+            x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))
+        )
+        features = {"stem": x}
+        for index in range(1, len(STAGES) + 1):
+            for block in getattr(self, f"layer{index}"):
+                x = block(x, train=train)
+            features[f"layer{index}"] = x
+        features["pooled"] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        if self.fc is not None:
+            features["logits"] = self.fc(features["pooled"])
+        return features
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision <-> Flax conversion: a name mapping over the flat state.
+
+_LEAF_TO_TORCH = {
+    "kernel": "weight",
+    "scale": "weight",
+    "bias": "bias",
+    "mean": "running_mean",
+    "var": "running_var",
+}
+_MODULE_TO_TORCH = {"downsample.conv": "downsample.0", "downsample.bn": "downsample.1"}
+
+
+def _torch_name(path: Sequence[Any]) -> str:
+    """``('layer1', 0, 'downsample', 'conv', 'kernel')`` -> ``'layer1.0.downsample.0.weight'``."""
+    *modules, leaf = (str(getattr(p, "key", p)) for p in path)
+    name = ".".join(modules)
+    for flax_name, torch_name in _MODULE_TO_TORCH.items():
+        name = name.replace(flax_name, torch_name)
+    return f"{name}.{_LEAF_TO_TORCH[leaf]}"
+
+
+def _to_torch_layout(value: np.ndarray) -> np.ndarray:
+    if value.ndim == 4:  # conv HWIO -> OIHW
+        return value.transpose(3, 2, 0, 1)
+    if value.ndim == 2:  # linear [in, out] -> [out, in]
+        return value.T
+    return value
+
+
+def _from_torch_layout(value: np.ndarray) -> np.ndarray:
+    if value.ndim == 4:  # OIHW -> HWIO
+        return value.transpose(2, 3, 1, 0)
+    if value.ndim == 2:
+        return value.T
+    return value
+
+
+def _flat_variables(model: nnx.Module):
+    """Yields ``(torch_name, variable)`` for every parameter and batch statistic of ``model``."""
+    for path, variable in nnx.iter_graph(model):
+        if isinstance(variable, (nnx.Param, nnx.BatchStat)):
+            yield _torch_name(path), variable
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    # Duck-typed so this module never imports torch: torch tensors have .detach().cpu().numpy().
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def from_torchvision(
+    state_dict: Mapping[str, Any],
+    *,
+    wdam_layers: Sequence[int] = (),
+    wdam_reduction: int = 16,
+    dtype: Any = None,
+    seed: int = 0,
+) -> WideResNet50_2:
+    """Builds a :class:`WideResNet50_2` holding the weights of a torchvision state_dict.
+
+    Args:
+      state_dict: torchvision ``wide_resnet50_2().state_dict()`` (torch tensors or numpy arrays),
+        e.g. from ``torch.load(path, weights_only=True)``, or :func:`to_torchvision`'s output.
+      wdam_layers: layers that get Bottleneck*; WDAM weights absent from ``state_dict`` (ImageNet
+        weights have none) keep their fresh initialisation from ``seed``.
+      seed: initialisation seed for whatever the state_dict does not hold.
+
+    Returns:
+      The model; the classifier is kept when ``state_dict`` has ``fc.weight``.
+
+    Raises:
+      ValueError: when keys are missing, unexpected, or of the wrong shape.
+    """
+    has_fc = "fc.weight" in state_dict
+    num_classes = int(_as_numpy(state_dict["fc.weight"]).shape[0]) if has_fc else None
+    # Shapes only (a real initialisation costs one XLA compile per parameter shape on CPU); every
+    # variable is then filled from the state_dict, and only the small WDAMs are initialised.
+    model = nnx.eval_shape(
+        lambda: WideResNet50_2(
+            wdam_layers=wdam_layers,
+            num_classes=num_classes,
+            wdam_reduction=wdam_reduction,
+            dtype=dtype,
+            rngs=nnx.Rngs(0),
+        )
+    )
+    rngs = nnx.Rngs(seed)
+    for index in model.wdam_layers:
+        for block in getattr(model, f"layer{index}"):
+            shape = block.wdam
+            block.wdam = WDAM(shape.channels, reduction=shape.reduction, rngs=rngs)
+    used, missing, wrong_shape = set(), [], []
+    for name, variable in _flat_variables(model):
+        if name not in state_dict:
+            if ".wdam." not in name:
+                missing.append(name)
+            continue
+        value = _from_torch_layout(_as_numpy(state_dict[name]).astype(np.float32))
+        if value.shape != variable.get_value().shape:
+            wrong_shape.append(f"{name}: {value.shape} != {variable.get_value().shape}")
+            continue
+        variable.set_value(jnp.asarray(value))
+        used.add(name)
+    unexpected = sorted(
+        k for k in state_dict if k not in used and not k.endswith("num_batches_tracked")
+    )
+    if missing or unexpected or wrong_shape:
+        raise ValueError(
+            "The state_dict is not a torchvision wide_resnet50_2 one "
+            f"(wdam_layers={tuple(wdam_layers)}): missing {missing[:5]} ({len(missing)}), "
+            f"unexpected {unexpected[:5]} ({len(unexpected)}), wrong shape {wrong_shape[:5]}. "
+            "Export it with torchvision.models.wide_resnet50_2(...).state_dict()."
+        )
+    return model
+
+
+def to_torchvision(model: WideResNet50_2) -> dict[str, np.ndarray]:
+    """Exports ``model`` as a torchvision-named state_dict of numpy arrays.
+
+    The result loads strictly into ``torchvision.models.wide_resnet50_2()`` (after
+    ``torch.from_numpy``) for a model without WDAM; WDAM weights are exported as
+    ``layerN.i.wdam.fc{1,2}.{weight,bias}``.
+    """
+    state = {}
+    for name, variable in _flat_variables(model):
+        state[name] = _to_torch_layout(np.asarray(variable.get_value(), np.float32))
+        if name.endswith(".running_var"):
+            state[name.replace("running_var", "num_batches_tracked")] = np.array(0, np.int64)
+    return state
+
+
+def save_pretrained(state_dict: Mapping[str, Any], directory: str | pathlib.Path) -> pathlib.Path:
+    """Writes a torchvision-named state_dict as an orbax checkpoint that configs can name."""
+    import orbax.checkpoint as ocp
+
+    directory = pathlib.Path(directory).absolute()
+    tree: dict[str, Any] = {}
+    for name, value in state_dict.items():
+        node = tree
+        *parents, leaf = name.split(".")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = _as_numpy(value)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(directory, tree, force=True)
+    return directory
+
+
+def load_pretrained(
+    directory: str | pathlib.Path,
+    *,
+    wdam_layers: Sequence[int] = (),
+    wdam_reduction: int = 16,
+    dtype: Any = None,
+    seed: int = 0,
+) -> WideResNet50_2:
+    """Builds the model from a checkpoint written by ``python -m launch.convert_weights``."""
+    import orbax.checkpoint as ocp
+
+    directory = pathlib.Path(directory).absolute()
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"No converted WideResNet50-2 weights at {directory}. Create them with "
+            "`python -m launch.convert_weights --torchvision=wide_resnet50_2-<hash>.pth "
+            f"--out={directory}` (the .pth is torchvision's IMAGENET1K_V1/V2 file)."
+        )
+    with ocp.StandardCheckpointer() as checkpointer:
+        tree = checkpointer.restore(directory)
+    flat = {
+        ".".join(str(getattr(k, "key", k)) for k in path): value
+        for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+    return from_torchvision(
+        flat, wdam_layers=wdam_layers, wdam_reduction=wdam_reduction, dtype=dtype, seed=seed
+    )
