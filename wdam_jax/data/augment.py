@@ -1,0 +1,361 @@
+"""Host-side anomaly generators: CutPaste, CutPaste-scar (Li et al., 2021) and DRAEM's Perlin-noise
+anomalies (Zavrtanik et al., 2021).
+
+Everything is numpy on float32 images [H, W, 3] in [0, 1] and deterministic given the
+``np.random.Generator`` passed in (no global RNG). With ``fg_mask`` the pasted region is confined to
+the foreground, the paper's FM option (Sec. 4.3): the paste location is drawn on a foreground pixel
+and the pasted region is intersected with the foreground, the same ``M_fg ∩ M_rect`` rule as
+FMAS's eq. 1.
+
+Each generator has one return type: ``cutpaste`` / ``cutpaste_scar`` return the image,
+``cutpaste_with_mask`` / ``cutpaste_scar_with_mask`` / ``draem_anomaly`` return (image, mask).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.ndimage
+import skimage.color
+import skimage.transform
+
+Range = tuple[float, float]
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"expected an image [H, W, 3], got shape {image.shape}")
+    return image
+
+
+def _check_fg(fg_mask: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray | None:
+    if fg_mask is None:
+        return None
+    fg = np.asarray(fg_mask, dtype=bool)
+    if fg.shape != shape:
+        raise ValueError(f"fg_mask has shape {fg.shape}, the image {shape}; they must match.")
+    if not fg.any():
+        raise ValueError("fg_mask is empty: there is no foreground to paste on.")
+    return fg
+
+
+def jitter_colors(rng: np.random.Generator, patch: np.ndarray, strength: float) -> np.ndarray:
+    """torchvision-style ColorJitter(brightness=s, contrast=s, saturation=s, hue=s), random order.
+
+    Args:
+      rng: randomness.
+      patch: [h, w, 3] float in [0, 1].
+      strength: factors drawn from [1 - s, 1 + s]; hue shift from [-s, s] (in turns, s <= 0.5).
+
+    Returns:
+      [h, w, 3] float32 in [0, 1].
+    """
+    if strength <= 0:
+        return patch.astype(np.float32)
+    out = patch.astype(np.float32)
+    lum_w = np.asarray([0.299, 0.587, 0.114], np.float32)
+    for op in rng.permutation(4):
+        if op == 0:
+            out = out * rng.uniform(1 - strength, 1 + strength)
+        elif op == 1:
+            mean = float((out @ lum_w).mean())
+            out = (out - mean) * rng.uniform(1 - strength, 1 + strength) + mean
+        elif op == 2:
+            gray = (out @ lum_w)[..., None]
+            out = (out - gray) * rng.uniform(1 - strength, 1 + strength) + gray
+        else:
+            hsv = skimage.color.rgb2hsv(np.clip(out, 0, 1))
+            hsv[..., 0] = (hsv[..., 0] + rng.uniform(-strength, strength)) % 1.0
+            out = skimage.color.hsv2rgb(hsv).astype(np.float32)
+        out = np.clip(out, 0.0, 1.0)
+    return out.astype(np.float32)
+
+
+def _place(
+    rng: np.random.Generator,
+    shape: tuple[int, int],
+    size: tuple[int, int],
+    fg: np.ndarray | None,
+) -> tuple[int, int]:
+    """Top-left corner for a [h, w] patch: uniform, or centred on a random foreground pixel."""
+    (H, W), (h, w) = shape, size
+    if fg is None:
+        return int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+    ys, xs = np.nonzero(fg)
+    i = int(rng.integers(len(ys)))
+    top = int(np.clip(ys[i] - h // 2, 0, H - h))
+    left = int(np.clip(xs[i] - w // 2, 0, W - w))
+    return top, left
+
+
+def _sample_aspect(rng: np.random.Generator, aspect_ratio: tuple[Range, ...]) -> float:
+    lo, hi = aspect_ratio[int(rng.integers(len(aspect_ratio)))]
+    return float(rng.uniform(lo, hi))
+
+
+def cutpaste_with_mask(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    *,
+    area_ratio: Range = (0.02, 0.15),
+    aspect_ratio: tuple[Range, ...] = ((0.3, 1.0), (1.0, 3.3)),
+    color_jitter: float = 0.1,
+    fg_mask: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """CutPaste: cut a rectangle, colour-jitter it, paste it at another location.
+
+    The patch area is ``U(area_ratio) * H * W``; its aspect ratio (width / height) is drawn
+    uniformly from one of the ``aspect_ratio`` intervals, picked with equal probability
+    ((0.3, 1) ∪ (1, 3.3) as the CutPaste paper).
+
+    Args:
+      rng: randomness.
+      image: [H, W, 3] float in [0, 1].
+      area_ratio: patch area as a fraction of the image.
+      aspect_ratio: intervals of width / height.
+      color_jitter: ColorJitter strength applied to the patch (0 disables).
+      fg_mask: optional bool [H, W]; the pasted region is confined to it (FM).
+
+    Returns:
+      (image [H, W, 3] float32, mask [H, W] bool of the pasted pixels).
+    """
+    image = _check_image(image)
+    H, W = image.shape[:2]
+    fg = _check_fg(fg_mask, (H, W))
+    area = rng.uniform(*area_ratio) * H * W
+    aspect = _sample_aspect(rng, aspect_ratio)
+    w = int(np.clip(round(np.sqrt(area * aspect)), 1, W))
+    h = int(np.clip(round(np.sqrt(area / aspect)), 1, H))
+    sy, sx = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+    patch = jitter_colors(rng, image[sy : sy + h, sx : sx + w], color_jitter)
+    ty, tx = _place(rng, (H, W), (h, w), fg)
+    mask = np.zeros((H, W), bool)
+    mask[ty : ty + h, tx : tx + w] = True
+    if fg is not None:
+        mask &= fg
+    canvas = image.copy()
+    canvas[ty : ty + h, tx : tx + w] = patch
+    return np.where(mask[..., None], canvas, image), mask
+
+
+def cutpaste(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    *,
+    area_ratio: Range = (0.02, 0.15),
+    aspect_ratio: tuple[Range, ...] = ((0.3, 1.0), (1.0, 3.3)),
+    color_jitter: float = 0.1,
+    fg_mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """:func:`cutpaste_with_mask` without the mask: [H, W, 3] -> [H, W, 3] float32."""
+    out, _ = cutpaste_with_mask(
+        rng,
+        image,
+        area_ratio=area_ratio,
+        aspect_ratio=aspect_ratio,
+        color_jitter=color_jitter,
+        fg_mask=fg_mask,
+    )
+    return out
+
+
+def cutpaste_scar_with_mask(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    *,
+    width: Range = (2, 16),
+    length: Range = (10, 25),
+    rotation: Range = (-45, 45),
+    color_jitter: float = 0.1,
+    fg_mask: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """CutPaste-scar: a thin rectangle (``width`` x ``length`` pixels, as the CutPaste paper's
+    defaults for 256 x 256 inputs), colour-jittered, rotated by ``U(rotation)`` degrees, pasted.
+
+    Args:
+      rng: randomness.
+      image: [H, W, 3] float in [0, 1].
+      width: scar width range in pixels.
+      length: scar length range in pixels.
+      rotation: rotation range in degrees.
+      color_jitter: ColorJitter strength (0 disables).
+      fg_mask: optional bool [H, W]; the scar is confined to it (FM).
+
+    Returns:
+      (image [H, W, 3] float32, mask [H, W] bool of the pasted pixels).
+    """
+    image = _check_image(image)
+    H, W = image.shape[:2]
+    fg = _check_fg(fg_mask, (H, W))
+    w = int(np.clip(round(rng.uniform(*width)), 1, W))
+    h = int(np.clip(round(rng.uniform(*length)), 1, H))
+    sy, sx = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
+    patch = jitter_colors(rng, image[sy : sy + h, sx : sx + w], color_jitter)
+    angle = rng.uniform(*rotation)
+    # Nearest-neighbour rotation keeps the patch's pixels and makes its footprint exact.
+    patch = scipy.ndimage.rotate(patch, angle, axes=(1, 0), reshape=True, order=0)
+    footprint = scipy.ndimage.rotate(np.ones((h, w), np.uint8), angle, reshape=True, order=0) > 0
+    ph, pw = min(footprint.shape[0], H), min(footprint.shape[1], W)
+    patch, footprint = patch[:ph, :pw], footprint[:ph, :pw]
+    ty, tx = _place(rng, (H, W), (ph, pw), fg)
+    mask = np.zeros((H, W), bool)
+    mask[ty : ty + ph, tx : tx + pw] = footprint
+    if fg is not None:
+        mask &= fg
+    canvas = image.copy()
+    canvas[ty : ty + ph, tx : tx + pw] = patch
+    return np.where(mask[..., None], canvas, image), mask
+
+
+def cutpaste_scar(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    *,
+    width: Range = (2, 16),
+    length: Range = (10, 25),
+    rotation: Range = (-45, 45),
+    color_jitter: float = 0.1,
+    fg_mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """:func:`cutpaste_scar_with_mask` without the mask: [H, W, 3] -> [H, W, 3] float32."""
+    out, _ = cutpaste_scar_with_mask(
+        rng,
+        image,
+        width=width,
+        length=length,
+        rotation=rotation,
+        color_jitter=color_jitter,
+        fg_mask=fg_mask,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# DRAEM
+
+
+def _fade(t: np.ndarray) -> np.ndarray:
+    return 6 * t**5 - 15 * t**4 + 10 * t**3
+
+
+def perlin_noise_2d(
+    rng: np.random.Generator, shape: tuple[int, int], scale: tuple[int, int]
+) -> np.ndarray:
+    """Gradient (Perlin) noise as DRAEM's ``rand_perlin_2d_np``.
+
+    Args:
+      rng: randomness (the gradient angles).
+      shape: (H, W) of the output.
+      scale: (res_y, res_x) lattice cells along each axis (DRAEM draws 2**k, k in [0, 6)).
+
+    Returns:
+      [H, W] float32, roughly in [-1, 1] (sqrt(2) times the classic noise, as DRAEM).
+    """
+    (H, W), (ry, rx) = shape, scale
+    angles = 2 * np.pi * rng.random((ry + 1, rx + 1))
+    gradients = np.stack([np.cos(angles), np.sin(angles)], axis=-1)
+    y = np.arange(H) * ry / H
+    x = np.arange(W) * rx / W
+    iy, ix = np.floor(y).astype(int), np.floor(x).astype(int)
+    fy, fx = (y - iy)[:, None], (x - ix)[None, :]
+
+    def dot(dy: int, dx: int) -> np.ndarray:
+        g = gradients[(iy + dy)[:, None], (ix + dx)[None, :]]
+        return g[..., 0] * (fy - dy) + g[..., 1] * (fx - dx)
+
+    ty, tx = _fade(fy), _fade(fx)
+    n0 = dot(0, 0) + ty * (dot(1, 0) - dot(0, 0))
+    n1 = dot(0, 1) + ty * (dot(1, 1) - dot(0, 1))
+    return (np.sqrt(2) * (n0 + tx * (n1 - n0))).astype(np.float32)
+
+
+def augment_anomaly_source(rng: np.random.Generator, source: np.ndarray) -> np.ndarray:
+    """DRAEM's RandAugment of the anomaly source: three of gamma contrast, brightness multiply and
+    add, hue shift, solarize, posterize, invert, autocontrast and rotation, drawn without
+    replacement.
+
+    Args:
+      rng: randomness.
+      source: [H, W, 3] float in [0, 1].
+
+    Returns:
+      [H, W, 3] float32 in [0, 1].
+    """
+    out = np.clip(np.asarray(source, np.float32), 0.0, 1.0)
+    for op in rng.choice(8, size=3, replace=False):
+        if op == 0:
+            out = out ** rng.uniform(0.5, 2.0)
+        elif op == 1:
+            out = out * rng.uniform(0.8, 1.2) + rng.uniform(-30, 30) / 255.0
+        elif op == 2:
+            hsv = skimage.color.rgb2hsv(out)
+            hsv[..., 0] = (hsv[..., 0] + rng.uniform(-50, 50) / 255.0) % 1.0
+            hsv[..., 1] = np.clip(hsv[..., 1] + rng.uniform(-50, 50) / 255.0, 0, 1)
+            out = skimage.color.hsv2rgb(hsv)
+        elif op == 3:
+            thr = rng.uniform(32, 128) / 255.0
+            out = np.where(out >= thr, 1.0 - out, out)
+        elif op == 4:
+            bits = int(rng.integers(1, 9))
+            out = np.floor(out * 255.0 / 2 ** (8 - bits)) * 2 ** (8 - bits) / 255.0
+        elif op == 5:
+            out = 1.0 - out
+        elif op == 6:
+            lo, hi = out.min(axis=(0, 1)), out.max(axis=(0, 1))
+            out = (out - lo) / np.maximum(hi - lo, 1e-6)
+        else:
+            out = scipy.ndimage.rotate(out, rng.uniform(-45, 45), reshape=False, order=1)
+        out = np.clip(out, 0.0, 1.0).astype(np.float32)
+    return out
+
+
+def draem_anomaly(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    source: np.ndarray,
+    *,
+    scale_exponents: tuple[int, int] = (0, 6),
+    threshold: float = 0.5,
+    max_beta: float = 0.8,
+    no_anomaly_prob: float = 0.5,
+    augment_source: bool = True,
+    fg_mask: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """DRAEM's simulated anomaly: a thresholded, rotated Perlin-noise mask ``M`` and an anomaly
+    source ``A`` blended in, ``I_a = (1 - M) * I + (1 - beta) * M * A + beta * M * I``.
+
+    Args:
+      rng: randomness.
+      image: [H, W, 3] float in [0, 1].
+      source: [h, w, 3] float in [0, 1] anomaly source (DTD in DRAEM), resized to [H, W].
+      scale_exponents: Perlin scales are ``2**k`` per axis with ``k`` in ``[lo, hi)``.
+      threshold: noise threshold of the mask (0.5 in DRAEM).
+      max_beta: opacity ``beta ~ U(0, max_beta)`` (0.8 in DRAEM).
+      no_anomaly_prob: probability of returning the image unchanged with an empty mask (0.5 in
+        DRAEM, so half of each batch is normal).
+      augment_source: apply :func:`augment_anomaly_source` first.
+      fg_mask: optional bool [H, W]; the mask is intersected with it.
+
+    Returns:
+      (image [H, W, 3] float32, mask [H, W] bool); the mask may be empty.
+    """
+    image = _check_image(image)
+    H, W = image.shape[:2]
+    fg = _check_fg(fg_mask, (H, W))
+    if rng.random() < no_anomaly_prob:
+        return image.copy(), np.zeros((H, W), bool)
+    source = _check_image(source)
+    if source.shape[:2] != (H, W):
+        source = skimage.transform.resize(source, (H, W), order=1, anti_aliasing=True)
+    if augment_source:
+        source = augment_anomaly_source(rng, source)
+    sy, sx = 2 ** rng.integers(*scale_exponents, size=2)
+    noise = perlin_noise_2d(rng, (H, W), (int(sy), int(sx)))
+    noise = scipy.ndimage.rotate(noise, rng.uniform(-90, 90), reshape=False, order=1)
+    mask = noise > threshold
+    if fg is not None:
+        mask &= fg
+    beta = rng.uniform(0.0, max_beta)
+    m = mask[..., None].astype(np.float32)
+    out = (1 - m) * image + (1 - beta) * m * source + beta * m * image
+    return np.clip(out, 0.0, 1.0).astype(np.float32), mask
