@@ -110,7 +110,7 @@ class Bottleneck(nnx.Module):
         return out
 
 
-class WideResNet50_2(nnx.Module):  # noqa: N801  (the torchvision name)
+class WideResNet50_2(nnx.Module):
     """WideResNet50-2 returning named features.
 
     Args:
