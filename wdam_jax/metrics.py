@@ -159,6 +159,8 @@ def pro_curve(maps: ArrayOrList, masks: ArrayOrList) -> tuple[np.ndarray, np.nda
         raise ValueError("pro_score: the ground truth holds no defect-free pixel; FPR undefined.")
 
     scores = _flat_float32(maps)
+    if isinstance(maps, np.ndarray) and np.shares_memory(scores, maps):
+        scores = scores.copy()  # sorted in place below; never modify the caller's maps
     if not np.all(np.isfinite(scores)):
         raise ValueError("pro_score: maps contain NaN or inf; check the model's output.")
     # One sort, high to low. Tie order does not matter: only the last point of a tie is kept.

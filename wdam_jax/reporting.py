@@ -1,0 +1,179 @@
+"""Writing results: metrics as JSON / CSV / markdown, and Fig. 6/7-style heatmap figures.
+
+``results`` maps a category name to its metrics as fractions in [0, 1]
+(``{"bottle": {"i_auroc": 0.99, "p_auroc": 0.97, "pro": 0.91}, ...}``); a metric a dataset does
+not report (VisA has no PRO in the paper) may be missing or NaN and shows as "-". The markdown
+table shows percent with one decimal, as the paper's tables.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import pathlib
+from collections.abc import Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+METRICS = ("i_auroc", "p_auroc", "pro")
+METRIC_TITLES = {"i_auroc": "I-AUROC", "p_auroc": "P-AUROC", "pro": "PRO"}
+MEAN_ROW = "mean"
+
+Results = Mapping[str, Mapping[str, float]]
+
+
+def _value(row: Mapping[str, float], metric: str) -> float:
+    v = row.get(metric)
+    return float("nan") if v is None else float(v)
+
+
+def mean_metrics(results: Results) -> dict[str, float]:
+    """Per-metric mean over categories, ignoring missing / NaN entries (NaN if none)."""
+    out = {}
+    for m in METRICS:
+        vals = [_value(r, m) for r in results.values()]
+        vals = [v for v in vals if not math.isnan(v)]
+        out[m] = float(np.mean(vals)) if vals else float("nan")
+    return out
+
+
+def _with_mean(results: Results) -> dict[str, dict[str, float]]:
+    if MEAN_ROW in results:
+        raise ValueError(f"{MEAN_ROW!r} is reserved for the mean row; rename that category.")
+    rows = {c: {m: _value(r, m) for m in METRICS} for c, r in results.items()}
+    rows[MEAN_ROW] = mean_metrics(results)
+    return rows
+
+
+def markdown_table(results: Results) -> str:
+    """Markdown table: rows = categories + a mean row, columns I-AUROC / P-AUROC / PRO in %.
+
+    Args:
+      results: category -> {"i_auroc", "p_auroc", "pro"} as fractions.
+
+    Returns:
+      The table, ending with a newline.
+    """
+    rows = _with_mean(results)
+    header = "| Category | " + " | ".join(METRIC_TITLES[m] for m in METRICS) + " |"
+    lines = [header, "|---|" + "---:|" * len(METRICS)]
+    for cat, row in rows.items():
+        cells = ["-" if math.isnan(row[m]) else f"{100 * row[m]:.1f}" for m in METRICS]
+        name = f"**{cat}**" if cat == MEAN_ROW else cat
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_metrics(results: Results, outdir: str | os.PathLike) -> dict[str, pathlib.Path]:
+    """Writes ``metrics.json``, ``metrics.csv`` and ``metrics.md`` into ``outdir``.
+
+    JSON and CSV hold the fractions at full precision (NaN as null / empty), including the mean
+    row; the markdown is :func:`markdown_table`.
+
+    Returns:
+      {"json": path, "csv": path, "markdown": path}.
+    """
+    outdir = pathlib.Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    rows = _with_mean(results)
+    paths = {
+        "json": outdir / "metrics.json",
+        "csv": outdir / "metrics.csv",
+        "markdown": outdir / "metrics.md",
+    }
+    as_json = {c: {m: (None if math.isnan(v) else v) for m, v in r.items()} for c, r in rows.items()}
+    paths["json"].write_text(json.dumps(as_json, indent=2) + "\n")
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["category", *METRICS])
+        for c, r in rows.items():
+            writer.writerow([c, *("" if math.isnan(r[m]) else repr(r[m]) for m in METRICS)])
+    paths["markdown"].write_text(markdown_table(results))
+    return paths
+
+
+def read_metrics_json(path: str | os.PathLike) -> dict[str, dict[str, float]]:
+    """Reads ``metrics.json`` back (null -> NaN), mean row included."""
+    raw = json.loads(pathlib.Path(path).read_text())
+    return {
+        c: {m: float("nan") if v is None else float(v) for m, v in r.items()} for c, r in raw.items()
+    }
+
+
+def _fit(array: np.ndarray, shape: tuple[int, int], *, nearest: bool) -> np.ndarray:
+    array = np.asarray(array, dtype=np.float32)
+    if array.shape == shape:
+        return array
+    method = Image.NEAREST if nearest else Image.BILINEAR
+    img = Image.fromarray(array, mode="F").resize((shape[1], shape[0]), method)
+    return np.asarray(img, dtype=np.float32)
+
+
+def save_heatmap_figure(
+    images: np.ndarray,
+    masks: np.ndarray,
+    maps: np.ndarray | Mapping[str, np.ndarray],
+    path: str | os.PathLike,
+    *,
+    max_images: int = 8,
+    alpha: float = 0.5,
+    cmap: str = "jet",
+) -> pathlib.Path:
+    """Saves a figure like the paper's Fig. 6/7: columns = images; rows = image, ground truth,
+    then one heatmap overlay per method.
+
+    Masks and maps are resized to each image's size (nearest / bilinear) when they differ. Each
+    method's maps are scaled by one min-max over the images shown, so columns are comparable.
+
+    Args:
+      images: [N, H, W, 3] float in [0, 1].
+      masks: [N, h, w] bool ground truth (any size; a list of arrays also works).
+      maps: [N, h', w'] anomaly maps, or {method name: [N, h', w']} for several heatmap rows.
+      path: output PNG path.
+      max_images: at most this many columns (the first ones).
+      alpha: heatmap opacity over the image.
+      cmap: matplotlib colormap of the heatmap.
+
+    Returns:
+      The written path.
+    """
+    rows = dict(maps) if isinstance(maps, Mapping) else {"heatmap": maps}
+    n = min(len(images), max_images)
+    if n == 0:
+        raise ValueError("save_heatmap_figure: no images to draw.")
+    for name, m in rows.items():
+        if len(m) < n or len(masks) < n:
+            raise ValueError(f"save_heatmap_figure: {name} has fewer maps/masks than images.")
+    nrows = 2 + len(rows)
+    fig, axes = plt.subplots(nrows, n, figsize=(1.8 * n, 1.8 * nrows), squeeze=False)
+    for j in range(n):
+        image = np.clip(np.asarray(images[j], np.float32), 0, 1)
+        hw = image.shape[:2]
+        axes[0, j].imshow(image)
+        axes[1, j].imshow(_fit(masks[j], hw, nearest=True), cmap="gray", vmin=0, vmax=1)
+    for i, (name, m) in enumerate(rows.items(), start=2):
+        fitted = [_fit(m[j], images[j].shape[:2], nearest=False) for j in range(n)]
+        lo = min(float(f.min()) for f in fitted)
+        hi = max(float(f.max()) for f in fitted)
+        for j in range(n):
+            axes[i, j].imshow(np.clip(np.asarray(images[j], np.float32), 0, 1))
+            axes[i, j].imshow(fitted[j], cmap=cmap, alpha=alpha, vmin=lo, vmax=max(hi, lo + 1e-12))
+        axes[i, 0].set_ylabel(name, fontsize=8)
+    axes[0, 0].set_ylabel("image", fontsize=8)
+    axes[1, 0].set_ylabel("ground truth", fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100)
+    plt.close(fig)
+    return path
