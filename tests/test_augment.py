@@ -147,7 +147,9 @@ def _draem_rand_perlin_2d_np(shape, res, angles):
     n01 = dot(tile_grads([0, -1], [1, None]), [0, -1])
     n11 = dot(tile_grads([1, None], [1, None]), [-1, -1])
     t = fade(grid[: shape[0], : shape[1]])
-    return math.sqrt(2) * lerp_np(lerp_np(n00, n10, t[..., 0]), lerp_np(n01, n11, t[..., 0]), t[..., 1])
+    return math.sqrt(2) * lerp_np(
+        lerp_np(n00, n10, t[..., 0]), lerp_np(n01, n11, t[..., 0]), t[..., 1]
+    )
 
 
 @pytest.mark.parametrize("res", [(1, 1), (2, 8), (16, 4), (32, 32)])

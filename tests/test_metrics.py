@@ -1,5 +1,7 @@
 """Metrics against scikit-learn, hand-computed PRO cases and an independent threshold sweep."""
 
+import itertools
+
 import numpy as np
 import pytest
 import scipy.ndimage
@@ -178,7 +180,7 @@ def _reference_pro(maps, masks, fpr_limit):
     xs, ys = np.asarray(xs), np.asarray(ys)
     # Integrate the polyline from 0 to fpr_limit, walking the segments.
     area = 0.0
-    for (x0, y0), (x1, y1) in zip(zip(xs[:-1], ys[:-1]), zip(xs[1:], ys[1:]), strict=True):
+    for (x0, y0), (x1, y1) in itertools.pairwise(zip(xs, ys, strict=True)):
         if x0 >= fpr_limit:
             break
         if x1 > fpr_limit:

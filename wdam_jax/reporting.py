@@ -15,12 +15,9 @@ import os
 import pathlib
 from collections.abc import Mapping
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, never a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
 
 METRICS = ("i_auroc", "p_auroc", "pro")
 METRIC_TITLES = {"i_auroc": "I-AUROC", "p_auroc": "P-AUROC", "pro": "PRO"}
@@ -88,7 +85,9 @@ def write_metrics(results: Results, outdir: str | os.PathLike) -> dict[str, path
         "csv": outdir / "metrics.csv",
         "markdown": outdir / "metrics.md",
     }
-    as_json = {c: {m: (None if math.isnan(v) else v) for m, v in r.items()} for c, r in rows.items()}
+    as_json = {
+        c: {m: (None if math.isnan(v) else v) for m, v in r.items()} for c, r in rows.items()
+    }
     paths["json"].write_text(json.dumps(as_json, indent=2) + "\n")
     with paths["csv"].open("w", newline="") as f:
         writer = csv.writer(f)
@@ -103,7 +102,8 @@ def read_metrics_json(path: str | os.PathLike) -> dict[str, dict[str, float]]:
     """Reads ``metrics.json`` back (null -> NaN), mean row included."""
     raw = json.loads(pathlib.Path(path).read_text())
     return {
-        c: {m: float("nan") if v is None else float(v) for m, v in r.items()} for c, r in raw.items()
+        c: {m: float("nan") if v is None else float(v) for m, v in r.items()}
+        for c, r in raw.items()
     }
 
 
@@ -152,7 +152,9 @@ def save_heatmap_figure(
         if len(m) < n or len(masks) < n:
             raise ValueError(f"save_heatmap_figure: {name} has fewer maps/masks than images.")
     nrows = 2 + len(rows)
-    fig, axes = plt.subplots(nrows, n, figsize=(1.8 * n, 1.8 * nrows), squeeze=False)
+    # A bare Figure renders with the Agg canvas: no pyplot, no global backend change, no display.
+    fig = Figure(figsize=(1.8 * n, 1.8 * nrows))
+    axes = fig.subplots(nrows, n, squeeze=False)
     for j in range(n):
         image = np.clip(np.asarray(images[j], np.float32), 0, 1)
         hw = image.shape[:2]
@@ -175,5 +177,4 @@ def save_heatmap_figure(
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=100)
-    plt.close(fig)
     return path

@@ -237,8 +237,8 @@ def list_mvtec_items(root: PathLike, category: str, *, split: str, dataset: str 
         images = list_images(d)
         if not images:
             raise DatasetError(
-                f"{dataset} {category}: folder {d} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
-                "remove the empty folder or restore its images."
+                f"{dataset} {category}: folder {d} holds no images "
+                f"({', '.join(IMAGE_EXTENSIONS)}); remove the empty folder or restore its images."
             )
         for img in images:
             mask = None
@@ -320,9 +320,7 @@ def load_mvtec(
       A :class:`Split`; arrays are [N, S, S, ...] with S = crop_size or image_size.
     """
     items = list_mvtec_items(root, category, split=split, dataset="MVTec AD")
-    return _load_items(
-        items, root=pathlib.Path(root), image_size=image_size, crop_size=crop_size
-    )
+    return _load_items(items, root=pathlib.Path(root), image_size=image_size, crop_size=crop_size)
 
 
 def load_visa(
@@ -343,9 +341,7 @@ def load_visa(
     Args and returns as :func:`load_mvtec`.
     """
     items = list_mvtec_items(root, category, split=split, dataset="VisA")
-    return _load_items(
-        items, root=pathlib.Path(root), image_size=image_size, crop_size=crop_size
-    )
+    return _load_items(items, root=pathlib.Path(root), image_size=image_size, crop_size=crop_size)
 
 
 # --------------------------------------------------------------------------------------------

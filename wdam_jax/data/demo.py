@@ -16,6 +16,7 @@ Layout written by :func:`ensure_demo_data` under ``root``::
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pathlib
@@ -130,7 +131,7 @@ def _point_in(rng: np.random.Generator, region: np.ndarray) -> tuple[int, int]:
 
 def _polyline_mask(points: np.ndarray, shape: tuple[int, int], width: int) -> np.ndarray:
     mask = np.zeros(shape, bool)
-    for (y0, x0), (y1, x1) in zip(points[:-1], points[1:], strict=True):
+    for (y0, x0), (y1, x1) in itertools.pairwise(points):
         rr, cc = skimage.draw.line(int(y0), int(x0), int(y1), int(x1))
         keep = (rr >= 0) & (rr < shape[0]) & (cc >= 0) & (cc < shape[1])
         mask[rr[keep], cc[keep]] = True

@@ -76,13 +76,16 @@ def _generate(root: pathlib.Path, category: str, split: str, dataset: str):
                     f"{image.shape[:2]} (H, W). Regenerate the mask at the image's size."
                 )
         rel = item.image.relative_to(root).as_posix()
-        yield rel, {
-            "image": image,
-            "mask": mask.astype(np.uint8)[..., None] * 255,
-            "label": int(item.defect_type != "good"),
-            "defect_type": item.defect_type,
-            "path": rel,
-        }
+        yield (
+            rel,
+            {
+                "image": image,
+                "mask": mask.astype(np.uint8)[..., None] * 255,
+                "label": int(item.defect_type != "good"),
+                "defect_type": item.defect_type,
+                "path": rel,
+            },
+        )
 
 
 class MvtecAd(tfds.core.GeneratorBasedBuilder):
@@ -91,7 +94,7 @@ class MvtecAd(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}  # noqa: RUF012
     MANUAL_DOWNLOAD_INSTRUCTIONS = _MVTEC_INSTRUCTIONS
-    BUILDER_CONFIGS = [  # noqa: RUF012
+    BUILDER_CONFIGS = [
         tfds.core.BuilderConfig(name=c, description=f"MVTec AD category {c}.")
         for c in datasets.MVTEC_CATEGORIES
     ] + [
