@@ -1,0 +1,153 @@
+"""FMAS inpainting (Sec. 3.1): Stable Diffusion inpainting from a local folder, DPM++ 2M.
+
+Per image-mask pair: one CFG scale and one denoising strength (drawn by the caller in [5, 10] and
+[0.5, 0.85]) and ``K`` seeds (five in the paper); the ``K`` candidates are generated in one batched
+call, one ``torch.Generator`` per seed, and each is composited so that every pixel outside ``M`` is
+exactly the original's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SD_FOLDER_HELP = (
+    "Expected a diffusers Stable Diffusion inpainting folder (model_index.json, unet/, vae/, "
+    "text_encoder/, tokenizer/, scheduler/). Make it once on a machine with network access, e.g.\n"
+    '  python -c "from diffusers import StableDiffusionInpaintPipeline as P; '
+    "P.from_pretrained('stable-diffusion-v1-5/stable-diffusion-inpainting')"
+    ".save_pretrained('{path}')\"\n"
+    "(or 'runwayml/stable-diffusion-inpainting', 'stabilityai/stable-diffusion-2-inpainting'), "
+    "copy it to {path}, or set --config.inpaint.model_dir to where it is."
+)
+
+
+def load_inpaint_pipeline(model_dir: str | os.PathLike, *, device: str, half_precision: bool):
+    """Loads ``StableDiffusionInpaintPipeline`` from a local folder with the DPM++ 2M scheduler.
+
+    Args:
+      model_dir: a folder written by ``save_pretrained`` (never downloaded: local files only).
+      device: torch device string.
+      half_precision: float16 weights (used only on CUDA).
+
+    Returns:
+      The pipeline, on ``device``, safety checker off, progress bar off.
+
+    Raises:
+      FileNotFoundError: the folder or its ``model_index.json`` is missing.
+    """
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionInpaintPipeline
+
+    model_dir = Path(model_dir).expanduser()
+    if not (model_dir / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"Stable Diffusion inpainting model not found: {model_dir / 'model_index.json'} "
+            "(config field inpaint.model_dir). " + SD_FOLDER_HELP.format(path=model_dir)
+        )
+    dtype = torch.float16 if (half_precision and device.startswith("cuda")) else torch.float32
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(
+        model_dir,
+        local_files_only=True,
+        dtype=dtype,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    # DPM++ 2M = multistep DPM-Solver++ of order 2.
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+        pipe.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def processing_size(height: int, width: int, *, resolution: int) -> tuple[int, int]:
+    """Size SD runs at: the longer side ``resolution``, aspect kept, both sides multiples of 8."""
+    scale = resolution / max(height, width)
+    return (
+        max(8, round(height * scale / 8) * 8),
+        max(8, round(width * scale / 8) * 8),
+    )
+
+
+def composite(original: np.ndarray, generated: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Keeps ``generated`` inside ``mask`` and ``original`` elsewhere.
+
+    Args:
+      original: uint8 ``[H, W, 3]``.
+      generated: uint8 ``[..., H, W, 3]``.
+      mask: bool ``[H, W]`` (M).
+
+    Returns:
+      uint8 ``[..., H, W, 3]``, equal to ``original`` outside ``mask`` bit for bit.
+    """
+    return np.where(mask[..., None], generated, original).astype(np.uint8)
+
+
+def inpaint_candidates(
+    pipe,
+    image: np.ndarray,
+    mask: np.ndarray,
+    *,
+    prompt: str,
+    negative_prompt: str,
+    seeds: Sequence[int],
+    cfg: float,
+    strength: float,
+    steps: int,
+    resolution: int,
+) -> np.ndarray:
+    """The ``K`` inpainted candidates ``I_A^(k)`` of one image-mask pair (Sec. 3.1).
+
+    Args:
+      pipe: from :func:`load_inpaint_pipeline`.
+      image: uint8 ``[H, W, 3]``, the normal image ``I_N``.
+      mask: bool ``[H, W]``, ``M`` of eq. 1.
+      prompt, negative_prompt: text guidance.
+      seeds: ``K`` sampling seeds (the only thing that varies between candidates).
+      cfg: classifier-free guidance scale.
+      strength: denoising strength.
+      steps: sampler steps (20 in the paper).
+      resolution: longer side SD runs at (512 for SD 1.5 / 2 inpainting).
+
+    Returns:
+      uint8 ``[K, H, W, 3]``, each equal to ``image`` outside ``mask``.
+    """
+    import torch
+
+    h, w = image.shape[:2]
+    ph, pw = processing_size(h, w, resolution=resolution)
+    init = Image.fromarray(image).resize((pw, ph), Image.Resampling.BICUBIC)
+    mask_im = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
+    mask_im = mask_im.resize((pw, ph), Image.Resampling.NEAREST)
+    generator_device = pipe.device if pipe.device.type == "cuda" else "cpu"
+    generators = [torch.Generator(device=generator_device).manual_seed(int(s)) for s in seeds]
+    with torch.inference_mode():
+        out = pipe(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            image=init,
+            mask_image=mask_im,
+            height=ph,
+            width=pw,
+            num_inference_steps=steps,
+            guidance_scale=cfg,
+            strength=strength,
+            num_images_per_prompt=len(seeds),
+            generator=generators,
+            output_type="np",
+        ).images
+    generated = np.clip(np.rint(np.asarray(out, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+    if (ph, pw) != (h, w):
+        generated = np.stack(
+            [
+                np.asarray(Image.fromarray(g).resize((w, h), Image.Resampling.BICUBIC))
+                for g in generated
+            ]
+        )
+    return composite(image, generated, mask)
