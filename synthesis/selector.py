@@ -108,7 +108,7 @@ def lpips_distances(model, reference: np.ndarray, candidates: np.ndarray) -> np.
     device = next(model.parameters()).device
 
     def to_tensor(x: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(x)).to(device=device, dtype=torch.float32)
+        t = torch.from_numpy(np.array(x, copy=True)).to(device=device, dtype=torch.float32)
         return (t.permute(0, 3, 1, 2) / 127.5) - 1.0  # LPIPS expects [-1, 1], NCHW
 
     ref = to_tensor(reference[None]).expand(len(candidates), -1, -1, -1)
