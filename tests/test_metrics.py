@@ -33,6 +33,18 @@ def test_auroc_continuous_and_extremes():
     assert metrics.auroc(np.zeros(80), labels) == 0.5
 
 
+def test_auroc_keeps_float64_precision_and_integer_scores():
+    labels = np.array([0, 1, 0, 1])
+    scores = np.array([1.0, 1.0 + 1e-12, 2.0, 2.0])  # equal in float32, not in float64
+    assert metrics.auroc(scores, labels) == roc_auc_score(labels, scores) == 0.625
+    ints = np.array([3, -2, 7, 7, 0], dtype=np.int32)
+    lab = np.array([1, 0, 1, 0, 0])
+    assert metrics.auroc(ints, lab) == pytest.approx(roc_auc_score(lab, ints))
+    neg = np.array([-0.0, 0.0, -1.5, 2.5], dtype=np.float32)  # -0.0 ties with 0.0
+    lab = np.array([1, 0, 0, 1])
+    assert metrics.auroc(neg, lab) == pytest.approx(roc_auc_score(lab, neg))
+
+
 def test_auroc_rejects_single_class_and_nan():
     with pytest.raises(ValueError, match="both classes"):
         metrics.auroc(np.arange(4.0), np.zeros(4))

@@ -1,8 +1,9 @@
 """Evaluation metrics of the MVTec AD protocol (Sec. 4.1): image AUROC, pixel AUROC and PRO.
 
 All functions are plain numpy and memory-aware: one category of MVTec AD at full resolution
-(e.g. 150 test images of 1024 x 1024, ~157 M pixels) is evaluated with a single ``argsort`` over
-the pixels and a few O(pixels) arrays, not one copy per threshold.
+(e.g. 150 test images of 1024 x 1024, ~157 M pixels) is evaluated with one in-place sort of
+packed (score, label / region) uint64 keys and a few O(pixels) arrays, never one copy per
+threshold and never an ``argsort`` index array.
 
 ``pro_score`` follows MVTec's official evaluation code (``mvtec_ad_evaluation``,
 ``generic_util.compute_pro`` + ``trapezoid``): 8-connected ground-truth regions, the false-positive
@@ -32,10 +33,30 @@ def _flat_float32(maps: ArrayOrList) -> np.ndarray:
     return np.concatenate([np.asarray(m, dtype=np.float32).reshape(-1) for m in maps])
 
 
-def _tie_group_ends(sorted_scores: np.ndarray) -> np.ndarray:
-    """Boolean [n]: True at the last position of each run of equal values in a sorted vector."""
-    keep = np.empty(sorted_scores.shape[0], dtype=bool)
-    np.not_equal(sorted_scores[1:], sorted_scores[:-1], out=keep[:-1])
+def _sortable_keys(scores: np.ndarray) -> np.ndarray:
+    """Order-preserving uint64 keys of float32 scores, score bits in the high 32 bits.
+
+    ``a < b`` as floats iff ``key(a) < key(b)``, and equal floats (``-0.0 == 0.0`` included) give
+    equal keys. The low 32 bits are left free for a payload (a label, a region id) so that one
+    plain ``np.sort`` of the keys replaces an ``argsort`` plus gathers: numpy's vectorised integer
+    sort is ~10x faster than ``argsort`` at 10^8 elements and needs no index array.
+    """
+    bits = (np.asarray(scores, dtype=np.float32) + np.float32(0.0)).view(np.uint32)  # -0 -> +0
+    negative = bits >= np.uint32(0x80000000)
+    np.invert(bits, out=bits, where=negative)
+    np.bitwise_or(bits, np.uint32(0x80000000), out=bits, where=~negative)
+    keys = bits.astype(np.uint64)
+    del bits
+    keys <<= np.uint64(32)
+    return keys
+
+
+def _tie_group_ends(sorted_keys: np.ndarray) -> np.ndarray:
+    """Boolean [n]: True at the last position of each run of equal scores (high 32 key bits)."""
+    keep = np.empty(sorted_keys.shape[0], dtype=bool)
+    diff = np.bitwise_xor(sorted_keys[1:], sorted_keys[:-1])
+    diff >>= np.uint64(32)
+    np.not_equal(diff, 0, out=keep[:-1])
     keep[-1] = True
     return keep
 
@@ -62,27 +83,35 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
         raise ValueError(f"auroc: scores {scores.shape} and labels {labels.shape} differ in size.")
     if not np.all(np.isfinite(scores)):
         raise ValueError("auroc: scores contain NaN or inf; check the model's output.")
-    labels = labels.astype(bool)
+    labels = labels.astype(bool, copy=False)
     n_pos = int(np.count_nonzero(labels))
     n_neg = labels.size - n_pos
     if n_pos == 0 or n_neg == 0:
         raise ValueError(
             f"auroc: needs both classes, got {n_pos} anomalous and {n_neg} normal samples."
         )
-    order = np.argsort(scores, kind="stable")
-    sorted_scores = scores[order]
-    sorted_labels = labels[order]
-    del order
-    ends = _tie_group_ends(sorted_scores)
-    del sorted_scores
-    # Cumulative positives at the end of each tie group (ascending scores).
+    if scores.dtype.kind == "f" and scores.dtype.itemsize <= 4:
+        # Pixel maps (float32): one in-place sort of packed (score, label) keys.
+        keys = _sortable_keys(scores)
+        keys |= labels.astype(np.uint64)
+        keys.sort()
+        ends = _tie_group_ends(keys)
+        sorted_labels = (keys & np.uint64(1)).astype(bool)
+        del keys
+    else:
+        # float64 / integer image scores keep their full precision (no spare key bits).
+        order = np.argsort(scores)
+        sorted_scores = scores[order]
+        ends = np.append(sorted_scores[1:] != sorted_scores[:-1], True)
+        sorted_labels = labels[order]
+        del order, sorted_scores
+    # Cumulative positives / negatives at the end of each tie group (ascending scores).
     cum_pos = np.cumsum(sorted_labels, dtype=np.int64)[ends]
     del sorted_labels
-    cum_all = np.flatnonzero(ends).astype(np.int64) + 1
-    cum_neg = cum_all - cum_pos
+    cum_neg = np.flatnonzero(ends).astype(np.int64) + 1 - cum_pos
     pos_in_group = np.diff(cum_pos, prepend=0).astype(np.float64)
     neg_in_group = np.diff(cum_neg, prepend=0).astype(np.float64)
-    neg_below = (cum_neg - neg_in_group).astype(np.float64)
+    neg_below = cum_neg.astype(np.float64) - neg_in_group
     u = np.sum(pos_in_group * neg_below) + 0.5 * np.sum(pos_in_group * neg_in_group)
     return float(u / (float(n_pos) * float(n_neg)))
 
@@ -133,48 +162,54 @@ def pro_curve(maps: ArrayOrList, masks: ArrayOrList) -> tuple[np.ndarray, np.nda
       ValueError: no anomalous region or no defect-free pixel in the ground truth.
     """
     _check_same_shapes(maps, masks, "pro_score")
-    n_pixels = sum(int(np.size(g)) for g in masks)
-    # Per pixel: is it defect-free (FPR base) and its PRO increment 1 / |region| (0 outside).
-    ok = np.empty(n_pixels, dtype=bool)
-    pro_change = np.zeros(n_pixels, dtype=np.float64)
+    # Step 1: 8-connected regions of every ground truth, numbered globally (0 = defect-free).
+    region_ids = []
+    region_sizes = [np.zeros(1)]  # index 0: defect-free pixels, PRO increment 0
     num_regions = 0
-    start = 0
     for gt in masks:
-        gt = np.asarray(gt).astype(bool, copy=False)
-        labeled, n_components = scipy.ndimage.label(gt, structure=_EIGHT_CONNECTED)
-        labeled = labeled.reshape(-1)
-        stop = start + labeled.size
-        ok[start:stop] = labeled == 0
+        labeled, n_components = scipy.ndimage.label(
+            np.asarray(gt).astype(bool, copy=False), structure=_EIGHT_CONNECTED
+        )
+        labeled = labeled.reshape(-1).astype(np.uint64)
         if n_components:
-            sizes = np.bincount(labeled, minlength=n_components + 1).astype(np.float64)
-            inverse = np.zeros_like(sizes)
-            inverse[1:] = 1.0 / sizes[1:]
-            pro_change[start:stop] = inverse[labeled]
+            region_sizes.append(np.bincount(labeled, minlength=n_components + 1)[1:])
+            labeled[labeled > 0] += np.uint64(num_regions)
+        region_ids.append(labeled)
         num_regions += n_components
-        start = stop
-    num_ok = int(np.count_nonzero(ok))
     if num_regions == 0:
         raise ValueError("pro_score: the ground truth holds no anomalous region; PRO is undefined.")
-    if num_ok == 0:
-        raise ValueError("pro_score: the ground truth holds no defect-free pixel; FPR undefined.")
+    if num_regions >= 2**32:
+        raise ValueError("pro_score: more than 2**32 ground-truth regions.")
+    sizes = np.concatenate(region_sizes).astype(np.float64)
+    increment = np.zeros_like(sizes)
+    increment[1:] = 1.0 / sizes[1:]  # the PRO change when one pixel of a region turns positive
 
+    # Step 2: one sort of (score, region id) keys; scores high to low = the reversed view.
     scores = _flat_float32(maps)
-    if isinstance(maps, np.ndarray) and np.shares_memory(scores, maps):
-        scores = scores.copy()  # sorted in place below; never modify the caller's maps
     if not np.all(np.isfinite(scores)):
         raise ValueError("pro_score: maps contain NaN or inf; check the model's output.")
-    # One sort, high to low. Tie order does not matter: only the last point of a tie is kept.
-    order = np.argsort(scores)[::-1]
-    np.take(scores, order, out=scores)
-    keep = _tie_group_ends(scores)
+    keys = _sortable_keys(scores)
     del scores
+    start = 0
+    for ids in region_ids:
+        keys[start : start + ids.size] |= ids
+        start += ids.size
+    del region_ids
+    keys.sort()
+    keys = keys[::-1]
+    keep = _tie_group_ends(keys)  # last pixel of each distinct score: one curve point per score
 
-    fp = np.cumsum(ok[order], dtype=np.int64)[keep]
+    # Step 3: cumulative false positives over all defect-free pixels, cumulative region overlap.
+    region = (keys & np.uint64(0xFFFFFFFF)).astype(np.intp)
+    del keys
+    ok = region == 0
+    num_ok = int(np.count_nonzero(ok))
+    if num_ok == 0:
+        raise ValueError("pro_score: the ground truth holds no defect-free pixel; FPR undefined.")
+    fprs = np.cumsum(ok, dtype=np.int64)[keep].astype(np.float64) / num_ok
     del ok
-    fprs = fp.astype(np.float64) / num_ok
-    del fp
-    np.take(pro_change, order, out=pro_change)
-    del order
+    pro_change = increment[region]
+    del region
     np.cumsum(pro_change, out=pro_change)
     pros = pro_change[keep] / num_regions
     del pro_change, keep
