@@ -235,15 +235,19 @@ def test_foreground_masks_follow_split_geometry(mvtec_root, tmp_path):
 
 
 def test_tfds_builder_builds_and_reads_back(mvtec_root, tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds
+
     from wdam_jax.data import tfds_builder
 
     data_dir = tmp_path / "tfds"
-    builder = tfds_builder.MvtecAd(config="bottle", data_dir=data_dir)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=str(mvtec_root))
+    builder = tfds_builder.build_dataset(
+        "mvtec_ad/bottle", manual_dir=mvtec_root, data_dir=data_dir
     )
     assert builder.info.splits["train"].num_examples == 3
+    train = list(builder.as_dataset(split="train").as_numpy_iterator())
+    assert sorted(ex["path"].decode() for ex in train) == [
+        f"bottle/train/good/{i:03d}.png" for i in range(3)
+    ]
     test = tfds.load("mvtec_ad/bottle", split="test", data_dir=data_dir, download=False)
     by_path = {ex["path"].decode(): ex for ex in test.as_numpy_iterator()}
     ref = datasets.load_mvtec(mvtec_root, "bottle", split="test", image_size=SIZE)
@@ -259,12 +263,10 @@ def test_tfds_builder_builds_and_reads_back(mvtec_root, tmp_path):
 
 
 def test_tfds_builder_reports_bad_data(mvtec_root, tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
     from wdam_jax.data import tfds_builder
 
     (mvtec_root / "grid/ground_truth/crack/000_mask.png").unlink()
-    builder = tfds_builder.MvtecAd(config="grid", data_dir=tmp_path / "tfds")
     with pytest.raises(DatasetError, match=r"crack/000\.png has no mask"):
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=str(mvtec_root))
-        )
+        tfds_builder.build_dataset("mvtec_ad/grid", manual_dir=mvtec_root, data_dir=tmp_path)
+    with pytest.raises(ValueError, match="mvtec_ad/<category>"):
+        tfds_builder.build_dataset("mvtec", manual_dir=mvtec_root, data_dir=tmp_path)

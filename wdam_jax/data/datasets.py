@@ -123,7 +123,8 @@ def read_rgb(path: PathLike) -> np.ndarray:
 
 
 def read_mask(path: PathLike) -> np.ndarray:
-    """Reads a mask file as bool [H, W] (any non-zero value of the first channel = True)."""
+    """Reads a mask file as bool [H, W]: any non-zero grey value is anomalous (255 in MVTec AD,
+    small label values in VisA)."""
     try:
         with Image.open(path) as img:
             arr = np.asarray(img.convert("L") if img.mode not in ("L", "1", "I", "I;16") else img)

@@ -5,17 +5,16 @@ Neither dataset can be downloaded by TFDS (both need accepting a licence), so th
 ``test/<defect>``, ``ground_truth/<defect>``). One builder config per category; the MVTec AD
 builder also has configs for the built-in demo categories (``wdam_jax.data.demo``).
 
-Build from the command line::
+Build in Python::
+
+  build_dataset("mvtec_ad/bottle", manual_dir="/data/mvtec_anomaly_detection", data_dir=data_dir)
+  ds = tfds.load("mvtec_ad/bottle", split="test", data_dir=data_dir, download=False)
+
+or with the TFDS command line (in tensorflow-datasets 4.9.10 the ``tfds`` CLI imports
+``apache_beam`` at start-up, so it needs ``pip install apache-beam``; the Python route does not)::
 
   tfds build mvtec_ad/bottle --imports=wdam_jax.data.tfds_builder \\
       --manual_dir=/data/mvtec_anomaly_detection --data_dir=~/tensorflow_datasets
-
-or in Python::
-
-  builder = MvtecAd(config="bottle", data_dir=data_dir)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir="/data/mvtec_anomaly_detection"))
-  ds = tfds.load("mvtec_ad/bottle", split="test", data_dir=data_dir)
 
 Examples hold images at their original resolution (``image`` uint8 [H, W, 3], ``mask`` uint8
 [H, W, 1], 255 = anomalous), ``label`` (0 good, 1 anomalous), ``defect_type`` and ``path``
@@ -145,3 +144,27 @@ class Visa(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, root: pathlib.Path, split: str):
         yield from _generate(root, self.builder_config.name, split, "VisA")
+
+
+def build_dataset(
+    name: str, *, manual_dir: str | pathlib.Path, data_dir: str | pathlib.Path
+) -> tfds.core.DatasetBuilder:
+    """Prepares ``"mvtec_ad/<category>"`` or ``"visa/<category>"`` from a manual download.
+
+    Args:
+      name: dataset and config, e.g. ``"mvtec_ad/bottle"``.
+      manual_dir: the extracted dataset (see the builder's MANUAL_DOWNLOAD_INSTRUCTIONS).
+      data_dir: where TFDS writes the prepared dataset.
+
+    Returns:
+      The prepared builder (``builder.as_dataset(split="test")`` reads it).
+    """
+    builders = {"mvtec_ad": MvtecAd, "visa": Visa}
+    dataset, _, config = name.partition("/")
+    if dataset not in builders or not config:
+        raise ValueError(f"name must be 'mvtec_ad/<category>' or 'visa/<category>', got {name!r}")
+    builder = builders[dataset](config=config, data_dir=str(data_dir))
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
+    )
+    return builder
