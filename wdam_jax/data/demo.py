@@ -361,10 +361,16 @@ def ensure_demo_data(root: PathLike, *, seed: int = 0, image_size: int = 128) ->
         for category in DEMO_CATEGORIES:
             _write_category(tmp / DATASET_DIR, tmp / FOREGROUND_DIR, category, seed, image_size)
         (tmp / DATASET_DIR / _INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
-        if fg_root.exists():
-            shutil.rmtree(fg_root)  # left by an interrupted run: its dataset has no info file
-        os.replace(tmp / FOREGROUND_DIR, fg_root)
-        os.replace(tmp / DATASET_DIR, dataset)
+        try:
+            if fg_root.exists():
+                shutil.rmtree(fg_root)  # left by an interrupted run: its dataset has no info file
+            os.replace(tmp / FOREGROUND_DIR, fg_root)
+            os.replace(tmp / DATASET_DIR, dataset)
+        except OSError:
+            # Another process generated the same data at the same time and renamed first.
+            if not info_path.is_file():
+                raise
+            return ensure_demo_data(root, seed=seed, image_size=image_size)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dataset
