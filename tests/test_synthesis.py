@@ -492,3 +492,17 @@ def test_subband_analysis_cli_on_written_records(env, e2e, tmp_path, capsys):
         assert int(n) == PER_CATEGORY
         np.testing.assert_allclose([float(v) for v in values], rows[category], atol=1e-6)
     assert "| Class |" in capsys.readouterr().out
+
+
+def test_jax_side_reader_reads_what_fmas_writes(e2e):
+    from wdam_jax.data.fmas_records import load_fmas_arrays
+
+    output_dir = Path(e2e["config"].output_dir)
+    images, read_masks, sources = load_fmas_arrays(
+        str(output_dir / writer.RECORD_GLOB), image_size=64
+    )
+    ours = by_source(e2e["records"])
+    assert sorted(sources) == sorted(ours) and images.shape == (len(ours), 64, 64, 3)
+    for image, mask, source in zip(images, read_masks, sources, strict=True):
+        np.testing.assert_array_equal(mask, ours[source]["mask"][..., 0] == 255)
+        np.testing.assert_allclose(image, ours[source]["image"] / 255.0, atol=1e-6)
