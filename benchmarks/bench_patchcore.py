@@ -25,9 +25,33 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # anomalib's per-pick progress bar
+
+
+STAGE = ["start"]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def start_watchdog(limit_gb: float) -> None:
+    """Exits the process if its resident set exceeds ``limit_gb`` (shared machines: no OOM kill)."""
+
+    def watch() -> None:
+        while True:
+            if _rss_mb() > limit_gb * 1024:
+                print(f"WATCHDOG: RSS {_rss_mb():.0f} MB > {limit_gb} GB in {STAGE[0]}", flush=True)
+                os._exit(3)
+            time.sleep(0.2)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def synthetic_features(rows: int, dim: int, *, seed: int = 0, clusters: int = 2000) -> np.ndarray:
@@ -71,6 +95,7 @@ def _anomalib_coreset(feats_t, n: int, seed: int):
 def cmd_coreset(args: argparse.Namespace) -> None:
     """Full JAX coreset vs anomalib per-pick rate over a bounded number of picks."""
     import jax
+    import jax.numpy as jnp
     import torch
 
     from wdam_jax.methods.patchcore import greedy_coreset
@@ -113,7 +138,8 @@ def cmd_coreset(args: argparse.Namespace) -> None:
             print(f"  jax coreset {done}/{total} ({done / (now - t0):.0f} picks/s)", flush=True)
             last[0] = now
 
-    idx = np.asarray(greedy_coreset(key, feats, n, on_progress=progress))
+    dtype = {"float16": jnp.float16, "float32": jnp.float32}[args.dtype]
+    idx = np.asarray(greedy_coreset(key, feats, n, dtype=dtype, on_progress=progress))
     t_jax = time.perf_counter() - t0
     print(
         f"jax greedy_coreset: {n} picks in {t_jax:.1f} s (incl. projection and compile), "
@@ -125,34 +151,46 @@ def cmd_coreset(args: argparse.Namespace) -> None:
 def cmd_radius(args: argparse.Namespace) -> None:
     """Coverage radius and time of both, run fully, on a size where anomalib finishes."""
     import jax
+    import jax.numpy as jnp
     import torch
 
     from wdam_jax.methods.patchcore import coverage_radius, greedy_coreset
 
+    torch.set_num_threads(os.cpu_count() or 1)
     feats = load_features(args)
     n = int(args.ratio * feats.shape[0])
     feats_t = torch.from_numpy(feats)
     print(f"features {feats.shape}, coreset {n} rows ({args.ratio:.0%}), seeds {args.seeds}")
+    STAGE[0] = "compile"
+    np.asarray(greedy_coreset(jax.random.key(0), feats, n))  # compile outside the timing
+    names = ("anomalib", "jax_f16", "jax_f32", "random")
     rows = []
     for seed in range(args.seeds):
+        sel, times = {}, {}
+        STAGE[0] = f"anomalib seed {seed}"
         t0 = time.perf_counter()
-        ref = _anomalib_coreset(feats_t, n, seed).select_coreset_idxs()
-        t_ref = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        ours = np.asarray(greedy_coreset(jax.random.key(seed), feats, n))
-        t_ours = time.perf_counter() - t0
-        rand = np.random.default_rng(seed).choice(feats.shape[0], n, replace=False)
-        r_ref, r_ours, r_rand = (coverage_radius(feats, s) for s in (ref, ours, rand))
-        rows.append((r_ref, r_ours, r_rand, t_ref, t_ours))
+        sel["anomalib"] = _anomalib_coreset(feats_t, n, seed).select_coreset_idxs()
+        times["anomalib"] = time.perf_counter() - t0
+        for name, dtype in (("jax_f16", jnp.float16), ("jax_f32", jnp.float32)):
+            STAGE[0] = f"{name} seed {seed}"
+            t0 = time.perf_counter()
+            sel[name] = np.asarray(greedy_coreset(jax.random.key(seed), feats, n, dtype=dtype))
+            times[name] = time.perf_counter() - t0
+        sel["random"] = np.random.default_rng(seed).choice(feats.shape[0], n, replace=False)
+        STAGE[0] = f"radius seed {seed}"
+        radii = {k: coverage_radius(feats, sel[k]) for k in names}
+        rows.append(radii)
         print(
-            f"seed {seed}: radius anomalib {r_ref:.4f}  jax {r_ours:.4f}  random {r_rand:.4f}"
-            f"  | time anomalib {t_ref:.1f} s  jax {t_ours:.1f} s"
+            f"seed {seed} (peak RSS {_maxrss_mb():.0f} MB): radius "
+            + "  ".join(f"{k} {radii[k]:.4f}" for k in names)
+            + " | time "
+            + "  ".join(f"{k} {t:.2f} s" for k, t in times.items())
         )
-    r_ref, r_ours, r_rand, t_ref, t_ours = (statistics.mean(c) for c in zip(*rows, strict=True))
+    mean = {k: statistics.mean(r[k] for r in rows) for k in names}
     print(
-        f"MEAN radius anomalib {r_ref:.4f}, jax {r_ours:.4f} ({(r_ours / r_ref - 1):+.1%} vs "
-        f"anomalib, target within 5%), random {r_rand:.4f}; time ratio "
-        f"anomalib/jax {t_ref / t_ours:.1f}x"
+        "MEAN radius "
+        + ", ".join(f"{k} {v:.4f} ({v / mean['anomalib'] - 1:+.1%})" for k, v in mean.items())
+        + "  (relative to anomalib; target within 5%)"
     )
 
 
@@ -291,8 +329,10 @@ def main() -> None:
         p.add_argument("--ratio", type=float, default=0.1)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--features", default="", help=".npy of real [N, D] patch features")
+        p.add_argument("--max-rss-gb", type=float, default=8.0, help="abort above this RSS")
         if name == "coreset":
             p.add_argument("--anomalib-picks", type=int, default=300)
+            p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
         if name == "radius":
             p.add_argument("--seeds", type=int, default=3)
         if name == "knn":
@@ -306,6 +346,7 @@ def main() -> None:
             p.add_argument("phase", choices=("fit", "score"))
             p.add_argument("--tmp", required=True)
     args = parser.parse_args()
+    start_watchdog(args.max_rss_gb)
     {
         "coreset": cmd_coreset,
         "radius": cmd_radius,

@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 import scipy.ndimage
 import torch
+from flax import nnx
 
+from configs import patchcore as patchcore_config
+from configs import patchcore_wdam as patchcore_wdam_config
+from wdam_jax import metrics, patchcore_run
+from wdam_jax.data import datasets
 from wdam_jax.methods import patchcore as pc
 
 
@@ -213,3 +218,66 @@ def test_ensemble_standardises_members():
     np.testing.assert_allclose(np.asarray(maps), 1.0)
     stats = pc.normalisation_stats(s2, m2)
     assert stats["image_mean"] == 20.0 and stats["pixel_std"] == 0.0
+
+
+class _TinyBackbone(nnx.Module):
+    """Two strided convolutions standing in for WRN50-2's layer2 / layer3 (strides 8 and 16)."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.conv2 = nnx.Conv(3, 8, (8, 8), strides=(8, 8), rngs=rngs)
+        self.conv3 = nnx.Conv(8, 16, (2, 2), strides=(2, 2), rngs=rngs)
+
+    def __call__(self, x, *, train=False):
+        layer2 = jax.nn.relu(self.conv2(x))
+        return {"layer2": layer2, "layer3": jax.nn.relu(self.conv3(layer2))}
+
+
+def _split(images, labels, masks):
+    return datasets.Split(
+        images=images,
+        masks=masks,
+        labels=labels,
+        defect_types=["good" if lab == 0 else "x" for lab in labels],
+        paths=[f"{i}.png" for i in range(len(labels))],
+        original_masks=list(masks),
+    )
+
+
+def test_end_to_end_fit_and_score_tiny_model():
+    rng = np.random.default_rng(0)
+    cfg = patchcore_config.get_config("demo").patchcore
+    cfg.unlock()
+    cfg.pretrain_dim, cfg.target_dim, cfg.coreset_ratio, cfg.batch_size = 16, 16, 0.25, 4
+    base = rng.random((1, 32, 32, 3)).astype(np.float32)
+    train_images = np.clip(base + 0.01 * rng.standard_normal((6, 32, 32, 3)), 0, 1).astype(
+        np.float32
+    )
+    test_images = np.concatenate([train_images[:2], train_images[:2]])
+    masks = np.zeros((4, 32, 32), bool)
+    test_images[2:, 8:16, 8:16] = 1.0 - test_images[2:, 8:16, 8:16]  # a defect
+    masks[2:, 8:16, 8:16] = True
+    fn = patchcore_run.make_feature_fn(_TinyBackbone(rngs=nnx.Rngs(0)), cfg)
+    train = _split(train_images, np.zeros(6, np.int32), np.zeros((6, 32, 32), bool))
+    bank = patchcore_run.fit_member(jax.random.key(0), fn, train, cfg, what="test")
+    chex.assert_shape(bank, (round(0.25 * 6 * 4 * 4), 16))
+    scores, maps = patchcore_run.score_images(bank, fn, test_images, cfg, what="test")
+    chex.assert_shape(maps, (4, 32, 32))
+    assert scores[2:].min() > scores[:2].max()
+    result = metrics.evaluate_category(scores, maps, list(masks), np.array([0, 0, 1, 1]))
+    assert result["i_auroc"] == 1.0
+
+
+def test_configs_build_and_backbone_errors():
+    for module in (patchcore_config, patchcore_wdam_config):
+        for arg in (None, "demo"):
+            config = module.get_config(arg)
+            assert set(config.members) >= {"plain"}
+    wdam = patchcore_wdam_config.get_config()
+    assert wdam.members.wdam.kind == "cutpaste" and tuple(wdam.members.wdam.wdam_layers) == (1,)
+    assert wdam.data.image_size == 256 and not wdam.data.crop_size
+    with pytest.raises(ValueError, match=r"members\.plain\.weights"):
+        patchcore_run.load_backbone("plain", patchcore_config.get_config().members.plain)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        member = wdam.members.wdam
+        member.workdir = "/nonexistent/cutpaste_run"
+        patchcore_run.load_backbone("wdam", member)

@@ -152,7 +152,8 @@ def _coreset_steps(
         min_dist, picks = carry
         j = jnp.argmax(min_dist).astype(jnp.int32)
         # Squared distance of every row to the new centre by norm expansion: one matvec.
-        d = sqnorm - 2.0 * jnp.matmul(proj, proj[j], precision=_HIGHEST) + sqnorm[j]
+        dot = jnp.matmul(proj, proj[j], precision=_HIGHEST, preferred_element_type=jnp.float32)
+        d = sqnorm - 2.0 * dot + sqnorm[j]
         # Chosen rows get -1 so that argmax never returns them again (unique indices even when
         # the data has duplicate rows).
         min_dist = jnp.minimum(min_dist, d).at[j].set(-1.0)
@@ -167,6 +168,7 @@ def greedy_coreset(
     n: int,
     *,
     proj_dim: int = 128,
+    dtype: jax.typing.DTypeLike = jnp.float16,
     steps_per_call: int = 2048,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Array:
@@ -178,11 +180,18 @@ def greedy_coreset(
     pick, never an ``N x N`` matrix. The loop is a jit-compiled ``lax.fori_loop`` run in calls of
     ``steps_per_call`` picks so that progress can be reported between calls.
 
+    Each pick reads the whole ``[N, proj_dim]`` projection, so the loop is memory bound; the
+    projection is stored in ``dtype`` (float16 by default: half the traffic of float32, products
+    accumulated in float32). It is scaled to unit RMS entries first, so float16 neither overflows
+    nor underflows; its rounding (~5e-4 relative) is far below the projection's own distance
+    distortion (~sqrt(2 / proj_dim), 12% at 128).
+
     Args:
       key: PRNG key (projection and first centre).
       features: ``[N, D]`` (numpy or jax; numpy is projected in row chunks).
       n: number of rows to pick, ``1 <= n <= N``.
       proj_dim: projection dimension; features with ``D <= proj_dim`` are used unprojected.
+      dtype: storage dtype of the projection (``jnp.float32`` for exact projected distances).
       steps_per_call: picks per jit call (progress granularity; does not change the result).
       on_progress: called as ``on_progress(picked, n)`` after each call.
 
@@ -200,7 +209,9 @@ def greedy_coreset(
         proj = jnp.asarray(features, jnp.float32)
     # Centring changes no distance but shrinks the norms, so the norm expansion cancels less.
     proj = proj - jnp.mean(proj, axis=0)
-    sqnorm = jnp.sum(proj * proj, axis=1)
+    rms = jnp.sqrt(jnp.mean(jnp.square(proj)))
+    proj = (proj / jnp.where(rms > 0, rms, 1.0)).astype(dtype)
+    sqnorm = jnp.sum(jnp.square(proj.astype(jnp.float32)), axis=1)
     first = jax.random.randint(key_start, (), 0, num_rows, jnp.int32)
     # Every row starts "infinitely far" from the empty set; the random first centre a bit farther,
     # so that the first step (argmax) picks it.
