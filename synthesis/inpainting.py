@@ -125,8 +125,9 @@ def inpaint_candidates(
     init = Image.fromarray(image).resize((pw, ph), Image.Resampling.BICUBIC)
     mask_im = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
     mask_im = mask_im.resize((pw, ph), Image.Resampling.NEAREST)
-    generator_device = pipe.device if pipe.device.type == "cuda" else "cpu"
-    generators = [torch.Generator(device=generator_device).manual_seed(int(s)) for s in seeds]
+    # CPU generators: diffusers draws the noise on the CPU and moves it, so a seed gives the same
+    # initial noise on any device.
+    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     with torch.inference_mode():
         out = pipe(
             prompt=prompt,

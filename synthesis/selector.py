@@ -11,6 +11,7 @@ not perceptual).
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +81,9 @@ def load_lpips(*, net: str, backbone_weights: str, device: str, seed: int):
             "~/.cache/torch/hub/checkpoints/), or set selector.backbone_weights to its path."
         )
     # pnet_rand=True: the package builds the backbone without asking torchvision to download it.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # lpips 0.1.4 still calls torchvision with the deprecated `pretrained=` argument.
+        warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
         torch.manual_seed(seed)
         model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
     if path is not None:
