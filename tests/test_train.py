@@ -1,0 +1,207 @@
+"""The shared training loop: staged optimiser, exact resume, non-finite loss, traces, logs, and
+data parallelism on two forced host devices (in a subprocess)."""
+
+import glob
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from wdam_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+class ToyNet(nnx.Module):
+    """conv -> BatchNorm -> ReLU -> mean pool -> linear: has params and batch statistics."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(3, 4, kernel_size=(3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(4, rngs=rngs)
+        self.fc = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x, *, train: bool):
+        h = jax.nn.relu(self.bn(self.conv(x), use_running_average=not train))
+        return self.fc(h.mean(axis=(1, 2)))
+
+
+class ToyMethod:
+    """A small method that uses every hook of :class:`wdam_jax.train.Method`."""
+
+    def __init__(self, config, *, nan_at: int | None = None):
+        self.config = config
+        self.total_steps = config.train.steps
+        self.nan_at = nan_at
+        self.traces = 0
+
+    def create_model(self, *, abstract: bool = False):
+        build = lambda: ToyNet(rngs=nnx.Rngs(self.config.seed))
+        return nnx.eval_shape(build) if abstract else build()
+
+    def optimizer(self):
+        return train.staged([optax.sgd(0.1, momentum=0.9), optax.adam(0.01)], [3])
+
+    def batch(self, step: int):
+        rng = np.random.default_rng([self.config.seed, step])
+        return {
+            "image": rng.random((4, 8, 8, 3), dtype=np.float32),
+            "label": rng.integers(0, 3, 4).astype(np.int32),
+        }
+
+    def loss(self, model, batch, *, step, key):
+        self.traces += 1
+        # The key makes the result depend on the folded-in step, as dropout would.
+        x = batch["image"] + 0.01 * jax.random.normal(key, batch["image"].shape)
+        logits = model(x, train=True)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+        if self.nan_at is not None:
+            loss = jnp.where(step == self.nan_at, jnp.nan, loss)
+        return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+
+
+def toy_config(steps: int = 6) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.method = "toy"
+    config.seed = 3
+    config.train = ml_collections.ConfigDict()
+    config.train.steps = steps
+    config.train.log_every = 2
+    config.train.checkpoint_every = 2
+    config.train.keep_checkpoints = 2
+    return config
+
+
+def _params(state) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state["params"]))]
+
+
+def test_staged_switches_transforms_and_counts_per_stage():
+    tx = train.staged([optax.sgd(1.0), optax.scale(-10.0), optax.sgd(0.5)], [2, 2])
+    params = {"w": jnp.ones(2)}
+    state = tx.init(params)
+    grads = {"w": jnp.full(2, 0.5)}
+    seen = []
+    for _ in range(4):
+        updates, state = tx.update(grads, state, params)
+        seen.append(float(updates["w"][0]))
+    # Steps 0-1: sgd(1.0); the empty second stage is skipped; steps 2-3: sgd(0.5).
+    np.testing.assert_allclose(seen, [-0.5, -0.5, -0.25, -0.25])
+    assert int(state.count) == 4
+
+
+def test_staged_adam_starts_fresh_after_sgd():
+    tx = train.staged([optax.sgd(0.1), optax.adam(0.01)], [3])
+    params = {"w": jnp.zeros(3)}
+    state = tx.init(params)
+    grads = {"w": jnp.asarray([1.0, -2.0, 0.5])}
+    for _ in range(4):
+        updates, state = tx.update(grads, state, params)
+    # The first Adam step of a fresh optimiser is -lr * sign(g) (bias-corrected).
+    np.testing.assert_allclose(updates["w"], -0.01 * np.sign(grads["w"]), rtol=1e-4)
+
+
+def test_resume_is_exact(tmp_path):
+    config = toy_config(steps=6)
+    _, full = train.train(config, tmp_path / "full", method=ToyMethod(config))
+    # Interrupted after step 3 (between checkpoints: the newest is step 2), then the same call.
+    train.train(config, tmp_path / "resumed", method=ToyMethod(config), stop_at=3)
+    manager = train.checkpoint_manager(tmp_path / "resumed")
+    assert sorted(manager.all_steps()) == [2, 3]
+    manager.close()
+    _, resumed = train.train(config, tmp_path / "resumed", method=ToyMethod(config))
+    assert int(resumed["step"]) == int(full["step"]) == 6
+    for a, b in zip(_params(full), _params(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(
+        jax.tree.leaves(full["opt_state"]), jax.tree.leaves(resumed["opt_state"]), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_step_is_traced_once_and_logs_are_written(tmp_path):
+    config = toy_config(steps=4)
+    method = ToyMethod(config)
+    train.train(config, tmp_path, method=method)
+    assert method.traces == 1
+    assert json.loads((tmp_path / train.CONFIG_FILE).read_text())["train"]["steps"] == 4
+    from wdam_jax.data.tf_setup import import_tensorflow
+
+    tf = import_tensorflow()
+    tags = set()
+    for path in glob.glob(str(tmp_path / train.TENSORBOARD_DIR / "events.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update((v.tag, event.step) for v in event.summary.value)
+    assert {("loss", 4), ("accuracy", 2), ("grad_norm", 1)} <= tags
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path):
+    config = toy_config(steps=6)
+    with pytest.raises(FloatingPointError, match=r"at step 3 .*checkpoint at step 2"):
+        train.train(config, tmp_path, method=ToyMethod(config, nan_at=3))
+
+
+def test_restore_model_needs_a_workdir(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"launch\.train"):
+        train.restore_model(tmp_path)
+
+
+def test_unknown_method_is_a_clear_error():
+    config = toy_config()
+    config.method = "nope"
+    with pytest.raises(ValueError, match=r"config\.method=.nope."):
+        train.get_method(config)
+
+
+_DP_SCRIPT = """
+import json, sys
+import jax, numpy as np
+sys.path.insert(0, {tests!r})
+from test_train import ToyMethod, toy_config, _params
+from wdam_jax import train
+config = toy_config(steps=3)
+_, state = train.train(config, {workdir!r}, method=ToyMethod(config))
+leaf = jax.tree.leaves(state["params"])[0]
+print(json.dumps({{
+    "devices": jax.device_count(),
+    "param_devices": len(leaf.sharding.device_set),
+    "replicated": bool(leaf.sharding.is_fully_replicated),
+    "params": [p.ravel().tolist() for p in _params(state)],
+}}))
+"""
+
+
+def _run_dp(workdir: pathlib.Path, devices: int) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env["JAX_PLATFORMS"] = "cpu"
+    script = _DP_SCRIPT.format(tests=str(REPO / "tests"), workdir=str(workdir))
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_data_parallel_on_two_host_devices_matches_one(tmp_path):
+    two = _run_dp(tmp_path / "two", 2)
+    one = _run_dp(tmp_path / "one", 1)
+    assert two["devices"] == 2 and two["param_devices"] == 2 and two["replicated"]
+    assert one["devices"] == 1
+    # BatchNorm statistics and gradients are over the global batch: the same model either way.
+    for a, b in zip(one["params"], two["params"], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error():
+    two_device_mesh = types.SimpleNamespace(devices=np.empty(2, object))
+    with pytest.raises(ValueError, match="not divisible by the 2 devices"):
+        train.shard_batch({"image": np.zeros((3, 2), np.float32)}, two_device_mesh)
