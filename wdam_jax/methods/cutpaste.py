@@ -346,15 +346,15 @@ class TrainData:
 def load_train_data(config: ml_collections.ConfigDict) -> TrainData:
     """The train split plus foreground masks (FM) and FMAS samples (``data.anomaly_source``)."""
     data = config.data
+    if config.augment.foreground_mask and not data.foreground_root:
+        raise ValueError(
+            "config.augment.foreground_mask (FM) needs config.data.foreground_root: the folder "
+            "of <category>/train/good/<stem>.png masks written by the FMAS mask stage "
+            "(python -m launch.synthesize)."
+        )
     split = load_split(data, split="train")
     foreground = None
     if config.augment.foreground_mask:
-        if not data.foreground_root:
-            raise ValueError(
-                "config.augment.foreground_mask (FM) needs config.data.foreground_root: the "
-                "folder of <category>/train/good/<stem>.png masks written by the FMAS mask stage "
-                "(python -m launch.synthesize)."
-            )
         foreground = datasets.load_foreground_masks(
             data.foreground_root, split, image_size=data.image_size
         )
