@@ -231,7 +231,7 @@ def greedy_coreset(
 
 
 def coverage_radius(
-    features: ArrayLike, selected: ArrayLike, *, query_chunk: int = 4096, bank_chunk: int = 8192
+    features: ArrayLike, selected: ArrayLike, *, query_chunk: int = 4096, bank_chunk: int = 2048
 ) -> float:
     """Coverage radius ``max_i min_j ||x_i - x_selected_j||`` (the k-center objective).
 
@@ -316,7 +316,7 @@ def knn_search(
     *,
     k: int = 1,
     query_chunk: int = 2048,
-    bank_chunk: int = 8192,
+    bank_chunk: int = 2048,
 ) -> tuple[Array, Array]:
     """Exact Euclidean k nearest bank rows of each query, chunked over queries and bank.
 
@@ -329,7 +329,8 @@ def knn_search(
       queries: ``[Q, D]`` (numpy or jax; moved to the device one chunk at a time).
       k: number of neighbours, ``1 <= k <= M``.
       query_chunk: queries per jit call (the last chunk is zero padded to this size).
-      bank_chunk: bank rows per scan step.
+      bank_chunk: bank rows per scan step (2048 measured fastest on a 2-core CPU: the
+        ``query_chunk x bank_chunk`` block stays in cache).
 
     Returns:
       ``(distances [Q, k] float32 ascending, indices [Q, k] int32)``.
