@@ -10,9 +10,10 @@ linear map and a ReLU (non-negative and clustered, like WRN50-2 patch features).
   python benchmarks/bench_patchcore.py knn --bank 20000 --queries 1024
   python benchmarks/bench_patchcore.py memory --rows 200000
 
-Memory is ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (the process's peak resident set) read in a
-fresh subprocess per phase, before and after the phase; the delta is the phase's own peak above
-what the process already held (interpreter, JAX, and the input features).
+Memory: each phase runs in a fresh subprocess; the delta is the process's peak resident set after
+the phase (``getrusage(RUSAGE_SELF).ru_maxrss``) minus its current resident set just before it
+(``/proc/self/statm``), i.e. the phase's own peak above what the process already held
+(interpreter, JAX, and the input features).
 """
 
 from __future__ import annotations
@@ -282,7 +283,7 @@ def cmd_phase(args: argparse.Namespace) -> None:
         feats = load_features(args)
         n = int(args.ratio * feats.shape[0])
         jax.block_until_ready(jax.numpy.zeros(1))
-        before = _maxrss_mb()
+        before = _rss_mb()
         t0 = time.perf_counter()
         idx = np.asarray(pc.greedy_coreset(jax.random.key(args.seed), feats, n))
         pc.save_bank(bank_path, feats[idx])
@@ -290,7 +291,7 @@ def cmd_phase(args: argparse.Namespace) -> None:
             "rows": feats.shape[0],
             "bank": n,
             "features_MB": round(feats.nbytes / 2**20),
-            "peak_rss_before_MB": round(before),
+            "rss_before_MB": round(before),
             "peak_rss_after_MB": round(_maxrss_mb()),
             "delta_MB": round(_maxrss_mb() - before),
             "seconds": round(time.perf_counter() - t0, 1),
@@ -300,7 +301,7 @@ def cmd_phase(args: argparse.Namespace) -> None:
         test = synthetic_features(args.test_images * side * side, args.dim, seed=args.seed + 7)
         test = test.reshape(args.test_images, side, side, args.dim)
         jax.block_until_ready(jax.numpy.zeros(1))
-        before = _maxrss_mb()
+        before = _rss_mb()
         t0 = time.perf_counter()
         scores, maps = [], []
         for start in range(0, args.test_images, 8):
@@ -311,7 +312,7 @@ def cmd_phase(args: argparse.Namespace) -> None:
             "bank": bank.shape[0],
             "test_images": args.test_images,
             "queries": args.test_images * side * side,
-            "peak_rss_before_MB": round(before),
+            "rss_before_MB": round(before),
             "peak_rss_after_MB": round(_maxrss_mb()),
             "delta_MB": round(_maxrss_mb() - before),
             "seconds": round(time.perf_counter() - t0, 1),

@@ -102,14 +102,10 @@ def load_backbone(name: str, member: ml_collections.ConfigDict) -> wide_resnet.W
                 "with python -m launch.train --config=configs/cutpaste_wdam.py "
                 f"--workdir={workdir}, or set --config.members.{name}.workdir."
             )
-        try:
-            from wdam_jax.train import restore_backbone
-        except ImportError as err:
-            raise NotImplementedError(
-                "wdam_jax.train.restore_backbone is not available in this checkout, so the "
-                f"WDAM-finetuned backbone of {workdir} cannot be restored."
-            ) from err
-        return restore_backbone(workdir)
+        from wdam_jax import train  # imports TF and optax: only when needed
+
+        train.quiet_orbax()
+        return train.restore_backbone(workdir)
     raise ValueError(
         f"--config.members.{name}.kind={member.kind!r}: expected 'imagenet' or 'cutpaste'."
     )
