@@ -105,7 +105,15 @@ def load_backbone(name: str, member: ml_collections.ConfigDict) -> wide_resnet.W
         from wdam_jax import train  # imports TF and optax: only when needed
 
         train.quiet_orbax()
-        return train.restore_backbone(workdir)
+        model = train.restore_backbone(workdir)
+        if tuple(model.wdam_layers) != tuple(member.wdam_layers):
+            raise ValueError(
+                f"PatchCore member {name!r}: the backbone in {workdir} has WDAM in layers "
+                f"{tuple(model.wdam_layers)}, the config says {tuple(member.wdam_layers)}; set "
+                f"--config.members.{name}.wdam_layers to match the CutPaste run (a checkpoint "
+                "taken before WDAM entered training has none: use a later one)."
+            )
+        return model
     raise ValueError(
         f"--config.members.{name}.kind={member.kind!r}: expected 'imagenet' or 'cutpaste'."
     )

@@ -592,7 +592,9 @@ def ensemble_scores(
     ``(m - pixel_mean) / pixel_std``, with statistics from ``normalisation_stats`` on normal
     training images, so the members' different feature scales weigh equally and no test label or
     test statistic is used. (The official PatchCore ensemble min-max normalises over the test set
-    instead.) A standard deviation below ``eps`` is replaced by 1.
+    instead.) The normal images are training images, some of whose patches are in the bank, so
+    their scores understate normal variation; they still put the members on one scale, which is
+    all the average needs. A standard deviation below ``eps`` is replaced by 1.
 
     Args:
       members: ``[(image_scores [N], maps [N, H, W]), ...]``, one pair per member.
