@@ -1,5 +1,7 @@
 """Tests of the PatchCore functions against numpy / scipy references and their properties."""
 
+from types import SimpleNamespace
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -281,3 +283,15 @@ def test_configs_build_and_backbone_errors():
         member = wdam.members.wdam
         member.workdir = "/nonexistent/cutpaste_run"
         patchcore_run.load_backbone("wdam", member)
+
+
+def test_cutpaste_member_wdam_layers_must_match(tmp_path, monkeypatch):
+    from wdam_jax import train
+
+    monkeypatch.setattr(train, "restore_backbone", lambda workdir: SimpleNamespace(wdam_layers=()))
+    member = patchcore_wdam_config.get_config().members.wdam
+    member.workdir = str(tmp_path)
+    with pytest.raises(ValueError, match=r"WDAM in layers \(\), the config says \(1,\)"):
+        patchcore_run.load_backbone("wdam", member)
+    member.wdam_layers = ()
+    assert patchcore_run.load_backbone("wdam", member).wdam_layers == ()
