@@ -385,7 +385,7 @@ def reweighted_image_scores(
     *,
     num_neighbors: int = 9,
 ) -> Array:
-    """PatchCore image score ``s = w s*`` with its reweighting (PatchCore eq. 7).
+    """PatchCore image score ``s = w s*`` with its reweighting (Roth et al. 2022, Sec. 3.3).
 
     1. ``m_test,*`` is the test patch with the largest distance to the bank; ``s*`` that distance.
     2. ``m*`` is its nearest bank entry.
