@@ -166,7 +166,7 @@ def cmd_radius(args: argparse.Namespace) -> None:
     np.asarray(greedy_coreset(jax.random.key(0), feats, n))  # compile outside the timing
     names = ("anomalib", "jax_f16", "jax_f32", "random")
     rows = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         sel, times = {}, {}
         STAGE[0] = f"anomalib seed {seed}"
         t0 = time.perf_counter()
@@ -335,7 +335,8 @@ def main() -> None:
             p.add_argument("--anomalib-picks", type=int, default=300)
             p.add_argument("--dtype", choices=("float16", "float32"), default="float16")
         if name == "radius":
-            p.add_argument("--seeds", type=int, default=3)
+            p.add_argument("--seeds", type=int, default=1)
+            p.add_argument("--first-seed", type=int, default=0)
         if name == "knn":
             p.add_argument("--bank", type=int, default=20_000)
             p.add_argument("--queries", type=int, default=1024)
