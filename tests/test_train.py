@@ -113,10 +113,13 @@ def test_staged_adam_starts_fresh_after_sgd():
 def test_resume_is_exact(tmp_path):
     config = toy_config(steps=6)
     _, full = train.train(config, tmp_path / "full", method=ToyMethod(config))
-    # Interrupted after step 3 (between checkpoints: the newest is step 2), then the same call.
+    # Killed during step 4 (checkpoints every 2 steps: the newest is step 2, step 3 is lost),
+    # then the same call again.
     train.train(config, tmp_path / "resumed", method=ToyMethod(config), stop_at=3)
     manager = train.checkpoint_manager(tmp_path / "resumed")
     assert sorted(manager.all_steps()) == [2, 3]
+    manager.delete(3)
+    assert manager.latest_step() == 2
     manager.close()
     _, resumed = train.train(config, tmp_path / "resumed", method=ToyMethod(config))
     assert int(resumed["step"]) == int(full["step"]) == 6

@@ -62,6 +62,6 @@ def evaluate(
         max_images=config.score.num_figures,
     )
     table = reporting.markdown_table(results)
-    logging.info("Metrics of %s at step %d (%s):\n%s", workdir, step, paths["markdown"], table)
+    logging.info("Metrics of %s at step %d written to %s.", workdir, step, paths["markdown"])
     print(f"\n{config.method} {config.data.category}, step {step} ({outdir}):\n{table}", flush=True)
     return results

@@ -451,11 +451,13 @@ def train(
     method = get_method(config) if method is None else method
     mesh = data_mesh()
     manager = checkpoint_manager(workdir, max_to_keep=config.train.keep_checkpoints)
-    graphdef, rest, tx, state = init_state(method, config)
-    state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
-    if manager.latest_step() is not None:
+    resuming = manager.latest_step() is not None
+    graphdef, rest, tx, state = init_state(method, config, abstract=resuming)
+    if resuming:
         state = restore_state(manager, state, mesh=mesh)
         logging.info("Resuming from step %d of %s.", int(state["step"]), manager.directory)
+    else:
+        state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
     first = int(state["step"])
     last = method.total_steps if stop_at is None else min(stop_at, method.total_steps)
     step_fn = compile_train_step(graphdef, rest, method.loss, tx, mesh)

@@ -512,6 +512,7 @@ class CutPaste:
         del key
         wdam_on = step >= self.wdam_start
         set_wdam_gate(model, wdam_on)
+        wdam_on = wdam_on & bool(self.config.model.wdam_layers)  # reported: WDAM in the network
         logits = model(batch["image"], train=True)["logits"]
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
         accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
