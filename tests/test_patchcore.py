@@ -1,5 +1,6 @@
 """Tests of the PatchCore functions against numpy / scipy references and their properties."""
 
+import sys
 from types import SimpleNamespace
 
 import chex
@@ -11,6 +12,7 @@ import scipy.ndimage
 import torch
 from flax import nnx
 
+import wdam_jax
 from configs import patchcore as patchcore_config
 from configs import patchcore_wdam as patchcore_wdam_config
 from wdam_jax import metrics, patchcore_run
@@ -286,9 +288,12 @@ def test_configs_build_and_backbone_errors():
 
 
 def test_cutpaste_member_wdam_layers_must_match(tmp_path, monkeypatch):
-    from wdam_jax import train
-
-    monkeypatch.setattr(train, "restore_backbone", lambda workdir: SimpleNamespace(wdam_layers=()))
+    # A stand-in for wdam_jax.train (the real one imports TensorFlow).
+    fake = SimpleNamespace(
+        quiet_orbax=lambda: None, restore_backbone=lambda workdir: SimpleNamespace(wdam_layers=())
+    )
+    monkeypatch.setitem(sys.modules, "wdam_jax.train", fake)
+    monkeypatch.setattr(wdam_jax, "train", fake, raising=False)
     member = patchcore_wdam_config.get_config().members.wdam
     member.workdir = str(tmp_path)
     with pytest.raises(ValueError, match=r"WDAM in layers \(\), the config says \(1,\)"):
