@@ -16,7 +16,7 @@ setup: $(STAMP)
 
 # The test command CI runs (.ci/run).
 test: setup
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 # The main job on the built-in demo data: trains, checkpoints, evaluates, prints the metrics.
 demo: setup

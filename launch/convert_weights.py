@@ -18,7 +18,6 @@ from wdam_jax.models import wide_resnet
 
 _TORCHVISION = flags.DEFINE_string("torchvision", None, "torchvision wide_resnet50_2 .pth file.")
 _OUT = flags.DEFINE_string("out", None, "Output folder for the orbax checkpoint.")
-flags.mark_flags_as_required(["torchvision", "out"])
 
 
 def convert(torchvision_path: str | pathlib.Path, out: str | pathlib.Path) -> pathlib.Path:
@@ -46,6 +45,10 @@ def convert(torchvision_path: str | pathlib.Path, out: str | pathlib.Path) -> pa
 
 def main(argv):
     del argv
+    # Checked here rather than with flags.mark_flags_as_required, which would make every other
+    # absl program that imports this module demand these flags too.
+    if not _TORCHVISION.value or not _OUT.value:
+        raise app.UsageError("Give both --torchvision=PATH.pth and --out=DIR.")
     convert(_TORCHVISION.value, _OUT.value)
 
 
