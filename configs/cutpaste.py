@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.wdam_layers = ()
     config.model.wdam_reduction = 16
     config.model.head_dims = (512,) * 8 + (128,)  # CutPaste's projection head
-    config.model.pretrained = "weights/wide_resnet50_2"  # "" trains from scratch (loud warning)
+    config.model.pretrained = "weights/wrn50_2_imagenet"  # "" trains from scratch (loud warning)
     config.model.dtype = "float32"  # or "bfloat16" (GPU)
 
     config.train = ml_collections.ConfigDict()

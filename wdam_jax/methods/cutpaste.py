@@ -202,7 +202,7 @@ def create_model(
                 "\n%s\nWARNING: config.model.pretrained is empty: training WideResNet50-2 FROM "
                 "SCRATCH (random init). The paper starts from ImageNet weights; convert them with "
                 "`python -m launch.convert_weights --torchvision=wide_resnet50_2-<hash>.pth "
-                "--out=weights/wide_resnet50_2` and set --config.model.pretrained to that folder."
+                "--out=weights/wrn50_2_imagenet` and set --config.model.pretrained to that folder."
                 "\n%s",
                 "=" * 100,
                 "=" * 100,
