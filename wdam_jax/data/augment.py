@@ -93,6 +93,29 @@ def _sample_aspect(rng: np.random.Generator, aspect_ratio: tuple[Range, ...]) ->
     return float(rng.uniform(lo, hi))
 
 
+def _paste(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    patch: np.ndarray,
+    footprint: np.ndarray,
+    fg: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pastes ``patch`` where ``footprint`` is set, at a place drawn by ``_place`` (in ``fg``).
+
+    Returns the new [H, W, 3] image and the bool [H, W] mask of changed pixels.
+    """
+    H, W = image.shape[:2]
+    h, w = footprint.shape
+    ty, tx = _place(rng, (H, W), (h, w), fg)
+    mask = np.zeros((H, W), bool)
+    mask[ty : ty + h, tx : tx + w] = footprint
+    if fg is not None:
+        mask &= fg
+    canvas = image.copy()
+    canvas[ty : ty + h, tx : tx + w] = patch
+    return np.where(mask[..., None], canvas, image), mask
+
+
 def cutpaste_with_mask(
     rng: np.random.Generator,
     image: np.ndarray,
@@ -128,14 +151,7 @@ def cutpaste_with_mask(
     h = int(np.clip(round(np.sqrt(area / aspect)), 1, H))
     sy, sx = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
     patch = jitter_colors(rng, image[sy : sy + h, sx : sx + w], color_jitter)
-    ty, tx = _place(rng, (H, W), (h, w), fg)
-    mask = np.zeros((H, W), bool)
-    mask[ty : ty + h, tx : tx + w] = True
-    if fg is not None:
-        mask &= fg
-    canvas = image.copy()
-    canvas[ty : ty + h, tx : tx + w] = patch
-    return np.where(mask[..., None], canvas, image), mask
+    return _paste(rng, image, patch, np.ones((h, w), bool), fg)
 
 
 def cutpaste(
@@ -197,14 +213,7 @@ def cutpaste_scar_with_mask(
     footprint = scipy.ndimage.rotate(np.ones((h, w), np.uint8), angle, reshape=True, order=0) > 0
     ph, pw = min(footprint.shape[0], H), min(footprint.shape[1], W)
     patch, footprint = patch[:ph, :pw], footprint[:ph, :pw]
-    ty, tx = _place(rng, (H, W), (ph, pw), fg)
-    mask = np.zeros((H, W), bool)
-    mask[ty : ty + ph, tx : tx + pw] = footprint
-    if fg is not None:
-        mask &= fg
-    canvas = image.copy()
-    canvas[ty : ty + ph, tx : tx + pw] = patch
-    return np.where(mask[..., None], canvas, image), mask
+    return _paste(rng, image, patch, footprint, fg)
 
 
 def cutpaste_scar(
