@@ -46,6 +46,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.wdam_layers = ()
+    config.model.depths = (3, 4, 6, 3)  # WideResNet50-2; smaller: a reduced member (no ImageNet)
+    config.model.base_width = 64
     config.model.wdam_reduction = 16
     config.model.head_dims = (512,) * 8 + (128,)  # CutPaste's projection head
     config.model.pretrained = "weights/wrn50_2_imagenet"  # "" trains from scratch (loud warning)

@@ -49,12 +49,11 @@ from flax import nnx
 
 from wdam_jax import train as train_lib
 from wdam_jax.data import augment, datasets, demo, pipeline
-from wdam_jax.models.wide_resnet import WideResNet50_2, load_pretrained
+from wdam_jax.models.wide_resnet import BASE_WIDTH, DEPTHS, WideResNet50_2, load_pretrained
 
 NUM_CLASSES = 3
 NORMAL, ANOMALY, SCAR = 0, 1, 2
 CLASS_NAMES = ("normal", "anomaly source", "scar")
-FEATURE_DIM = 2048
 # The demo data is generated once at this size and seed, shared with configs/fmas_mvtec.py:demo;
 # configs resize it to data.image_size.
 DEMO_SOURCE_SIZE = 128
@@ -117,7 +116,7 @@ class CutPasteNet(nnx.Module):
 
     def __init__(self, backbone: WideResNet50_2, *, head_dims: Sequence[int], rngs: nnx.Rngs):
         self.backbone = backbone
-        dims = (FEATURE_DIM, *head_dims)
+        dims = (backbone.num_features, *head_dims)
         self.head = nnx.List(
             [ProjectionLayer(a, b, rngs=rngs) for a, b in itertools.pairwise(dims)]
         )
@@ -182,10 +181,20 @@ def create_model(
             num_classes=None,
             wdam_reduction=model_config.wdam_reduction,
             dtype=_dtype(model_config.dtype),
+            depths=tuple(model_config.depths),
+            base_width=model_config.base_width,
             rngs=nnx.Rngs(0),
         )
         return CutPasteNet(backbone, head_dims=tuple(model_config.head_dims), rngs=nnx.Rngs(0))
 
+    reduced = tuple(model_config.depths) != DEPTHS or model_config.base_width != BASE_WIDTH
+    if reduced and model_config.pretrained:
+        raise ValueError(
+            f"config.model.pretrained={model_config.pretrained!r} holds WideResNet50-2 weights but "
+            f"config.model.depths={tuple(model_config.depths)}, base_width="
+            f"{model_config.base_width} is a reduced member; set --config.model.pretrained= "
+            f"(train from scratch) or restore depths={DEPTHS}, base_width={BASE_WIDTH}."
+        )
     model = nnx.eval_shape(build)
     if not abstract:
         _fill_random(model, np.random.default_rng([seed, 7]))

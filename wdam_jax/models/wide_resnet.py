@@ -26,6 +26,8 @@ from wdam_jax.wdam import WDAM
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))  # (planes, blocks, stride)
+DEPTHS = tuple(blocks for _, blocks, _ in STAGES)  # WRN50-2: (3, 4, 6, 3)
+BASE_WIDTH = 64  # stem channels and layer1's planes
 EXPANSION = 4
 WIDTH_FACTOR = 2  # width_per_group 128 / 64
 FEATURES = ("stem", "layer1", "layer2", "layer3", "layer4", "pooled", "logits")
@@ -118,7 +120,14 @@ class WideResNet50_2(nnx.Module):
       num_classes: size of the ``fc`` classifier; ``None`` drops it (and the ``logits`` feature).
       wdam_reduction: the WDAM MLP reduction ratio r.
       dtype: computation dtype (e.g. ``jnp.bfloat16`` on GPU); parameters stay float32.
+      depths: bottlenecks per layer; WRN50-2's ``(3, 4, 6, 3)`` by default.
+      base_width: stem channels and layer1's ``planes`` (64 in WRN50-2); layer ``i`` has
+        ``base_width * 2**(i-1)`` planes, width factor 2 and expansion 4 as WRN50-2.
       rngs: parameter initialisation keys.
+
+    The defaults are WideResNet50-2. Smaller ``depths`` / ``base_width`` give a reduced member of
+    the same family (same block, same Bottleneck* and WDAM, same named features) for tests and
+    CPU demos; only the default architecture converts to and from torchvision's weights.
     """
 
     def __init__(
@@ -128,17 +137,28 @@ class WideResNet50_2(nnx.Module):
         num_classes: int | None = 1000,
         wdam_reduction: int = 16,
         dtype: Any = None,
+        depths: Sequence[int] = DEPTHS,
+        base_width: int = BASE_WIDTH,
         rngs: nnx.Rngs,
     ):
         unknown = sorted(set(wdam_layers) - {1, 2, 3, 4})
         if unknown:
             raise ValueError(f"wdam_layers must be drawn from 1..4, got {tuple(wdam_layers)}.")
+        depths = tuple(int(d) for d in depths)
+        if len(depths) != len(STAGES) or min(depths) < 1 or base_width < 1:
+            raise ValueError(
+                f"depths must be 4 positive block counts and base_width positive, got "
+                f"depths={depths}, base_width={base_width}."
+            )
         self.wdam_layers = tuple(sorted(set(wdam_layers)))
         self.dtype = dtype
-        self.conv1 = _conv(3, 64, 7, 2, dtype=dtype, rngs=rngs)
-        self.bn1 = _bn(64, dtype=dtype, rngs=rngs)
-        cin = 64
-        for index, (planes, blocks, stride) in enumerate(STAGES, start=1):
+        self.depths = depths
+        self.base_width = int(base_width)
+        self.conv1 = _conv(3, base_width, 7, 2, dtype=dtype, rngs=rngs)
+        self.bn1 = _bn(base_width, dtype=dtype, rngs=rngs)
+        cin = base_width
+        for index, ((_, _, stride), blocks) in enumerate(zip(STAGES, depths), start=1):
+            planes = base_width * 2 ** (index - 1)
             layer = []
             for block in range(blocks):
                 layer.append(
@@ -154,6 +174,7 @@ class WideResNet50_2(nnx.Module):
                 )
                 cin = planes * EXPANSION
             setattr(self, f"layer{index}", nnx.List(layer))
+        self.num_features = cin  # channels of layer4 and of ``pooled`` (2048 for WRN50-2)
         self.fc = nnx.Linear(cin, num_classes, rngs=rngs) if num_classes else None
 
     def __call__(self, x: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:

@@ -1,0 +1,155 @@
+"""The method contract: what every method (CutPaste, PatchCore, DRAEM, ...) gives the shared loop.
+
+A method is a class built as ``cls(config)`` and registered by name in
+:mod:`wdam_jax.methods.registry`. The loop (:mod:`wdam_jax.train`) and the evaluation
+(:mod:`wdam_jax.evaluate`) only ever talk to a method through this class, so adding a method never
+edits either of them. ``docs/design.md`` walks through adding one.
+
+Life of a run, and which hook is called where:
+
+1. ``create_model()`` builds the network at step 0 (``abstract=True``: shapes only, to restore a
+   checkpoint into). Its ``nnx.Param`` and ``nnx.BatchStat`` variables are the trained state.
+2. For ``step`` in ``[0, total_steps)``: ``batch(step)`` (host, numpy, a pure function of
+   ``(config.seed, step)``) and ``loss(model, batch, step=, key=)`` (traced, jit-compiled) with
+   ``optimizer()``. Every ``config.train.eval_every`` steps the loop calls ``validate(model,
+   step=)`` and logs what it returns. A gradient-free method has ``total_steps == 0``.
+3. After the last step, ``fit(model, train_images, step=)`` computes statistics of the normal
+   training images that scoring needs (PatchCore's memory bank, CutPaste's Gaussian density);
+   they are checkpointed with the final state (orbax item ``fitted``).
+4. ``score(model, fitted, images, step=)`` maps images to image scores and anomaly maps. The
+   evaluation loads the split, calls ``score`` and computes the metrics; prediction on new images
+   calls the same function.
+
+Everything a method returns is numpy on the host; everything it receives from the loop is the
+model (an ``nnx.Module``) and arrays.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+Batch = dict[str, np.ndarray]
+# Statistics fitted on normal training images after training (name -> array), e.g. PatchCore's
+# ``bank`` [M, D] or CutPaste's Gaussian ``mean`` [D] / ``precision`` [D, D].
+Fitted = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageScores:
+    """What :meth:`Method.score` returns for ``N`` images of size ``S x S``.
+
+    Attributes:
+      image_scores: ``[N]`` float, higher is more anomalous.
+      maps: ``[N, S, S]`` float anomaly maps at the model's input resolution (the evaluation
+        resizes them to each ground truth's original resolution).
+    """
+
+    image_scores: np.ndarray
+    maps: np.ndarray
+
+    def __post_init__(self):
+        n = len(self.image_scores)
+        if np.ndim(self.image_scores) != 1 or np.ndim(self.maps) != 3 or len(self.maps) != n:
+            raise ValueError(
+                f"ImageScores: need image_scores [N] and maps [N, S, S], got "
+                f"{np.shape(self.image_scores)} and {np.shape(self.maps)}."
+            )
+
+
+class Method(abc.ABC):
+    """Base class of every method; see the module docstring for when each hook runs.
+
+    Subclasses set ``name`` (the registry key, ``config.method``) and implement the abstract
+    members. The hooks with a body here are optional: the default is what a method without that
+    stage needs.
+
+    Config fields the loop reads (every method's config has them): ``method``, ``seed``,
+    ``data.*`` (see :func:`wdam_jax.data.sources.load_split`), ``train.batch_size``,
+    ``train.log_every``, ``train.checkpoint_every``, ``train.keep_checkpoints``,
+    ``train.eval_every`` (0: never), ``score.eval_batch_size``, ``score.num_figures``.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+
+    # ---- training
+
+    @property
+    @abc.abstractmethod
+    def total_steps(self) -> int:
+        """Number of gradient steps of the run (0 for a gradient-free method)."""
+
+    @abc.abstractmethod
+    def create_model(self, *, abstract: bool = False) -> nnx.Module:
+        """The model at step 0, initialised from ``config.seed``; shapes only if ``abstract``.
+
+        Variables other than ``nnx.Param`` / ``nnx.BatchStat`` must be concrete either way."""
+
+    def optimizer(self) -> optax.GradientTransformation:
+        """The optimiser over the model's ``nnx.Param`` state. Default: no updates (for a
+        gradient-free method, which has no steps)."""
+        return optax.set_to_zero()
+
+    def batch(self, step: int) -> Batch:
+        """Batch ``step``: name -> ``[B, ...]`` numpy arrays, a pure function of (seed, step)."""
+        raise NotImplementedError(f"{type(self).__name__} has no training steps.")
+
+    def loss(
+        self, model: nnx.Module, batch: Mapping[str, jax.Array], *, step: jax.Array, key: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Scalar loss and scalar metrics of one batch, the model in training mode (traced)."""
+        raise NotImplementedError(f"{type(self).__name__} has no training steps.")
+
+    def validate(self, model: nnx.Module, *, step: int) -> dict[str, float]:
+        """Scalars logged every ``config.train.eval_every`` steps (e.g. validation AUROC).
+
+        Must not change the model. Default: nothing."""
+        del model, step
+        return {}
+
+    # ---- scoring
+
+    def fit(self, model: nnx.Module, train_images: np.ndarray, *, step: int) -> Fitted:
+        """Statistics of the normal training images ``[N, S, S, 3]`` that :meth:`score` needs.
+
+        Default: none (the model alone scores)."""
+        del model, train_images, step
+        return {}
+
+    @abc.abstractmethod
+    def score(
+        self, model: nnx.Module, fitted: Fitted, images: np.ndarray, *, step: int
+    ) -> ImageScores:
+        """Image scores and anomaly maps of ``images`` ``[N, S, S, 3]`` in [0, 1].
+
+        Args:
+          model: the model restored at ``step``.
+          fitted: what :meth:`fit` returned for it.
+          images: preprocessed as the training images (``config.data.image_size``).
+          step: the step the model was trained to (a method may change its network by stage).
+        """
+
+    # ---- optional extras
+
+    def backbone(self, model: nnx.Module, *, step: int) -> nnx.Module | None:
+        """The feature backbone as trained at ``step`` (for PatchCore's ensemble), or None."""
+        del model, step
+        return None
+
+
+def describe(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """A short, human-readable identity of a run (method + WDAM layers), for tables and figures."""
+    wdam = tuple(config.model.get("wdam_layers", ())) if "model" in config else ()
+    label = config.method + (f"+wdam{''.join(map(str, wdam))}" if wdam else "")
+    return {"method": config.method, "wdam_layers": wdam, "label": label}
