@@ -21,7 +21,7 @@ from PIL import Image
 
 from configs import cutpaste, cutpaste_fm, cutpaste_fmas, cutpaste_wdam, wdam_layers
 from wdam_jax import train
-from wdam_jax.data import demo
+from wdam_jax.data import demo, sources
 from wdam_jax.data.tf_setup import import_tensorflow
 from wdam_jax.methods import cutpaste as cutpaste_method
 from wdam_jax.models.wide_resnet import WideResNet50_2
@@ -78,7 +78,7 @@ def write_fmas_shard(path: pathlib.Path, dataset_root: pathlib.Path, category: s
 def demo_root(tmp_path_factory) -> pathlib.Path:
     root = tmp_path_factory.mktemp("demo_data")
     dataset = demo.ensure_demo_data(
-        root, seed=cutpaste_method.DEMO_SEED, image_size=cutpaste_method.DEMO_SOURCE_SIZE
+        root, seed=sources.DEMO_SEED, image_size=sources.DEMO_SOURCE_SIZE
     )
     write_fmas_shard(root / "fmas-0.tfrecord", dataset, "washer")
     return root

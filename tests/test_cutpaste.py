@@ -8,7 +8,7 @@ from flax import nnx
 from jax import numpy as jnp
 
 from configs import cutpaste as cutpaste_config
-from wdam_jax.data import pipeline
+from wdam_jax.data import pipeline, sources
 from wdam_jax.data.datasets import DatasetError
 from wdam_jax.methods import cutpaste
 from wdam_jax.models.wide_resnet import Bottleneck
@@ -179,7 +179,7 @@ def test_missing_dataset_says_how_to_get_it(tmp_path):
     config = cutpaste_config.get_config()
     config.data.root = str(tmp_path / "nowhere")
     with pytest.raises(DatasetError, match=r"(?s)MVTec AD.*mvtec\.com.*VisA.*:demo"):
-        cutpaste.load_split(config.data, split="train")
+        sources.load_split(config.data, split="train")
 
 
 def test_fm_without_foreground_root_is_a_clear_error(tmp_path):

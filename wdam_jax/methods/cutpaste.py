@@ -48,24 +48,13 @@ from absl import logging
 from flax import nnx
 
 from wdam_jax import train as train_lib
-from wdam_jax.data import augment, datasets, demo, pipeline
+from wdam_jax.data import augment, datasets, pipeline
+from wdam_jax.data.sources import load_split
 from wdam_jax.models.wide_resnet import BASE_WIDTH, DEPTHS, WideResNet50_2, load_pretrained
 
 NUM_CLASSES = 3
 NORMAL, ANOMALY, SCAR = 0, 1, 2
 CLASS_NAMES = ("normal", "anomaly source", "scar")
-# The demo data is generated once at this size and seed, shared with configs/fmas_mvtec.py:demo;
-# configs resize it to data.image_size.
-DEMO_SOURCE_SIZE = 128
-DEMO_SEED = 0
-
-_DATASET_HELP = (
-    "MVTec AD: download it from https://www.mvtec.com/company/research/datasets/mvtec-ad, "
-    "extract it so that <root>/bottle/train/good exists, and pass --config.data.root=<root>. "
-    "VisA: download it from https://github.com/amazon-science/spot-diff, convert it with its "
-    "prepare_data.py --split-type 1cls, and pass --config.data.dataset=visa "
-    "--config.data.root=<root>. Or run the built-in demo data: --config=configs/<name>.py:demo."
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,25 +305,6 @@ def smooth_maps(maps: np.ndarray, *, size: int, sigma: float) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------
 # Data.
-
-
-def load_split(data_config: ml_collections.ConfigDict, *, split: str) -> datasets.Split:
-    """One split of ``data_config.category`` of ``data_config.dataset`` (mvtec / visa / demo)."""
-    kind = data_config.dataset
-    root = pathlib.Path(data_config.root)
-    size = data_config.image_size
-    if kind == "demo":
-        dataset_root = demo.ensure_demo_data(root, seed=DEMO_SEED, image_size=DEMO_SOURCE_SIZE)
-        return datasets.load_mvtec(dataset_root, data_config.category, split=split, image_size=size)
-    loaders = {"mvtec": datasets.load_mvtec, "visa": datasets.load_visa}
-    if kind not in loaders:
-        raise ValueError(f"config.data.dataset={kind!r}; use 'mvtec', 'visa' or 'demo'.")
-    if not (root / data_config.category).is_dir():
-        raise datasets.DatasetError(
-            f"No {kind} data for category {data_config.category!r} under config.data.root="
-            f"{str(root)!r} ({root / data_config.category} does not exist). {_DATASET_HELP}"
-        )
-    return loaders[kind](root, data_config.category, split=split, image_size=size)
 
 
 @dataclasses.dataclass(frozen=True)

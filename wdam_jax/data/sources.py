@@ -1,0 +1,78 @@
+"""One way to load a category's split for every method: ``load_split(config.data, split=...)``.
+
+``config.data.dataset`` picks the layout:
+
+- ``"mvtec"``: MVTec AD, ``<root>/<category>/{train/good, test/<defect>, ground_truth/...}``;
+- ``"visa"``: VisA converted to the 1cls MVTec-style layout (same tree);
+- ``"demo"``: the built-in demo data, generated on first use under ``root`` (MVTec layout);
+- ``"folder"``: a user's own product, ``<root>/<category>/{good, defect[, masks]}`` by default
+  (the folder names are the ``data.folder_*`` fields, see :func:`folder_layout`).
+
+Every method (training batches, fitting, scoring, evaluation) goes through this function, so a
+layout that works for one method works for all.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import ml_collections
+
+from wdam_jax.data import datasets, demo
+
+# The demo data is generated once at this size and seed, shared with configs/fmas_mvtec.py:demo;
+# configs resize it to data.image_size.
+DEMO_SOURCE_SIZE = 128
+DEMO_SEED = 0
+DATASETS = ("mvtec", "visa", "demo", "folder")
+
+DATASET_HELP = (
+    "MVTec AD: download it from https://www.mvtec.com/company/research/datasets/mvtec-ad, "
+    "extract it so that <root>/bottle/train/good exists, and pass --config.data.root=<root>. "
+    "VisA: download it from https://github.com/amazon-science/spot-diff, convert it with its "
+    "prepare_data.py --split-type 1cls, and pass --config.data.dataset=visa "
+    "--config.data.root=<root>. Your own images: --config.data.dataset=folder with "
+    "<root>/<category>/good (normal), <root>/<category>/defect and optional "
+    "<root>/<category>/masks. Or run the built-in demo data: --config=configs/<name>.py:demo."
+)
+
+
+def dataset_root(data_config: ml_collections.ConfigDict) -> pathlib.Path:
+    """The folder holding ``<category>/...`` (for the demo: generated here on first use)."""
+    root = pathlib.Path(data_config.root)
+    if data_config.dataset == "demo":
+        return demo.ensure_demo_data(root, seed=DEMO_SEED, image_size=DEMO_SOURCE_SIZE)
+    return root
+
+
+def folder_layout(data_config: ml_collections.ConfigDict) -> dict[str, pathlib.Path | None]:
+    """The folders of ``dataset="folder"``: normal, abnormal (optional) and masks (optional)."""
+    base = pathlib.Path(data_config.root) / data_config.category
+    get = lambda name, default: data_config.get(name, default)
+    abnormal = base / get("folder_abnormal", "defect")
+    masks = base / get("folder_masks", "masks")
+    return {
+        "normal_dir": base / get("folder_normal", "good"),
+        "abnormal_dir": abnormal if abnormal.is_dir() else None,
+        "mask_dir": masks if masks.is_dir() else None,
+    }
+
+
+def load_split(data_config: ml_collections.ConfigDict, *, split: str) -> datasets.Split:
+    """One split (``"train"`` or ``"test"``) of ``data_config.category``, resized to
+    ``data_config.image_size``."""
+    kind = data_config.dataset
+    if kind not in DATASETS:
+        raise ValueError(f"config.data.dataset={kind!r}; use one of {', '.join(DATASETS)}.")
+    root = dataset_root(data_config)
+    size = data_config.image_size
+    if not (root / data_config.category).is_dir():
+        raise datasets.DatasetError(
+            f"No {kind} data for category {data_config.category!r} under config.data.root="
+            f"{str(data_config.root)!r} ({root / data_config.category} does not exist). "
+            f"{DATASET_HELP}"
+        )
+    if kind == "folder":
+        return datasets.load_folder(**folder_layout(data_config), split=split, image_size=size)
+    loader = datasets.load_visa if kind == "visa" else datasets.load_mvtec
+    return loader(root, data_config.category, split=split, image_size=size)
