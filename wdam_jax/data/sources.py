@@ -72,7 +72,11 @@ def load_split(data_config: ml_collections.ConfigDict, *, split: str) -> dataset
             f"{str(data_config.root)!r} ({root / data_config.category} does not exist). "
             f"{DATASET_HELP}"
         )
+    crop = (
+        data_config.get("crop_size", 0) or None
+    )  # resize, then centre crop (PatchCore's protocol)
     if kind == "folder":
-        return datasets.load_folder(**folder_layout(data_config), split=split, image_size=size)
+        layout = folder_layout(data_config)
+        return datasets.load_folder(**layout, split=split, image_size=size, crop_size=crop)
     loader = datasets.load_visa if kind == "visa" else datasets.load_mvtec
-    return loader(root, data_config.category, split=split, image_size=size)
+    return loader(root, data_config.category, split=split, image_size=size, crop_size=crop)

@@ -157,7 +157,7 @@ class WideResNet50_2(nnx.Module):
         self.conv1 = _conv(3, base_width, 7, 2, dtype=dtype, rngs=rngs)
         self.bn1 = _bn(base_width, dtype=dtype, rngs=rngs)
         cin = base_width
-        for index, ((_, _, stride), blocks) in enumerate(zip(STAGES, depths), start=1):
+        for index, ((_, _, stride), blocks) in enumerate(zip(STAGES, depths, strict=True), start=1):
             planes = base_width * 2 ** (index - 1)
             layer = []
             for block in range(blocks):
@@ -209,6 +209,31 @@ class WideResNet50_2(nnx.Module):
         if self.fc is not None:
             features["logits"] = self.fc(features["pooled"])
         return features
+
+
+def fill_random(model: nnx.Module, rng: np.random.Generator) -> None:
+    """Draws ``model``'s variables with numpy, from the distributions of its initialisers.
+
+    Convolutions: torchvision's kaiming normal (fan_out); linear layers: flax's lecun normal
+    (truncated at 2 std, fan_in); BatchNorm: scale 1, bias 0, mean 0, var 1. Drawing with numpy
+    avoids one XLA compile per parameter shape (15-60 s for WRN50-2 on a CPU).
+    """
+    for path, var in nnx.iter_graph(model):
+        if not isinstance(var, nnx.Variable):
+            continue
+        shape, dtype = var.get_value().shape, var.get_value().dtype
+        leaf = str(path[-1])
+        if leaf == "kernel" and len(shape) == 4:
+            std = np.sqrt(2.0 / (shape[0] * shape[1] * shape[3]))
+            value = rng.normal(0.0, std, shape)
+        elif leaf == "kernel" and len(shape) == 2:
+            std = np.sqrt(1.0 / shape[0]) / 0.87962566103423978
+            value = np.clip(rng.normal(0.0, 1.0, shape), -2.0, 2.0) * std
+        elif leaf in ("scale", "var"):
+            value = np.ones(shape)
+        else:  # biases, running means, diagnostics
+            value = np.zeros(shape)
+        var.set_value(jnp.asarray(value, dtype))
 
 
 # --------------------------------------------------------------------------------------------
