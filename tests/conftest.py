@@ -7,3 +7,17 @@ does that before any test module imports TensorFlow.
 """
 
 import torchvision  # noqa: F401
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_data_root(tmp_path_factory) -> pathlib.Path:
+    """The built-in demo data, generated once per test worker (``data.root`` of demo configs)."""
+    from wdam_jax.data import demo, sources
+
+    root = tmp_path_factory.mktemp("demo_data")
+    demo.ensure_demo_data(root, seed=sources.DEMO_SEED, image_size=sources.DEMO_SOURCE_SIZE)
+    return root

@@ -41,7 +41,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from wdam_jax import checkpoints
-from wdam_jax.data import sources
 from wdam_jax.methods.base import Fitted, Method
 from wdam_jax.methods.registry import get_method
 from wdam_jax.progress import Progress
@@ -173,9 +172,8 @@ class Restored:
 
 
 def fit_statistics(method: Method, model: nnx.Module, *, step: int) -> Fitted:
-    """``method.fit`` on the normal training images of the run's category."""
-    train_images = sources.load_split(method.config.data, split="train").images
-    return dict(method.fit(model, train_images, step=step))
+    """``method.fit`` on the method's normal training images."""
+    return dict(method.fit(model, method.train_images(), step=step))
 
 
 def restore(

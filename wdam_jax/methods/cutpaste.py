@@ -429,6 +429,9 @@ class CutPaste(Method):
     def train_data(self) -> TrainData:
         return load_train_data(self.config)
 
+    def train_images(self) -> np.ndarray:
+        return self.train_data.images
+
     def create_model(self, *, abstract: bool = False) -> CutPasteNet:
         return create_model(self.config.model, seed=self.config.seed, abstract=abstract)
 
