@@ -331,7 +331,18 @@ def _run_fmas(
         min_fraction=config.masks.min_foreground_fraction,
         device=device,
     )
-    prompt_pairs: dict[str, prompts.PromptPair] = {}
+    # Before the models: a wrong endpoint or key fails in seconds, not after minutes of loading.
+    prompt_pairs = {
+        category: prompts.get_prompts(
+            category,
+            llm_base_url=config.prompts.llm_base_url,
+            llm_model=config.prompts.llm_model,
+            api_key_env=config.prompts.api_key_env,
+            cache_dir=config.prompts.cache_dir,
+            timeout_s=config.prompts.timeout_s,
+        )
+        for category in sorted({item.category for item in todo})
+    }
     written_per_category: Counter[str] = Counter()
     files: list[str] = []
     t_models = 0.0
@@ -355,15 +366,6 @@ def _run_fmas(
             records_per_file=config.output.records_per_file,
         ) as out:
             for item in todo:
-                if item.category not in prompt_pairs:
-                    prompt_pairs[item.category] = prompts.get_prompts(
-                        item.category,
-                        llm_base_url=config.prompts.llm_base_url,
-                        llm_model=config.prompts.llm_model,
-                        api_key_env=config.prompts.api_key_env,
-                        cache_dir=config.prompts.cache_dir,
-                        timeout_s=config.prompts.timeout_s,
-                    )
                 out.add(
                     synthesize_one(
                         item,

@@ -1,8 +1,11 @@
 """WideResNet50-2 against torchvision (the reference) with the same random weights."""
 
+import re
+
 import chex
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import torch
 import torchvision
@@ -13,6 +16,7 @@ from wdam_jax.models.wide_resnet import (
     WideResNet50_2,
     from_torchvision,
     load_pretrained,
+    save_pretrained,
     to_torchvision,
 )
 
@@ -122,6 +126,87 @@ def test_convert_weights_bad_inputs(tmp_path):
         convert_weights.convert(corrupt, tmp_path / "out")
     with pytest.raises(FileNotFoundError, match=r"launch\.convert_weights"):
         load_pretrained(tmp_path / "nowhere")
+
+
+def _small_state(value: float) -> dict[str, np.ndarray]:
+    """A few torchvision-named arrays: enough for save_pretrained, far smaller than WRN50-2."""
+    return {
+        "conv1.weight": np.full((4, 3, 7, 7), value, np.float32),
+        "bn1.running_mean": np.full((4,), value, np.float32),
+        "layer1.0.conv1.weight": np.full((2, 4, 1, 1), value, np.float32),
+    }
+
+
+def _restore(directory) -> dict[str, np.ndarray]:
+    with ocp.StandardCheckpointer() as checkpointer:
+        tree = checkpointer.restore(directory)
+    return {
+        "conv1.weight": tree["conv1"]["weight"],
+        "bn1.running_mean": tree["bn1"]["running_mean"],
+        "layer1.0.conv1.weight": tree["layer1"]["0"]["conv1"]["weight"],
+    }
+
+
+def _assert_same_weights(model_a, model_b):
+    a, b = to_torchvision(model_a), to_torchvision(model_b)
+    assert set(a) == set(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], name)
+
+
+def test_convert_weights_refuses_a_folder_it_did_not_write(tmp_path):
+    weights = tmp_path / "weights"  # --out=weights where the other models live
+    sam = weights / "sam" / "sam_vit_h_4b8939.pth"
+    sd = weights / "stable-diffusion-inpainting" / "model_index.json"
+    for path, data in ((sam, b"sam weights"), (sd, b"{}")):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(data)
+    pth = tmp_path / "tiny.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, pth)
+    with pytest.raises(FileExistsError, match=re.escape(str(weights))) as err:
+        save_pretrained(_small_state(1.0), weights)
+    assert "nothing was written or deleted" in str(err.value)
+    # The command fails on the folder before reading the .pth (which is not even a WRN50-2).
+    with pytest.raises(FileExistsError, match=re.escape(f"--out={weights / 'wrn50_2_imagenet'}")):
+        convert_weights.convert(pth, weights)
+    assert sam.read_bytes() == b"sam weights" and sd.read_bytes() == b"{}"
+    assert sorted(p.name for p in weights.rglob("*")) == sorted(
+        ["sam", "sam_vit_h_4b8939.pth", "stable-diffusion-inpainting", "model_index.json"]
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pth", "weights"]
+    with pytest.raises(FileExistsError, match="is a file"):
+        save_pretrained(_small_state(1.0), pth)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.pth", "weights"]
+
+
+def test_save_pretrained_replaces_a_previous_conversion(tmp_path, flax_model):
+    out = tmp_path / "ckpt"
+    out.mkdir()  # an empty folder is accepted as well
+    save_pretrained(_small_state(1.0), out)
+    save_pretrained(_small_state(2.0), out)
+    for name, value in _restore(out).items():
+        np.testing.assert_array_equal(value, _small_state(2.0)[name], name)
+    save_pretrained(to_torchvision(flax_model), out)
+    _assert_same_weights(load_pretrained(out), flax_model)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no staging folder left behind
+
+
+def test_failed_write_keeps_the_previous_conversion(tmp_path, flax_model, monkeypatch):
+    out = tmp_path / "ckpt"
+    save_pretrained(to_torchvision(flax_model), out)
+    real_save = ocp.StandardCheckpointer.save
+
+    def save_part_then_fail(self, directory, item, *args, **kwargs):
+        # Whatever folder the writer was given gets a partial checkpoint, then the disk fills.
+        real_save(self, directory, {"conv1": {"weight": np.zeros(1, np.float32)}}, **kwargs)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", save_part_then_fail)
+    with pytest.raises(OSError, match="No space left on device"):
+        save_pretrained(_small_state(3.0), out)
+    monkeypatch.undo()
+    _assert_same_weights(load_pretrained(out), flax_model)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 
 def test_train_mode_updates_batch_statistics():

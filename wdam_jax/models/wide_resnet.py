@@ -12,6 +12,8 @@ anomalies and real images share one range.
 from __future__ import annotations
 
 import pathlib
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -369,11 +371,67 @@ def to_torchvision(model: WideResNet50_2) -> dict[str, np.ndarray]:
     return state
 
 
-def save_pretrained(state_dict: Mapping[str, Any], directory: str | pathlib.Path) -> pathlib.Path:
-    """Writes a torchvision-named state_dict as an orbax checkpoint that configs can name."""
+def _is_converted_checkpoint(directory: pathlib.Path) -> bool:
+    """Whether ``directory`` holds an orbax checkpoint of torchvision-named ResNet weights."""
     import orbax.checkpoint as ocp
 
+    # orbax writes this file last; without it the folder is not a (finished) orbax checkpoint,
+    # and asking orbax for metadata would only log warnings.
+    if not (directory / "_CHECKPOINT_METADATA").is_file():
+        return False
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            tree = checkpointer.metadata(directory).item_metadata.tree
+    except Exception:  # orbax raises several types for foreign or damaged folders.
+        return False
+    return isinstance(tree, Mapping) and {"conv1", "layer1"} <= set(tree)
+
+
+def check_output_folder(directory: str | pathlib.Path) -> pathlib.Path:
+    """Refuses an output folder that :func:`save_pretrained` must not replace.
+
+    Args:
+      directory: the checkpoint folder to be written.
+
+    Returns:
+      ``directory`` as an absolute path.
+
+    Raises:
+      FileExistsError: ``directory`` is a file, or a non-empty folder that does not hold a
+        previous conversion (e.g. ``weights/`` beside the SAM and Stable Diffusion weights).
+    """
     directory = pathlib.Path(directory).absolute()
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} is a file; name a new folder for the weights (--out).")
+    if directory.is_dir() and any(directory.iterdir()) and not _is_converted_checkpoint(directory):
+        raise FileExistsError(
+            f"{directory} is not empty and holds no previously converted WideResNet checkpoint; "
+            "nothing was written or deleted. Name a new folder for the weights, e.g. "
+            f"--out={directory / 'wrn50_2_imagenet'}."
+        )
+    return directory
+
+
+def save_pretrained(state_dict: Mapping[str, Any], directory: str | pathlib.Path) -> pathlib.Path:
+    """Writes a torchvision-named state_dict as an orbax checkpoint that configs can name.
+
+    The checkpoint is written into a temporary sibling folder and moved to ``directory`` only
+    once complete, so a previous conversion there is replaced only by a finished one and is
+    left as it was when writing fails.
+
+    Args:
+      state_dict: torchvision names to arrays (torch tensors or numpy).
+      directory: a new or empty folder, or one holding a previous conversion.
+
+    Returns:
+      ``directory`` as an absolute path.
+
+    Raises:
+      FileExistsError: see :func:`check_output_folder`.
+    """
+    import orbax.checkpoint as ocp
+
+    directory = check_output_folder(directory)
     tree: dict[str, Any] = {}
     for name, value in state_dict.items():
         node = tree
@@ -381,8 +439,25 @@ def save_pretrained(state_dict: Mapping[str, Any], directory: str | pathlib.Path
         for parent in parents:
             node = node.setdefault(parent, {})
         node[leaf] = _as_numpy(value)
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(directory, tree, force=True)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # A sibling, so the final moves are renames within one file system.
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        written, previous = staging / "new", staging / "previous"
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(written, tree)
+        if directory.is_dir() and any(directory.iterdir()):
+            directory.rename(previous)  # checked above: a previous conversion
+        elif directory.is_dir():
+            directory.rmdir()
+        try:
+            written.rename(directory)
+        except OSError:
+            if previous.is_dir():
+                previous.rename(directory)
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 
