@@ -10,7 +10,6 @@ where a run was interrupted.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import json
 import logging
@@ -27,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from synthesis import inpainting, masks, prompts, selector, writer
+from synthesis.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -173,33 +173,6 @@ def model_identities(config: ml_collections.ConfigDict, *, sam_used: bool) -> di
             for p in ("torch", "diffusers", "transformers", "segment-anything", "lpips")
         },
     }
-
-
-class Progress:
-    """Logs ``done/total``, rate and ETA after each item."""
-
-    def __init__(self, total: int, *, label: str) -> None:
-        self.total = total
-        self.label = label
-        self.done = 0
-        self.start = time.perf_counter()
-
-    def step(self, note: str = "") -> None:
-        self.done += 1
-        elapsed = time.perf_counter() - self.start
-        rate = self.done / max(elapsed, 1e-9)
-        eta = datetime.timedelta(seconds=round((self.total - self.done) / rate))
-        log.info(
-            "%s %d/%d images, %.3f img/s (%.2f s/img), elapsed %s, ETA %s %s",
-            self.label,
-            self.done,
-            self.total,
-            rate,
-            1.0 / rate,
-            datetime.timedelta(seconds=round(elapsed)),
-            eta,
-            note,
-        )
 
 
 def synthesize_one(
@@ -358,14 +331,14 @@ def _run_fmas(
             config.inpaint.model_dir, device=device, half_precision=config.inpaint.half_precision
         )
         t_models = time.perf_counter() - t
-        progress = Progress(len(todo), label=label)
+        progress = Progress(label, len(todo), unit="images", every=0, log=log.info)
         with writer.ShardedRecordWriter(
             output_dir,
             shard_index=shard_index,
             num_shards=num_shards,
             records_per_file=config.output.records_per_file,
         ) as out:
-            for item in todo:
+            for done, item in enumerate(todo, start=1):
                 out.add(
                     synthesize_one(
                         item,
@@ -377,7 +350,7 @@ def _run_fmas(
                     )
                 )
                 written_per_category[item.category] += 1
-                progress.step(item.source)
+                progress.update(done, item.source)
         files = out.files_written
     seconds = time.perf_counter() - t0
     manifest = {

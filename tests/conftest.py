@@ -6,11 +6,10 @@ triton 3.8, the CUDA torch build's dependency). Loading torchvision first is saf
 does that before any test module imports TensorFlow.
 """
 
+import pathlib
+
+import pytest
 import torchvision  # noqa: F401
-
-import pathlib  # noqa: E402
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
