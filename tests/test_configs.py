@@ -44,7 +44,7 @@ def _png(array: np.ndarray) -> bytes:
 
 
 def write_fmas_shard(path: pathlib.Path, dataset_root: pathlib.Path, category: str, n: int = 3):
-    """A TFRecord shard in the FMAS schema (docs/design.md) holding ``n`` darkened training images."""
+    """A TFRecord shard in the FMAS schema (docs/design.md) of ``n`` darkened training images."""
     tf = import_tensorflow()
     feature = lambda **kw: tf.train.Feature(**kw)
     bytes_ = lambda v: feature(bytes_list=tf.train.BytesList(value=[v]))

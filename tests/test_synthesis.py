@@ -26,7 +26,7 @@ PER_CATEGORY = 2
 
 
 def parse(raw: bytes) -> dict:
-    """Decodes one record with plain ``tf.io.parse_single_example`` (the schema of synthesis/writer.py, see docs/design.md)."""
+    """Decodes one record with plain ``tf.io.parse_single_example`` (schema: docs/design.md)."""
     tf = writer._tf()
     spec = {
         "image/encoded": tf.io.FixedLenFeature([], tf.string),
