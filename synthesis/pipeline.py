@@ -338,7 +338,7 @@ def _run_fmas(
             num_shards=num_shards,
             records_per_file=config.output.records_per_file,
         ) as out:
-            for done, item in enumerate(todo, start=1):
+            for count, item in enumerate(todo, start=1):
                 out.add(
                     synthesize_one(
                         item,
@@ -350,7 +350,7 @@ def _run_fmas(
                     )
                 )
                 written_per_category[item.category] += 1
-                progress.update(done, item.source)
+                progress.update(count, item.source)
         files = out.files_written
     seconds = time.perf_counter() - t0
     manifest = {
