@@ -7,9 +7,20 @@ does that before any test module imports TensorFlow.
 """
 
 import pathlib
+import tempfile
 
+import jax
 import pytest
 import torchvision  # noqa: F401
+
+# Tests build the same small programs many times (one train() call = one jit of a new partial):
+# XLA's persistent cache turns the repeats into cache hits. Keyed by the program, the flags and
+# the jax version, so a stale entry cannot be hit.
+jax.config.update(
+    "jax_compilation_cache_dir",
+    str(pathlib.Path(tempfile.gettempdir()) / "wdam_jax_test_xla_cache"),
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ import torchvision
 from flax import nnx
 
 from launch import convert_weights
+from wdam_jax.models import wide_resnet
 from wdam_jax.models.wide_resnet import (
-    WideResNet50_2,
     from_torchvision,
     load_pretrained,
     save_pretrained,
@@ -209,12 +209,19 @@ def test_failed_write_keeps_the_previous_conversion(tmp_path, flax_model, monkey
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 
-def test_train_mode_updates_batch_statistics():
-    model = WideResNet50_2(wdam_layers=(1,), num_classes=None, rngs=nnx.Rngs(0))
+def test_train_mode_updates_batch_statistics_of_a_reduced_member():
+    # A reduced member of the family: same blocks and WDAM placement, fewer blocks and channels.
+    model = wide_resnet.create(
+        wdam_layers=(1,), num_classes=None, depths=(1, 2, 1, 1), base_width=16
+    )
+    assert [len(getattr(model, f"layer{i}")) for i in range(1, 5)] == [1, 2, 1, 1]
+    assert model.num_features == 16 * 8 * 4  # layer4 planes x expansion
     before = np.asarray(model.bn1.mean.get_value())
     images = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 32, 32, 3)), jnp.float32)
-    features = model(images, train=True)
+    features = nnx.jit(lambda m, x: m(x, train=True))(model, images)
     assert "logits" not in features
-    chex.assert_shape(features["layer4"], (2, 1, 1, 2048))
+    chex.assert_shape(features["stem"], (2, 8, 8, 16))
+    chex.assert_shape(features["layer1"], (2, 8, 8, 64))
+    chex.assert_shape(features["layer4"], (2, 1, 1, 512))
     assert not np.allclose(before, np.asarray(model.bn1.mean.get_value()))
     chex.assert_shape(model.layer1[0].wdam.subband_weights.get_value(), (2, 4))

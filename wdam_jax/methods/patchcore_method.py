@@ -99,17 +99,13 @@ def load_member(
                              f"({what}).")  # fmt: skip
         logging.warning(RANDOM_INIT_WARNING.format(name=name))
         depths, base_width = _member_shape(name, member, category)
-        model = nnx.eval_shape(
-            lambda: wide_resnet.WideResNet50_2(
-                wdam_layers=wdam_layers,
-                num_classes=None,
-                depths=depths,
-                base_width=base_width,
-                rngs=nnx.Rngs(0),
-            )
+        return wide_resnet.create(
+            seed=member.seed,
+            wdam_layers=wdam_layers,
+            num_classes=None,
+            depths=depths,
+            base_width=base_width,
         )
-        wide_resnet.fill_random(model, np.random.default_rng([member.seed, 11]))
-        return model
     if member.kind == "imagenet":
         return wide_resnet.load_pretrained(source, wdam_layers=wdam_layers)
     from wdam_jax import train  # the loop's restore; imported here: train imports the registry

@@ -238,6 +238,15 @@ def fill_random(model: nnx.Module, rng: np.random.Generator) -> None:
         var.set_value(jnp.asarray(value, dtype))
 
 
+def create(*, seed: int = 0, **kwargs: Any) -> WideResNet50_2:
+    """A randomly initialised ``WideResNet50_2(**kwargs)``, built abstractly and drawn with numpy
+    (:func:`fill_random`): the same distributions as eager construction, without one XLA compile
+    per parameter shape (seconds instead of 15-35 s on a CPU)."""
+    model = nnx.eval_shape(lambda: WideResNet50_2(**kwargs, rngs=nnx.Rngs(0)))
+    fill_random(model, np.random.default_rng([seed, 11]))
+    return model
+
+
 # --------------------------------------------------------------------------------------------
 # torchvision <-> Flax conversion: a name mapping over the flat state.
 
