@@ -82,6 +82,16 @@ class GatedWDAM(nnx.Module):
         return self.gate[...].astype(x.dtype) * self.wdam(x)
 
 
+def wdam_labels(params) -> object:
+    """``"wdam"`` for the parameters of a WDAM module, ``"network"`` for the others (same tree)."""
+
+    def label(path, _):
+        keys = [getattr(k, "key", None) for k in path]
+        return "wdam" if "wdam" in keys else "network"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
 def set_wdam_gate(model: nnx.Module, on: jax.Array | bool) -> None:
     """Turns every :class:`GatedWDAM` of ``model`` on (1) or off (0)."""
     for _, node in nnx.iter_graph(model):
@@ -438,7 +448,12 @@ class CutPaste(Method):
     def optimizer(self) -> optax.GradientTransformation:
         """Stage 1: SGD + momentum, cosine from ``stage1_lr``; stages 2-3: one Adam whose learning
         rate drops from ``stage2_lr`` to ``stage3_lr`` when WDAM enters. L2 weight decay
-        ``train.weight_decay`` (CutPaste's) in both."""
+        ``train.weight_decay`` (CutPaste's) in both.
+
+        WDAM's parameters are not part of the network before stage 3, so they get no update at
+        all there (no weight decay either: with decay, Adam would shrink them towards 0 from
+        their initialisation) and their own Adam starts fresh when WDAM enters.
+        """
         t = self.config.train
         sgd = optax.chain(
             optax.add_decayed_weights(t.weight_decay),
@@ -449,7 +464,12 @@ class CutPaste(Method):
         )
         adam_lr = lambda count: jnp.where(count < t.stage2_steps, t.stage2_lr, t.stage3_lr)
         adam = optax.chain(optax.add_decayed_weights(t.weight_decay), optax.adam(adam_lr))
-        return staged([sgd, adam], [t.stage1_steps])
+        network = staged([sgd, adam], [t.stage1_steps])
+        if not self.config.model.wdam_layers:
+            return network
+        wdam_adam = optax.chain(optax.add_decayed_weights(t.weight_decay), optax.adam(t.stage3_lr))
+        wdam = staged([optax.set_to_zero(), wdam_adam], [self.wdam_start])
+        return optax.multi_transform({"network": network, "wdam": wdam}, wdam_labels)
 
     def anomaly_source(self, step: int) -> str:
         """Stage 1 replicates CutPaste; later stages use ``data.anomaly_source``."""
