@@ -64,6 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.stage3_steps = 1000  # Adam, WDAM in
     config.train.stage3_lr = 0.001
     config.train.log_every = 50
+    config.train.eval_every = 0  # 0: no periodic validation (method.validate)
     config.train.checkpoint_every = 500
     config.train.keep_checkpoints = 3
 

@@ -14,6 +14,7 @@ import pathlib
 
 from absl import app, flags, logging
 
+from launch import cli
 from wdam_jax.models import wide_resnet
 
 _TORCHVISION = flags.DEFINE_string("torchvision", None, "torchvision wide_resnet50_2 .pth file.")
@@ -58,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, config_flag=None)

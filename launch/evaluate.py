@@ -10,6 +10,7 @@ recorded in the workdir.
 
 from absl import app, flags
 
+from launch import cli
 from wdam_jax import checkpoints, evaluate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to evaluate.")
@@ -25,4 +26,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, config_flag=None)

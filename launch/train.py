@@ -14,6 +14,7 @@ made with another config is refused (the differing fields are named) unless
 from absl import app, flags
 from ml_collections import config_flags
 
+from launch import cli
 from wdam_jax import checkpoints, evaluate
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -39,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

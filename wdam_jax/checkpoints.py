@@ -26,6 +26,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from wdam_jax.errors import UserError
+
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
 STATE, FITTED = "state", "fitted"
@@ -41,7 +43,7 @@ RESUMABLE_PREFIXES = (
 )
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(UserError, ValueError):
     """A workdir holds a run made with another config."""
 
 
@@ -61,6 +63,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> pathlib.Path:
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def check_workdir(workdir: str | os.PathLike) -> list[str]:
+    """Problems with a run directory before anything is written to it (empty if none)."""
+    workdir = pathlib.Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        return [f"--workdir={workdir} is a file, not a folder; choose another --workdir."]
+    existing = next((p for p in [workdir, *workdir.parents] if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        return [f"--workdir={workdir}: {existing} is not writable; choose another --workdir."]
+    return []
 
 
 def checkpoint_manager(

@@ -41,6 +41,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from wdam_jax import checkpoints
+from wdam_jax.errors import InputsError
 from wdam_jax.methods.base import Fitted, Method
 from wdam_jax.methods.registry import get_method
 from wdam_jax.progress import Progress
@@ -327,9 +328,12 @@ def train(
       FloatingPointError: the loss became NaN or infinite.
     """
     workdir = pathlib.Path(workdir)
+    method = get_method(config) if method is None else method
+    problems = method.check_inputs() + checkpoints.check_workdir(workdir)
+    if problems:
+        raise InputsError(problems, what=f"{config.method} in {workdir}")
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoints.write_config(config, workdir, allow_change=allow_config_change)
-    method = get_method(config) if method is None else method
     mesh = data_mesh()
     manager = checkpoints.checkpoint_manager(workdir, max_to_keep=config.train.keep_checkpoints)
     resuming = manager.latest_step() is not None

@@ -27,6 +27,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from wdam_jax.errors import UserError
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 MVTEC_CATEGORIES = (
@@ -64,7 +66,7 @@ VISA_CATEGORIES = (
 PathLike = str | os.PathLike
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """Bad or missing data on disk; the message names the file and the fix."""
 
 

@@ -61,6 +61,57 @@ def folder_layout(data_config: ml_collections.ConfigDict) -> dict[str, pathlib.P
     }
 
 
+def check(data_config: ml_collections.ConfigDict) -> list[str]:
+    """Problems with ``config.data`` found without loading anything (empty if none): each names
+    the field, the value and the fix."""
+    kind, root, category = data_config.dataset, data_config.root, data_config.category
+    if kind not in DATASETS:
+        return [f"config.data.dataset={kind!r} is not one of {', '.join(DATASETS)}."]
+    problems = []
+    if data_config.image_size <= 0:
+        problems.append(f"config.data.image_size={data_config.image_size}: must be positive.")
+    crop = data_config.get("crop_size", 0) or 0
+    if crop < 0 or crop > data_config.image_size:
+        problems.append(
+            f"config.data.crop_size={crop}: must be 0 (no crop) or at most data.image_size="
+            f"{data_config.image_size}."
+        )
+    if kind in ("demo", "tfds"):
+        return problems  # generated on first use / built from tfds_manual_dir (checked there)
+    if not root:
+        return [*problems, f"config.data.root is empty: set --config.data.root. {DATASET_HELP}"]
+    if not pathlib.Path(root).is_dir():
+        return [
+            *problems,
+            f"config.data.root={str(root)!r} does not exist (relative paths are relative to the "
+            f"working directory, {pathlib.Path.cwd()}). {DATASET_HELP}",
+        ]
+    base = pathlib.Path(root) / category
+    if not category or not base.is_dir():
+        found = sorted(p.name for p in pathlib.Path(root).iterdir() if p.is_dir())
+        return [
+            *problems,
+            f"config.data.category={category!r}: no folder {base}. Folders under "
+            f"data.root: {', '.join(found) or 'none'}.",
+        ]
+    if kind == "folder":
+        layout = folder_layout(data_config)
+        if not layout["normal_dir"].is_dir():
+            problems.append(
+                f"{layout['normal_dir']} (normal images of dataset='folder') does not exist; put "
+                "the defect-free images there, or set config.data.folder_normal."
+            )
+        return problems
+    for needed in ("train/good", "test"):
+        if not (base / needed).is_dir():
+            problems.append(
+                f"{base / needed} is missing: data.dataset={kind!r} expects "
+                f"<root>/<category>/{{train/good, test/<defect>, ground_truth/<defect>}}; for "
+                "a folder of normal and defective images use --config.data.dataset=folder."
+            )
+    return problems
+
+
 def load_split(data_config: ml_collections.ConfigDict, *, split: str) -> datasets.Split:
     """One split (``"train"`` or ``"test"``) of ``data_config.category``, resized to
     ``data_config.image_size``."""

@@ -85,6 +85,14 @@ class Method(abc.ABC):
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
 
+    # ---- inputs
+
+    def check_inputs(self) -> list[str]:
+        """Problems with the run's inputs (data, weights, synthetic data, ...), found before any
+        model is built; each names the config field and the value that fixes or disables it.
+        The loop reports all of them at once. Default: the data source's checks."""
+        return sources.check(self.config.data)
+
     # ---- training
 
     @property

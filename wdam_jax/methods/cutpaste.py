@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import pathlib
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -46,7 +47,7 @@ import scipy.ndimage
 from absl import logging
 from flax import nnx
 
-from wdam_jax.data import augment, datasets, pipeline
+from wdam_jax.data import augment, datasets, pipeline, sources
 from wdam_jax.data.sources import load_split
 from wdam_jax.methods.base import Fitted, ImageScores, Method
 from wdam_jax.models.wide_resnet import (
@@ -441,6 +442,68 @@ class CutPaste(Method):
 
     def train_images(self) -> np.ndarray:
         return self.train_data.images
+
+    def check_inputs(self) -> list[str]:
+        """The data, plus the ImageNet weights, the foreground masks (FM) and the FMAS records
+        when the config uses them; each problem says how to provide or disable the input."""
+        config = self.config
+        problems = super().check_inputs()
+        pretrained = config.model.pretrained
+        if pretrained and not pathlib.Path(pretrained).is_dir():
+            problems.append(
+                f"config.model.pretrained={pretrained!r}: no converted WideResNet50-2 weights "
+                "there. Convert torchvision's file with python -m launch.convert_weights "
+                f"--torchvision=wide_resnet50_2-32ee1156.pth --out={pretrained}, or train from "
+                "scratch with --config.model.pretrained= (empty)."
+            )
+        source = config.data.anomaly_source
+        if source not in ("cutpaste", "fmas"):
+            problems.append(f"config.data.anomaly_source={source!r}: use 'cutpaste' or 'fmas'.")
+        if source == "fmas":
+            from wdam_jax.data import fmas_records
+
+            try:
+                fmas_records.resolve_files(config.data.fmas_records)
+            except datasets.DatasetError:
+                problems.append(
+                    f"config.data.fmas_records={config.data.fmas_records!r} matches no FMAS "
+                    "TFRecord shard. Synthesise them with python -m launch.synthesize "
+                    "--config=configs/fmas_mvtec.py, or use CutPaste as the anomaly source: "
+                    "--config.data.anomaly_source=cutpaste."
+                )
+        if config.augment.foreground_mask:
+            problems += self._check_foreground()
+        return problems
+
+    def _check_foreground(self) -> list[str]:
+        data = self.config.data
+        disable = "or turn FM off with --config.augment.foreground_mask=False."
+        if not data.foreground_root:
+            return [
+                "config.augment.foreground_mask=True needs config.data.foreground_root (masks "
+                f"written by python -m launch.synthesize), {disable}"
+            ]
+        if data.dataset in ("demo", "tfds") or sources.check(data):
+            return []  # the demo writes its own masks; other data problems are reported already
+        train_dir = pathlib.Path(data.root) / data.category / "train" / "good"
+        images = datasets.list_images(train_dir) if train_dir.is_dir() else []
+        missing = [
+            p
+            for p in images
+            if not datasets.foreground_mask_path(
+                data.foreground_root, str(p.relative_to(data.root))
+            ).is_file()
+        ]
+        if not missing:
+            return []
+        first = datasets.foreground_mask_path(
+            data.foreground_root, str(missing[0].relative_to(data.root))
+        )
+        return [
+            f"{len(missing)} of {len(images)} foreground masks are missing under "
+            f"config.data.foreground_root={data.foreground_root!r} (first: {first}). Write them "
+            f"with python -m launch.synthesize (its mask stage), {disable}"
+        ]
 
     def create_model(self, *, abstract: bool = False) -> CutPasteNet:
         return create_model(self.config.model, seed=self.config.seed, abstract=abstract)

@@ -138,6 +138,34 @@ class PatchCore(Method):
     def total_steps(self) -> int:
         return 0
 
+    def check_inputs(self) -> list[str]:
+        problems = super().check_inputs()
+        category = self.config.data.category
+        for name in self.names:
+            member = self.config.members[name]
+            field = f"config.members.{name}"
+            if member.kind == "imagenet" and member.weights:
+                if not pathlib.Path(member.weights).is_dir():
+                    problems.append(
+                        f"{field}.weights={member.weights!r}: no converted weights there "
+                        "(python -m launch.convert_weights --torchvision=<pth> "
+                        f"--out={member.weights})."
+                    )
+            elif member.kind == "run" and member.workdir:
+                run = member_workdir(member, category)
+                if not (run / checkpoints.CONFIG_FILE).is_file():
+                    problems.append(
+                        f"{field}.workdir={member.workdir!r}: {run} is not a training run of "
+                        f"category {category!r} (train it with python -m launch.train "
+                        f"--config=configs/cutpaste_wdam.py --workdir={run})."
+                    )
+            elif member.kind not in ("imagenet", "run"):
+                problems.append(f"{field}.kind={member.kind!r}: use 'imagenet' or 'run'.")
+            elif not member.allow_random_init:
+                what = "weights" if member.kind == "imagenet" else "workdir"
+                problems.append(f"{field}.{what} is empty: PatchCore needs a trained backbone.")
+        return problems
+
     def create_model(self, *, abstract: bool = False) -> PatchCoreNet:
         category = self.config.data.category
         if abstract:  # shapes only, to restore the checkpoint's copy of the backbones into
