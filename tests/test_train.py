@@ -75,6 +75,9 @@ class ToyMethod(Method):
             loss = jnp.where(step == self.nan_at, jnp.nan, loss)
         return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
 
+    def check_inputs(self):
+        return []
+
     def validate(self, model, *, step):
         self.validated.append(step)
         return {"val/score": float(step)}

@@ -41,6 +41,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from wdam_jax import checkpoints
+from wdam_jax.data import sources
+from wdam_jax.data import summary as data_summary
 from wdam_jax.errors import InputsError
 from wdam_jax.methods.base import Fitted, Method
 from wdam_jax.methods.registry import get_method
@@ -50,6 +52,7 @@ State = dict[str, Any]
 
 TENSORBOARD_DIR = "tensorboard"
 TRAIN_LOG = "train_log.jsonl"
+DATA_SUMMARY = "data_summary.json"
 DATA_AXIS = "data"
 
 
@@ -172,9 +175,31 @@ class Restored:
         return self.method.config
 
 
+DATA_FINGERPRINT = "data_fingerprint"
+
+
+def _fingerprint(method: Method) -> np.ndarray | None:
+    if "data" not in method.config:  # a method that reads no dataset (tests' toy methods)
+        return None
+    digest = sources.train_fingerprint(method.config.data)
+    return np.frombuffer(bytes.fromhex(digest), np.uint8).copy()
+
+
 def fit_statistics(method: Method, model: nnx.Module, *, step: int) -> Fitted:
-    """``method.fit`` on the method's normal training images."""
-    return dict(method.fit(model, method.train_images(), step=step))
+    """``method.fit`` on the method's normal training images, stamped with their fingerprint
+    (:func:`wdam_jax.data.sources.train_fingerprint`) so stale statistics are never reused."""
+    fitted = dict(method.fit(model, method.train_images(), step=step))
+    fingerprint = _fingerprint(method)
+    return fitted if fingerprint is None else {**fitted, DATA_FINGERPRINT: fingerprint}
+
+
+def stale(method: Method, fitted: Fitted) -> bool:
+    """True if ``fitted`` was computed on other training files than the config's now."""
+    current = _fingerprint(method)
+    if current is None:
+        return False
+    stored = fitted.get(DATA_FINGERPRINT)
+    return stored is None or not np.array_equal(stored, current)
 
 
 def restore(
@@ -205,6 +230,14 @@ def restore(
     manager.close()
     model = model_from_state(graphdef, rest, state)
     step = int(state["step"])
+    if fitted and stale(method, fitted):
+        logging.warning(
+            "The training files of %s changed since its statistics were fitted: refitting them "
+            "now for this evaluation (python -m launch.train on the run refits and saves them%s).",
+            workdir,
+            "" if method.total_steps == 0 else "; the network itself was trained on the old files",
+        )
+        fitted = {}
     if not fitted:
         fitted = fit_statistics(method, model, step=step)
     return Restored(method, model, step, fitted)
@@ -334,8 +367,26 @@ def train(
         raise InputsError(problems, what=f"{config.method} in {workdir}")
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoints.write_config(config, workdir, allow_change=allow_config_change)
+    if "data" in config:
+        summary = data_summary.summarize(config.data)
+        data_summary.save(summary, workdir / DATA_SUMMARY)
+        print(data_summary.format_summary(summary), flush=True)
+        for warning in summary.get("warnings", []):
+            logging.warning("data: %s", warning)
     mesh = data_mesh()
     manager = checkpoints.checkpoint_manager(workdir, max_to_keep=config.train.keep_checkpoints)
+    if method.total_steps == 0 and manager.latest_step() == 0:
+        # A gradient-free run is only its fitted statistics: refit them if the data changed.
+        _, fitted = checkpoints.restore(
+            manager, init_state(method, config, abstract=True)[3], mesh=mesh
+        )
+        if stale(method, fitted):
+            logging.warning(
+                "The training files of %s changed since its statistics were fitted (or were "
+                "fitted by an older version): refitting.",
+                workdir,
+            )
+            manager.delete(0)
     resuming = manager.latest_step() is not None
     graphdef, rest, tx, state = init_state(method, config, abstract=resuming)
     if resuming:

@@ -112,15 +112,27 @@ class _Item:
 # by the same kernel: a classifier must not learn resampling artefacts).
 
 
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """uint8 RGB ``[H, W, 3]`` of an opened image: grayscale is repeated over the channels,
+    alpha is dropped, palettes are expanded, and 16/32-bit grey is scaled to 8 bits by its
+    type's range (Pillow's own ``convert("RGB")`` would clip it at 255)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        grey = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(65535.0, float(grey.max()))
+        grey = np.clip(np.round(grey / top * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    return np.asarray(img.convert("RGB"))
+
+
 def read_rgb(path: PathLike) -> np.ndarray:
-    """Reads an image file as uint8 RGB [H, W, 3]; grayscale / RGBA / palette become RGB."""
+    """Reads an image file as uint8 RGB [H, W, 3] (see :func:`to_rgb` for other modes)."""
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+            return to_rgb(img)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(
-            f"Cannot read image {path}: {e}. Replace or remove the file (it may be truncated "
-            "or not an image)."
+            f"Cannot read image {path}: {e}. Replace or remove the file (it may be truncated, "
+            "not an image, or too large to decode safely)."
         ) from e
 
 

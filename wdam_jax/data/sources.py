@@ -17,6 +17,8 @@ layout that works for one method works for all.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pathlib
 
 import ml_collections
@@ -110,6 +112,27 @@ def check(data_config: ml_collections.ConfigDict) -> list[str]:
                 "a folder of normal and defective images use --config.data.dataset=folder."
             )
     return problems
+
+
+def train_fingerprint(data_config: ml_collections.ConfigDict) -> str:
+    """A hash of the training files (relative paths, sizes, modification times) and of the data
+    fields that change what is read: a statistic fitted on other files does not match it."""
+    fields = {k: data_config.get(k) for k in ("dataset", "category", "image_size", "crop_size")}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
+    if data_config.dataset == "tfds":
+        digest.update(str(data_config.root).encode())
+        return digest.hexdigest()
+    base = dataset_root(data_config) / data_config.category
+    folder = (
+        folder_layout(data_config)["normal_dir"]
+        if data_config.dataset == "folder"
+        else base / "train" / "good"
+    )
+    if folder.is_dir():
+        for path in sorted(p for p in folder.iterdir() if p.is_file()):
+            stat = path.stat()
+            digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def load_split(data_config: ml_collections.ConfigDict, *, split: str) -> datasets.Split:
