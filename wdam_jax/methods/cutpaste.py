@@ -47,7 +47,7 @@ import scipy.ndimage
 from absl import logging
 from flax import nnx
 
-from wdam_jax.data import augment, datasets, pipeline, sources
+from wdam_jax.data import augment, datasets, pipeline
 from wdam_jax.data.sources import load_split
 from wdam_jax.methods.base import Fitted, ImageScores, Method
 from wdam_jax.models.wide_resnet import (
@@ -483,10 +483,10 @@ class CutPaste(Method):
                 "config.augment.foreground_mask=True needs config.data.foreground_root (masks "
                 f"written by python -m launch.synthesize), {disable}"
             ]
-        if data.dataset in ("demo", "tfds") or sources.check(data):
-            return []  # the demo writes its own masks; other data problems are reported already
         train_dir = pathlib.Path(data.root) / data.category / "train" / "good"
-        images = datasets.list_images(train_dir) if train_dir.is_dir() else []
+        if data.dataset in ("demo", "tfds", "folder") or not train_dir.is_dir():
+            return []  # the demo writes its own masks; a missing folder is reported already
+        images = datasets.list_images(train_dir)
         missing = [
             p
             for p in images
