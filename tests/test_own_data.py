@@ -146,13 +146,33 @@ def test_summary_warns_on_what_the_loader_converts(tmp_path):
     Image.fromarray((rng.integers(0, 65535, (16, 16))).astype(np.uint16)).save(good / "c.png")
     Image.fromarray(pixels()).save(bad / "000.png")
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(gt / "000_mask.png")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(gt / "007_mask.png")  # no image 007
     summary = data_summary.summarize(_data(root=str(tmp_path / "root"), category="cat"))
     text = " ".join(summary["warnings"])
+    assert summary["masks_without_image"] == ["ground_truth/dent/007_mask.png"]
     assert "16-bit grey: scaled to 8 bits" in text
     assert "Mixed image formats" in text
     assert "defect mask(s) are empty" in text
     assert "byte-identical" in text
     assert summary["images"] == {"test": {"dent": 1, "good": 1}, "train": {"good": 3}}
+
+
+def test_huge_and_non_finite_images_are_clear_errors(tmp_path, monkeypatch):
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64 x 64 > 2 x 100: a "bomb"
+    with pytest.raises(datasets.DatasetError, match=r"big\.png.*too large to decode safely"):
+        datasets.read_rgb(tmp_path / "big.png")
+    monkeypatch.undo()
+    Image.fromarray(np.array([[0.5, np.nan]], np.float32), mode="F").save(tmp_path / "nan.tif")
+    with pytest.raises(datasets.DatasetError, match=r"nan\.tif.*NaN or infinite"):
+        datasets.read_rgb(tmp_path / "nan.tif")
+
+
+def test_undecodable_fmas_record_names_its_source():
+    from wdam_jax.data import fmas_records
+
+    with pytest.raises(datasets.DatasetError, match=r"FMAS record for a/train/good/0\.png"):
+        fmas_records._decode(b"not a png", b"", b"a/train/good/0.png", 8, None)
 
 
 def test_16_bit_images_are_scaled_not_clipped(tmp_path):
