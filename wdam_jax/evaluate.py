@@ -78,14 +78,20 @@ def evaluate(
     outdir = workdir / EVAL_DIR / f"step_{run.step}"
     paths = reporting.write_metrics(results, outdir)
     _write_scores(outdir, split, scores.image_scores)
-    # Anomalous images first (stable), then good ones, so the figure shows defects.
-    order = np.argsort(-split.labels, kind="stable")[: config.score.num_figures]
+    # Defective images and some normal ones, with file names and image scores.
+    order = reporting.figure_selection(split.labels, config.score.num_figures)
+    label = describe(config)["label"]
     reporting.save_heatmap_figure(
         split.images[order],
         split.masks[order],
-        {describe(config)["label"]: scores.maps[order]},
+        {label: scores.maps[order]},
         outdir / "heatmaps.png",
         max_images=config.score.num_figures,
+        titles=[
+            pathlib.Path(split.paths[i]).parent.name + "/" + pathlib.Path(split.paths[i]).name
+            for i in order
+        ],
+        scores={label: scores.image_scores[order]},
     )
     curves = train_lib.read_train_log(workdir)
     if curves:
