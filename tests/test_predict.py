@@ -89,9 +89,7 @@ def test_predict_writes_rows_overlays_and_reports_bad_files(name, runs, tmp_path
     assert "resized from 150x200" in by_name["3_big.png"]["note"]
     # Scores equal the method's own on the same preprocessing (independent of the chunking).
     size = run.config.data.image_size
-    batch = np.stack(
-        [datasets.resize_image(datasets.read_rgb(p), image_size=size) for p in images]
-    )
+    batch = np.stack([datasets.resize_image(datasets.read_rgb(p), image_size=size) for p in images])
     expected = run.method.score(run.model, run.fitted, batch, step=run.step)
     stored = thresholds.read(workdir, step=run.step)["image"]
     for p, score in zip(images, expected.image_scores, strict=True):
@@ -126,7 +124,7 @@ def test_predict_without_stored_thresholds_says_how_to_get_them(runs, tmp_path):
     (workdir / thresholds.THRESHOLDS_FILE).unlink()
     (tmp_path / "new").mkdir()
     Image.new("RGB", (40, 40)).save(tmp_path / "new" / "a.png")
-    with pytest.raises(FileNotFoundError, match="launch.evaluate"):
+    with pytest.raises(FileNotFoundError, match=r"launch\.evaluate"):
         predict.predict(workdir, tmp_path / "new", tmp_path / "out")
     rows = predict.predict(workdir, tmp_path / "new", tmp_path / "out", threshold=1e9)
     assert rows[0]["decision"] == "normal" and rows[0]["threshold_rule"] == "manual"
