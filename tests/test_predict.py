@@ -4,15 +4,19 @@ wrongly sized files, manual thresholds."""
 
 import csv
 import json
+import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from tests.test_contract import tiny_config
-from wdam_jax import evaluate, predict, thresholds, train
+from wdam_jax import evaluate, export, predict, thresholds, train
 from wdam_jax.data import datasets, sources
 
 METHODS = ("cutpaste", "patchcore")
@@ -128,3 +132,74 @@ def test_predict_without_stored_thresholds_says_how_to_get_them(runs, tmp_path):
         predict.predict(workdir, tmp_path / "new", tmp_path / "out")
     rows = predict.predict(workdir, tmp_path / "new", tmp_path / "out", threshold=1e9)
     assert rows[0]["decision"] == "normal" and rows[0]["threshold_rule"] == "manual"
+
+
+# ---------------------------------------------------------------------------- export
+
+FRESH_PROCESS = """
+import json, sys
+import numpy as np
+import jax
+import tensorflow as tf
+
+out = {}
+data = np.load("inputs.npz")
+with open("export/model.stablehlo", "rb") as f:
+    exported = jax.export.deserialize(bytearray(f.read()))
+serving = tf.saved_model.load("export/saved_model").signatures["serving_default"]
+for name in data.files:
+    scores, maps = exported.call(data[name])
+    out[f"jax_{name}_scores"], out[f"jax_{name}_maps"] = np.asarray(scores), np.asarray(maps)
+    result = serving(images=tf.constant(data[name]))
+    out[f"tf_{name}_scores"] = result["image_scores"].numpy()
+    out[f"tf_{name}_maps"] = result["maps"].numpy()
+np.savez("outputs.npz", **out)
+meta = json.load(open("export/metadata.json"))
+print(json.dumps({"wdam_jax_imported": any(m.startswith("wdam_jax") for m in sys.modules),
+                  "batch": meta["input"]["shape"][0]}))
+"""
+
+
+def _test_images(run, n):
+    return sources.load_split(run.config.data, split="test").images[:n]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_inference_fn_equals_score(name, runs):
+    run = train.restore(runs[name])
+    images = _test_images(run, 5)
+    expected = run.method.score(run.model, run.fitted, images, step=run.step)
+    fn = jax.jit(run.method.inference_fn(run.model, run.fitted, step=run.step))
+    scores, maps = fn(images)
+    np.testing.assert_allclose(scores, expected.image_scores, rtol=1e-5)
+    np.testing.assert_allclose(maps, expected.maps, rtol=1e-5, atol=1e-5 * np.abs(maps).max())
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_exported_artefacts_reproduce_scores_in_a_fresh_process(name, runs, tmp_path):
+    workdir = runs[name]
+    paths = export.export(workdir, tmp_path / "export")
+    meta = json.loads(paths["metadata"].read_text())
+    stored = json.loads((workdir / thresholds.THRESHOLDS_FILE).read_text())
+    assert meta["thresholds"]["image"] == stored["image"] and meta["input"]["shape"][0] == "b"
+    run = train.restore(workdir)
+    images = _test_images(run, 5)
+    batches = {"three": images[:3], "five": images}  # one artefact, two batch sizes
+    np.savez(tmp_path / "inputs.npz", **batches)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"wdam_jax_imported": False, "batch": "b"}
+    outputs = np.load(tmp_path / "outputs.npz")
+    for key, batch in batches.items():
+        expected = run.method.score(run.model, run.fitted, batch, step=run.step)
+        for runtime in ("jax", "tf"):
+            scores, maps = outputs[f"{runtime}_{key}_scores"], outputs[f"{runtime}_{key}_maps"]
+            assert maps.shape == expected.maps.shape
+            np.testing.assert_allclose(scores, expected.image_scores, rtol=1e-5)
+            atol = 1e-5 * np.abs(expected.maps).max()
+            np.testing.assert_allclose(maps, expected.maps, rtol=1e-5, atol=atol)
