@@ -20,7 +20,17 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 METRICS = ("i_auroc", "p_auroc", "pro")
-METRIC_TITLES = {"i_auroc": "I-AUROC", "p_auroc": "P-AUROC", "pro": "PRO"}
+# Written when the results hold them (``wdam_jax.evaluate`` adds them; the paper reports none).
+DECISION_METRICS = ("i_f1_max", "i_aupr", "p_f1_max", "p_aupr")
+METRIC_TITLES = {
+    "i_auroc": "I-AUROC",
+    "p_auroc": "P-AUROC",
+    "pro": "PRO",
+    "i_f1_max": "I-F1max",
+    "i_aupr": "I-AUPR",
+    "p_f1_max": "P-F1max",
+    "p_aupr": "P-AUPR",
+}
 MEAN_ROW = "mean"
 
 Results = Mapping[str, Mapping[str, float]]
@@ -31,10 +41,16 @@ def _value(row: Mapping[str, float], metric: str) -> float:
     return float("nan") if v is None else float(v)
 
 
+def columns(results: Results) -> tuple[str, ...]:
+    """The paper's metrics, then the decision metrics any row holds."""
+    extra = tuple(m for m in DECISION_METRICS if any(m in r for r in results.values()))
+    return METRICS + extra
+
+
 def mean_metrics(results: Results) -> dict[str, float]:
     """Per-metric mean over categories, ignoring missing / NaN entries (NaN if none)."""
     out = {}
-    for m in METRICS:
+    for m in columns(results):
         vals = [_value(r, m) for r in results.values()]
         vals = [v for v in vals if not math.isnan(v)]
         out[m] = float(np.mean(vals)) if vals else float("nan")
@@ -44,13 +60,14 @@ def mean_metrics(results: Results) -> dict[str, float]:
 def _with_mean(results: Results) -> dict[str, dict[str, float]]:
     if MEAN_ROW in results:
         raise ValueError(f"{MEAN_ROW!r} is reserved for the mean row; rename that category.")
-    rows = {c: {m: _value(r, m) for m in METRICS} for c, r in results.items()}
+    rows = {c: {m: _value(r, m) for m in columns(results)} for c, r in results.items()}
     rows[MEAN_ROW] = mean_metrics(results)
     return rows
 
 
 def markdown_table(results: Results) -> str:
-    """Markdown table: rows = categories + a mean row, columns I-AUROC / P-AUROC / PRO in %.
+    """Markdown table: rows = categories + a mean row, columns I-AUROC / P-AUROC / PRO (then the
+    decision metrics the rows hold, see :func:`columns`) in %.
 
     Args:
       results: category -> {"i_auroc", "p_auroc", "pro"} as fractions.
@@ -58,11 +75,11 @@ def markdown_table(results: Results) -> str:
     Returns:
       The table, ending with a newline.
     """
-    rows = _with_mean(results)
-    header = "| Category | " + " | ".join(METRIC_TITLES[m] for m in METRICS) + " |"
-    lines = [header, "|---|" + "---:|" * len(METRICS)]
+    rows, metrics = _with_mean(results), columns(results)
+    header = "| Category | " + " | ".join(METRIC_TITLES[m] for m in metrics) + " |"
+    lines = [header, "|---|" + "---:|" * len(metrics)]
     for cat, row in rows.items():
-        cells = ["-" if math.isnan(row[m]) else f"{100 * row[m]:.1f}" for m in METRICS]
+        cells = ["-" if math.isnan(row[m]) else f"{100 * row[m]:.1f}" for m in metrics]
         name = f"**{cat}**" if cat == MEAN_ROW else cat
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -91,9 +108,10 @@ def write_metrics(results: Results, outdir: str | os.PathLike) -> dict[str, path
     paths["json"].write_text(json.dumps(as_json, indent=2) + "\n")
     with paths["csv"].open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["category", *METRICS])
+        metrics = columns(results)
+        writer.writerow(["category", *metrics])
         for c, r in rows.items():
-            writer.writerow([c, *("" if math.isnan(r[m]) else repr(r[m]) for m in METRICS)])
+            writer.writerow([c, *("" if math.isnan(r[m]) else repr(r[m]) for m in metrics)])
     paths["markdown"].write_text(markdown_table(results))
     return paths
 

@@ -283,6 +283,13 @@ def _pinvh(cov: np.ndarray) -> np.ndarray:
     return (v[:, keep] / w[keep]) @ v[:, keep].T
 
 
+def _whitened(mean: np.ndarray, precision: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """``(mean, W)`` as float32 with ``W W^T = precision`` (eigendecomposition in float64)."""
+    w, v = np.linalg.eigh(np.asarray(precision, np.float64))
+    factor = v * np.sqrt(np.maximum(w, 0.0))
+    return jnp.asarray(mean, jnp.float32), jnp.asarray(factor, jnp.float32)
+
+
 def smooth_maps(maps: np.ndarray, *, size: int, sigma: float) -> np.ndarray:
     """Bilinear upsampling of ``[N, h, w]`` distance maps to ``[N, size, size]``, then a Gaussian
     blur of ``sigma`` pixels (0 disables)."""
@@ -600,6 +607,35 @@ class CutPaste(Method):
             "pixel_mean": pixel.mean,
             "pixel_precision": pixel.precision,
         }
+
+    def inference_fn(self, model: CutPasteNet, fitted: Fitted, *, step: int):
+        """:meth:`score` in ``jax.numpy`` (for export): the same forward, the Mahalanobis
+        distances as ``||(x - mean) W||`` with ``W W^T = precision`` (a sum of squares, so float32
+        keeps ~1e-6 relative precision where the quadratic form would cancel), the same bilinear
+        upsampling and the Gaussian blur in ``lax`` (:func:`patchcore.gaussian_blur`, scipy's
+        ``reflect`` mode)."""
+        from wdam_jax.methods.patchcore import gaussian_blur  # pure jnp; no cycle
+
+        set_wdam_gate(model, step > self.wdam_start)
+        graphdef, state = nnx.split(model)
+        embedding, layer = self.config.score.embedding, self.config.score.pixel_layer
+        sigma = self.config.score.pixel_sigma
+        image = _whitened(fitted["image_mean"], fitted["image_precision"])
+        pixel = _whitened(fitted["pixel_mean"], fitted["pixel_precision"])
+
+        def distance(x, mean, factor):
+            y = jnp.matmul(x - mean, factor, precision=jax.lax.Precision.HIGHEST)
+            return jnp.sqrt(jnp.sum(jnp.square(y), axis=-1))
+
+        def fn(images):
+            out = nnx.merge(graphdef, state, copy=True)(images, train=False)
+            scores = distance(out[embedding].astype(jnp.float32), *image)
+            dist = distance(out[layer].astype(jnp.float32), *pixel)  # [B, h, w]
+            size = images.shape[1]
+            up = jax.vmap(lambda m: jax.image.resize(m, (size, size), "bilinear"))(dist)
+            return scores, gaussian_blur(up, sigma=sigma) if sigma > 0 else up
+
+        return fn
 
     def score(
         self, model: CutPasteNet, fitted: Fitted, images: np.ndarray, *, step: int
