@@ -219,7 +219,6 @@ def run_experiment(
     workdir = pathlib.Path(workdir)
     runs = shard(expand(config, workdir), shard_index, num_shards)
     configs = {run: run_config(config, run, workdir) for run in runs}  # every error up front
-    checkpoints.atomic_write_text(workdir / EXPERIMENT_FILE, config.to_json(indent=2))
     done = [r for r in runs if is_done(r)]
     for run in done:
         _check_done(run, configs[run])
@@ -233,6 +232,7 @@ def run_experiment(
     ]
     if problems:
         raise InputsError(problems, what=f"{config.table} in {workdir}")
+    checkpoints.atomic_write_text(workdir / EXPERIMENT_FILE, config.to_json(indent=2))
     what = f"{config.table} shard {shard_index}/{num_shards}"
     progress = Progress(what, len(runs), unit="runs", every=0, done=len(done))
     progress.update(len(done), f"({len(done)} finished before)", force=True)
