@@ -223,6 +223,7 @@ def synthesize_one(
         category=item.category,
         prompt=prompt_pair.prompt,
         negative_prompt=prompt_pair.negative_prompt,
+        prompt_source=prompt_pair.source,
         seed=seeds[k],
         cfg=cfg,
         strength=strength,

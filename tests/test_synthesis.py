@@ -35,6 +35,7 @@ def parse(raw: bytes) -> dict:
         "image/category": tf.io.FixedLenFeature([], tf.string),
         "fmas/prompt": tf.io.FixedLenFeature([], tf.string),
         "fmas/negative_prompt": tf.io.FixedLenFeature([], tf.string),
+        "fmas/prompt_source": tf.io.FixedLenFeature([], tf.string),
         "fmas/seed": tf.io.FixedLenFeature([], tf.int64),
         "fmas/cfg": tf.io.FixedLenFeature([], tf.float32),
         "fmas/strength": tf.io.FixedLenFeature([], tf.float32),
@@ -45,7 +46,8 @@ def parse(raw: bytes) -> dict:
     out = {k: v.numpy() for k, v in ex.items()}
     out["image"] = tf.io.decode_png(ex["image/encoded"]).numpy()
     out["mask"] = tf.io.decode_png(ex["mask/encoded"]).numpy()
-    for k in ("image/source", "image/category", "fmas/prompt", "fmas/negative_prompt"):
+    for k in ("image/source", "image/category", "fmas/prompt", "fmas/negative_prompt",
+              "fmas/prompt_source"):  # fmt: skip
         out[k] = out[k].decode()
     return out
 
@@ -152,12 +154,76 @@ def test_parse_llm_answer_forms():
         prompts.parse_llm_answer("no idea")
 
 
-def test_prompt_library_covers_mvtec_visa_and_fallback():
-    for category in fmas_mvtec.MVTEC_CATEGORIES + fmas_visa.VISA_CATEGORIES:
-        assert category in prompts.PROMPT_LIBRARY
-    assert len(fmas_mvtec.MVTEC_CATEGORIES) == 15 and len(fmas_visa.VISA_CATEGORIES) == 12
-    pair = prompts.library_prompts("coffee_cup")
-    assert "coffee cup" in pair.prompt and pair.source == "library"
+# The test-set defect types: MVTec AD's test/<defect> folder names, and VisA's defect labels
+# (image_anno.csv; the 1cls layout folds them into test/bad). No offline prompt of a category
+# may name one of its own.
+TEST_DEFECTS = {
+    "bottle": "broken_large broken_small contamination",
+    "cable": "bent_wire cable_swap combined cut_inner_insulation cut_outer_insulation "
+    "missing_cable missing_wire poke_insulation",
+    "capsule": "crack faulty_imprint poke scratch squeeze",
+    "carpet": "color cut hole metal_contamination thread",
+    "grid": "bent broken glue metal_contamination thread",
+    "hazelnut": "crack cut hole print",
+    "leather": "color cut fold glue poke",
+    "metal_nut": "bent color flip scratch",
+    "pill": "color combined contamination crack faulty_imprint pill_type scratch",
+    "screw": "manipulated_front scratch_head scratch_neck thread_side thread_top",
+    "tile": "crack glue_strip gray_stroke oil rough",
+    "toothbrush": "defective",
+    "transistor": "bent_lead cut_lead damaged_case misplaced",
+    "wood": "color combined hole liquid scratch",
+    "zipper": "broken_teeth combined fabric_border fabric_interior rough split_teeth squeezed_teeth",
+    "candle": "chunk_of_wax_missing foreign_particals_on_candle different_colour_spot "
+    "damaged_corner_of_packaging weird_candle_wick other extra_wax_in_candle "
+    "wax_melded_out_of_the_candle",
+    "capsules": "bubble discolor scratch leak misshape",
+    "cashew": "burnt corner_or_edge_breakage different_colour_spot middle_breakage small_holes "
+    "same_colour_spot small_scratches stuck_together",
+    "chewinggum": "chunk_of_gum_missing scratches small_cracks corner_missing similar_colour_spot",
+    "fryum": "burnt similar_colour_spot corner_or_edge_breakage middle_breakage small_scratches "
+    "different_colour_spot fryum_stuck_together other",
+    "macaroni1": "chip_around_edge_and_corner small_scratches small_cracks different_colour_spot "
+    "middle_breakage similar_colour_spot",
+    "macaroni2": "breakage_down_the_middle small_scratches color_spot_similar_to_the_object "
+    "different_color_spot small_chip_around_edge small_cracks other",
+    "pcb1": "bent melt scratch missing",
+    "pcb2": "bent melt scratch missing",
+    "pcb3": "bent melt scratch missing",
+    "pcb4": "burnt scratch dirt damage extra missing wrong_place",
+    "pipe_fryum": "burnt corner_and_edge_breakage different_colour_spot middle_breakage "
+    "small_scratches small_cracks similar_colour_spot stuck_together",
+}
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+", text.lower().replace("colour", "color"))
+
+
+def _names(prompt: str, defect: str) -> bool:
+    """Whether ``prompt`` names ``defect``: its words in a row, each as a word's start (so
+    "scratches" names "scratch" and "cracked" names "crack"; plurals of the defect are cut)."""
+    stems = [re.sub(r"(?<=..)(es|s)$", "", w) for w in _words(defect.replace("_", " "))]
+    words = _words(prompt)
+    return any(
+        all(words[i + j].startswith(stem) for j, stem in enumerate(stems))
+        for i in range(len(words) - len(stems) + 1)
+    )
+
+
+def test_offline_prompts_never_name_the_categorys_test_defects():
+    assert set(TEST_DEFECTS) == set(fmas_mvtec.MVTEC_CATEGORIES + fmas_visa.VISA_CATEGORIES)
+    assert _names("a deep scratches and cracked rim", "scratch") and _names("x crack", "cracks")
+    assert _names("with different colour spots", "different_color_spot")
+    assert not _names("a different spot", "different_color_spot")
+    for category, defects in TEST_DEFECTS.items():
+        pair = prompts.library_prompts(category)
+        assert pair.source.startswith("library:") and pair.source != "library:generic", category
+        for text in (pair.prompt, pair.negative_prompt):
+            named = [d for d in defects.split() if _names(text, d)]
+            assert not named, f"{category}: offline prompt {text!r} names test defects {named}"
+    pair = prompts.library_prompts("coffee_cup")  # unknown classes: the generic vocabulary
+    assert "coffee cup" in pair.prompt and pair.source == "library:generic"
 
 
 def test_llm_prompts_are_asked_once_cached_and_key_never_logged(tmp_path, monkeypatch, caplog):
@@ -330,6 +396,7 @@ def test_writer_kill_loses_only_unflushed_records(tmp_path):
         category="c",
         prompt="p",
         negative_prompt="n",
+        prompt_source="library:generic",
         seed=1,
         cfg=5.0,
         strength=0.5,
@@ -424,6 +491,7 @@ def test_end_to_end_records(env, e2e):
         assert 5.0 <= r["fmas/cfg"] <= 10.0 and 0.5 <= r["fmas/strength"] <= 0.85
         assert r["fmas/tau"] == pytest.approx(config.selector.tau)
         assert r["fmas/prompt"] == prompts.library_prompts(category).prompt
+        assert r["fmas/prompt_source"] == prompts.library_prompts(category).source
         assert r["fmas/seed"].dtype == np.int64
     # Foreground cache written for every image (textures too: what CutPaste +FM reads).
     for s in env["sources"]:
