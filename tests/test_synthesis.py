@@ -365,6 +365,48 @@ def test_lpips_reads_local_backbone_weights(tmp_path):
     torch.testing.assert_close(own["slice5.10.bias"], state["features.10.bias"])
 
 
+def test_long_prompts_are_encoded_in_chunks_not_truncated(env):
+    """A prompt past CLIP's 77 tokens (the tiny tokenizer: one token per character) is encoded
+    whole, in 77-token chunks; a short one exactly as diffusers encodes it; and words past the
+    77th token change the inpainting (truncated, they did not: "missing piece" was dropped)."""
+    import torch
+
+    pipe = inpainting.load_inpaint_pipeline(
+        env["models"]["sd"], device="cpu", half_precision=False
+    )
+    tok = pipe.tokenizer
+    head = "close-up photo of the part with a realistic surface defect, dent, chip, smudge, "
+    long_a, long_b = head + "contamination, missing piece", head + "contamination, torn label"
+    ids = tok(long_a, add_special_tokens=False).input_ids
+    assert len(ids) > 77
+    chunks = inpainting.prompt_chunks(tok, long_a)
+    assert len(chunks) == 2 and all(len(c) == 77 and c[0] == tok.bos_token_id for c in chunks)
+    content = [c[1 : c.index(tok.eos_token_id, 1)] for c in chunks]
+    assert content[0] + content[1] == ids  # nothing dropped
+    comma = tok.convert_tokens_to_ids(",</w>")
+    assert content[0][-1] == comma and len(content[0]) < 75  # ended at a comma, as the WebUI
+    truncated = [tok(t, truncation=True, max_length=77).input_ids for t in (long_a, long_b)]
+    assert truncated[0] == truncated[1]  # the difference is past the 77th token
+    # Short prompts: the same embeddings as diffusers' own encoding.
+    ours = inpainting.encode_prompts(pipe, "a dent", "blurry")
+    theirs = pipe.encode_prompt("a dent", "cpu", 1, True, "blurry")
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)
+    embeds, negative = inpainting.encode_prompts(pipe, long_a, "blurry")
+    assert embeds.shape[1] == negative.shape[1] == 2 * 77
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    mask = np.zeros((32, 32), bool)
+    mask[8:24, 8:24] = True
+    outs = [
+        inpainting.inpaint_candidates(
+            pipe, image, mask, prompt=p, negative_prompt="blurry", seeds=[0], cfg=7.0,
+            strength=0.8, steps=2, resolution=32,
+        )  # fmt: skip
+        for p in (long_a, long_b)
+    ]
+    assert (outs[0][0][mask] != outs[1][0][mask]).any()
+
+
 def test_composite_keeps_outside_pixels():
     rng = np.random.default_rng(0)
     original = rng.integers(0, 256, (8, 9, 3), dtype=np.uint8)
