@@ -105,11 +105,11 @@ def test_bad_experiment_configs_are_named(tmp_path):
     config = _config("table3", "demo")
     config.overrides.model = {"depth": (1, 1, 1, 1)}
     run = experiment.expand(config, tmp_path)[0]
-    with pytest.raises(ConfigError, match="Did you mean model.depths"):
+    with pytest.raises(ConfigError, match=r"Did you mean model\.depths"):
         experiment.run_config(config, run, tmp_path)
     config = _config("table3", "demo")
     config.rows.cutpaste.config = "no_such_config"
-    with pytest.raises(ConfigError, match="configs/no_such_config.py"):
+    with pytest.raises(ConfigError, match=r"configs/no_such_config\.py"):
         experiment.run_config(config, experiment.expand(config, tmp_path)[0], tmp_path)
 
 

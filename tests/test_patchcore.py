@@ -375,9 +375,7 @@ def test_ensemble_normalisation_option_through_the_method(demo_data_root, tmp_pa
         c.members = {name: config.members[name]}
         out = registry.get_method(c).score(run.model, run.fitted, images, step=0)
         singles.append((out.image_scores, out.maps))
-    official = method("minmax_over_evaluated_set").score(
-        run.model, run.fitted, images, step=0
-    )
+    official = method("minmax_over_evaluated_set").score(run.model, run.fitted, images, step=0)
     ref_scores, ref_maps = _minmax_reference(singles)
     np.testing.assert_allclose(official.image_scores, ref_scores, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(official.maps, ref_maps, rtol=1e-4, atol=1e-5)

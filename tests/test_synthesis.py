@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pywt
+import scipy.ndimage
 import synthesis_fixtures as sf
 from fake_llm import completion, send, serve
 from PIL import Image
@@ -173,7 +174,8 @@ TEST_DEFECTS = {
     "toothbrush": "defective",
     "transistor": "bent_lead cut_lead damaged_case misplaced",
     "wood": "color combined hole liquid scratch",
-    "zipper": "broken_teeth combined fabric_border fabric_interior rough split_teeth squeezed_teeth",
+    "zipper": "broken_teeth combined fabric_border fabric_interior rough split_teeth "
+    "squeezed_teeth",
     "candle": "chunk_of_wax_missing foreign_particals_on_candle different_colour_spot "
     "damaged_corner_of_packaging weird_candle_wick other extra_wax_in_candle "
     "wax_melded_out_of_the_candle",
@@ -371,9 +373,7 @@ def test_long_prompts_are_encoded_in_chunks_not_truncated(env):
     77th token change the inpainting (truncated, they did not: "missing piece" was dropped)."""
     import torch
 
-    pipe = inpainting.load_inpaint_pipeline(
-        env["models"]["sd"], device="cpu", half_precision=False
-    )
+    pipe = inpainting.load_inpaint_pipeline(env["models"]["sd"], device="cpu", half_precision=False)
     tok = pipe.tokenizer
     head = "close-up photo of the part with a realistic surface defect, dent, chip, smudge, "
     long_a, long_b = head + "contamination, missing piece", head + "contamination, torn label"
@@ -399,9 +399,17 @@ def test_long_prompts_are_encoded_in_chunks_not_truncated(env):
     mask[8:24, 8:24] = True
     outs = [
         inpainting.inpaint_candidates(
-            pipe, image, mask, prompt=p, negative_prompt="blurry", seeds=[0], cfg=7.0,
-            strength=0.8, steps=2, resolution=32,
-        )  # fmt: skip
+            pipe,
+            image,
+            mask,
+            prompt=p,
+            negative_prompt="blurry",
+            seeds=[0],
+            cfg=7.0,
+            strength=0.8,
+            steps=2,
+            resolution=32,
+        )
         for p in (long_a, long_b)
     ]
     assert (outs[0][0][mask] != outs[1][0][mask]).any()
@@ -487,6 +495,95 @@ def test_subband_change_analytic_and_against_pywt():
     np.testing.assert_allclose(rows["x"], mean / mean.sum(), rtol=1e-12)
     assert counts == {"x": 2} and abs(rows["x"].sum() - 1) < 1e-12
     assert "| LL |" in subband.markdown_table(rows)
+
+
+def _objects_image(size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Four bright discs near the corners of a dark image (nothing at the centre), and their
+    union as bool ``[H, W]``."""
+    yy, xx = np.mgrid[:size, :size]
+    objects = np.zeros((size, size), bool)
+    for cy, cx in ((16, 16), (16, 48), (48, 16), (48, 48)):
+        objects |= (yy - cy) ** 2 + (xx - cx) ** 2 <= 7**2
+    image = np.where(objects[..., None], 220, 30).astype(np.uint8).repeat(3, axis=-1)
+    return image, objects
+
+
+class _ComponentOracle:
+    """A predictor as SAM at its best: a point's mask is the connected region under it."""
+
+    def set_image(self, image):
+        self.labels, _ = scipy.ndimage.label(image[..., 0] > 127)
+        self.labels[self.labels == 0] = self.labels.max() + 1  # the background is one region
+
+    def predict(self, *, point_coords, point_labels, multimask_output):
+        x, y = point_coords[0]
+        mask = self.labels == self.labels[int(y), int(x)]
+        return mask[None], np.array([0.95]), None
+
+
+def test_point_grid_segments_every_object_where_a_centre_point_misses():
+    image, objects = _objects_image()
+    oracle = _ComponentOracle()
+    centre, _ = masks.sam_foreground(oracle, image, prompt="center_point", min_fraction=0.01)
+    assert not (centre & objects).any()  # the centre point lands between the objects
+    grid, fell_back = masks.sam_foreground(oracle, image, prompt="point_grid", min_fraction=0.01)
+    assert not fell_back
+    np.testing.assert_array_equal(grid, objects)  # every object, the background left out
+    sparse = masks.PointGrid(points_per_side=2)  # points at the disc centres only
+    np.testing.assert_array_equal(masks.point_grid_union(oracle, image, sparse), objects)
+    assert masks.grid_points(64, 64, 2).tolist() == [[16, 16], [48, 16], [16, 48], [48, 48]]
+
+
+def test_point_grid_with_the_tiny_sam_and_per_category_selection(tmp_path):
+    """The real SamPredictor path (tiny random SAM): the grid mask is the union of the kept
+    per-point masks, and the provider uses the grid for the configured multi-object classes."""
+    import torch
+    from segment_anything import SamPredictor
+
+    image, _ = _objects_image()
+    torch.manual_seed(0)
+    predictor = SamPredictor(masks.build_tiny_sam().eval())
+    grid = masks.PointGrid(points_per_side=3, min_score=-1e9, max_fraction=1.0)
+    with torch.inference_mode():
+        predictor.set_image(image)
+        expected = np.zeros(image.shape[:2], bool)
+        for x, y in masks.grid_points(64, 64, 3):
+            out, scores, _ = predictor.predict(
+                point_coords=np.array([[x, y]]), point_labels=np.array([1]), multimask_output=True
+            )
+            best = out[int(np.argmax(scores))]
+            expected |= best if best[int(y), int(x)] else False
+    got, _ = masks.sam_foreground(
+        predictor, image, prompt="point_grid", min_fraction=0.0, grid=grid
+    )
+    np.testing.assert_array_equal(got, expected)
+    centre, _ = masks.sam_foreground(predictor, image, prompt="center_point", min_fraction=0.0)
+    checkpoint = tmp_path / "sam.pth"
+    torch.save(predictor.model.state_dict(), checkpoint)
+    provider = masks.ForegroundProvider(
+        tmp_path / "fg",
+        texture_categories=(),
+        sam_checkpoint=str(checkpoint),
+        sam_model_type="tiny",
+        sam_prompt="center_point",
+        min_fraction=0.0,
+        device="cpu",
+        multi_object_categories=("candle",),
+        grid=grid,
+    )
+    np.testing.assert_array_equal(provider(image, category="candle", rel_to_category="a.png"), got)
+    np.testing.assert_array_equal(
+        provider(image, category="cashew", rel_to_category="a.png"), centre
+    )
+    with pytest.raises(ValueError, match="point_grid"):
+        masks.sam_foreground(predictor, image, prompt="grid", min_fraction=0.0)
+
+
+def test_visa_config_selects_the_point_grid_for_multi_object_classes():
+    multi = set(fmas_visa.get_config().sam.multi_object_categories)
+    assert {"candle", "capsules", "macaroni1", "macaroni2", "pcb4"} == multi
+    assert multi <= set(fmas_visa.VISA_CATEGORIES)
+    assert not fmas_mvtec.get_config().sam.multi_object_categories
 
 
 def test_configs_build():

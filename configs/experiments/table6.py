@@ -64,7 +64,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         paper_column="Final Model",
         depends_on=("cutpaste_wdam",),
         overrides={
-            "members": {**plain, "wdam": {"workdir": "{workdir}/cutpaste_wdam/{category}/seed{seed}"}},
+            "members": {
+                **plain,
+                "wdam": {"workdir": "{workdir}/cutpaste_wdam/{category}/seed{seed}"},
+            },
             "patchcore": {"normalisation": "minmax_over_evaluated_set"},
         },
     )

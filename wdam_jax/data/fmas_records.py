@@ -112,8 +112,8 @@ def read_fmas_records(
 
     Returns:
       Dataset of dicts: ``image`` float32 [S, S, 3] in [0, 1], ``mask`` float32 [S, S] in {0, 1},
-      ``source``, ``category``, ``prompt``, ``negative_prompt``, ``prompt_source`` (tf.string), ``seed`` int64,
-      ``cfg``, ``strength``, ``lpips``, ``tau`` float32.
+      ``source``, ``category``, ``prompt``, ``negative_prompt``, ``prompt_source`` (tf.string),
+      ``seed`` int64, ``cfg``, ``strength``, ``lpips``, ``tau`` float32.
     """
     tf = import_tensorflow()
     files = resolve_files(file_pattern_or_paths)
