@@ -6,6 +6,8 @@ paper's numbers are transcribed consistently."""
 import importlib
 import json
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -198,3 +200,25 @@ def test_killed_experiment_resumes_without_redoing_finished_runs(
     config.overrides.train.stage3_steps = 2
     with pytest.raises(Exception, match="finished run made with another config"):
         experiment.run_experiment(config, workdir)
+
+
+def _launch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "launch.experiment", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+
+
+def test_launcher_aggregates_and_names_bad_shards(tmp_path):
+    config = "--config=configs/experiments/table8.py:demo"
+    out = _launch(
+        config, f"--workdir={tmp_path}", "--aggregate_only", "--config.overrides.data.root=x"
+    )
+    assert out.returncode == 0, out.stderr
+    table = (tmp_path / "results.md").read_text()
+    assert "0/10 runs finished" in table and "98.00" in table  # the paper's layer-1 mean
+    assert json.loads((tmp_path / "results.json").read_text())["table"] == "Table 8"
+    out = _launch(config, f"--workdir={tmp_path}", "--shard_index=2", "--num_shards=2")
+    assert out.returncode == 2 and "--shard_index=2 --num_shards=2" in out.stderr

@@ -10,7 +10,8 @@ An experiment config has:
 - ``categories``, ``seeds``; ``metrics`` shown; ``section`` (the dataset name of the paper's
   table);
 - ``overrides``: nested fields (or dotted keys) set in every run's config; a string may hold
-  ``{workdir}``, ``{category}``, ``{seed}``.
+  ``{workdir}``, ``{category}``, ``{seed}``. ``overrides.data.root`` is always there, so the
+  data can be elsewhere without editing the config: ``--config.overrides.data.root=DIR``.
 """
 
 import pathlib
@@ -20,6 +21,8 @@ import ml_collections
 HERE = pathlib.Path(__file__).resolve().parent
 DEMO_CATEGORIES = ("washer", "brick")  # an object and a texture of the built-in demo data
 DEMO_SEEDS = (0,)
+MVTEC_ROOT = "data/mvtec_ad"
+DEMO_ROOT = "workdirs/demo_data"
 
 
 def row(
@@ -57,9 +60,16 @@ def row(
 
 
 def experiment(
-    table: str, paper_file: str, *, section: str, categories: tuple[str, ...], seeds
+    table: str,
+    paper_file: str,
+    *,
+    section: str,
+    categories: tuple[str, ...],
+    seeds,
+    data_root: str,
 ) -> ml_collections.ConfigDict:
-    """The fields of an experiment config other than its rows."""
+    """The fields of an experiment config other than its rows; ``overrides.data.root`` is set so
+    that ``--config.overrides.data.root=DIR`` points every run at the data."""
     config = ml_collections.ConfigDict()
     config.table = table
     config.paper_values = str(HERE / paper_file) if paper_file else ""
@@ -67,7 +77,7 @@ def experiment(
     config.metrics = ("i_auroc", "p_auroc", "pro")
     config.categories = categories
     config.seeds = tuple(seeds)
-    config.overrides = ml_collections.ConfigDict()
+    config.overrides = ml_collections.ConfigDict({"data": {"root": data_root}})
     config.rows = ml_collections.ConfigDict()
     config.order = ()
     return config

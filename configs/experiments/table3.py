@@ -32,6 +32,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "table3_paper.json",
         section="MVTec AD",
         categories=common.DEMO_CATEGORIES if demo else MVTEC_CATEGORIES,
+        data_root=common.DEMO_ROOT if demo else common.MVTEC_ROOT,
         seeds=common.DEMO_SEEDS if demo else (0, 1, 2),
     )
     final_overrides = {"data": {"anomaly_source": "fmas"}} if demo else {}

@@ -24,6 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "table5_paper.json",
         section="MVTec AD",
         categories=common.DEMO_CATEGORIES if demo else MVTEC_CATEGORIES,
+        data_root=common.DEMO_ROOT if demo else common.MVTEC_ROOT,
         seeds=common.DEMO_SEEDS if demo else (0,),
     )
     config.metrics = ("i_auroc", "p_auroc")

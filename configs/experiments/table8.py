@@ -28,10 +28,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "table8_paper.json",
         section="MVTec AD",
         categories=common.DEMO_CATEGORIES if demo else MVTEC_CATEGORIES,
+        data_root=common.DEMO_ROOT if demo else common.MVTEC_ROOT,
         seeds=common.DEMO_SEEDS if demo else (0, 1, 2),
     )
     if demo:  # configs/cutpaste_wdam.py:demo keeps the CutPaste class; the table compares FMAS
-        config.overrides.data = {"anomaly_source": "fmas"}
+        config.overrides.data.anomaly_source = "fmas"
     for layer in LAYERS:
         setattr(
             config.rows,
