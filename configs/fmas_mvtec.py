@@ -59,7 +59,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sam = ml_collections.ConfigDict()
     config.sam.checkpoint = "weights/sam/sam_vit_h_4b8939.pth"
     config.sam.model_type = "vit_h"
-    config.sam.prompt = "center_point"  # or "full_box"
+    config.sam.prompt = "center_point"  # or "full_box"; "point_grid" for several objects
+    # Classes with several objects per image: SAM prompted with a grid of points, masks unioned
+    # (synthesis/masks.py point_grid_union). None in MVTec AD (one object per image).
+    config.sam.multi_object_categories = ()
+    config.sam.grid_points_per_side = 8
+    config.sam.grid_min_score = 0.8  # SAM's predicted IoU of a point's mask
+    config.sam.grid_max_fraction = 0.5  # larger masks are background, not an object
 
     config.prompts = ml_collections.ConfigDict()
     config.prompts.llm_base_url = ""  # e.g. "https://api.openai.com/v1"; "" = offline library

@@ -4,6 +4,10 @@ Per image-mask pair: one CFG scale and one denoising strength (drawn by the call
 [0.5, 0.85]) and ``K`` seeds (five in the paper); the ``K`` candidates are generated in one batched
 call, one ``torch.Generator`` per seed, and each is composited so that every pixel outside ``M`` is
 exactly the original's.
+
+Prompts longer than CLIP's 77 tokens are not truncated: as the Stable Diffusion WebUI the paper
+used, they are encoded in chunks of 75 tokens (+ start and end), the chunk embeddings
+concatenated along the sequence and passed as ``prompt_embeds`` (:func:`encode_prompts`).
 """
 
 from __future__ import annotations
@@ -66,6 +70,68 @@ def load_inpaint_pipeline(model_dir: str | os.PathLike, *, device: str, half_pre
     return pipe.to(device)
 
 
+CHUNK_TOKENS = 75  # CLIP's 77 minus the start and end tokens, the WebUI's chunk length
+COMMA_LOOKBACK = 20  # the WebUI ends a full chunk at its last comma if within this many tokens
+
+
+def prompt_chunks(tokenizer, text: str, *, min_chunks: int = 1) -> list[list[int]]:
+    """``text``'s token ids in 77-token chunks, none dropped (the WebUI's chunking).
+
+    Tokens are taken 75 at a time; a full chunk ends after its last comma when that comma is
+    among its last ``COMMA_LOOKBACK`` tokens (so a phrase is not cut in two), the rest moving to
+    the next chunk. Each chunk is ``[start] + tokens + [end] + [pad] * (75 - len(tokens))``: a
+    prompt of at most 75 tokens gives exactly the ids diffusers' own encoding gives.
+
+    Args:
+      tokenizer: the pipeline's ``CLIPTokenizer``.
+      text: the prompt.
+      min_chunks: pad with empty chunks up to this many (a negative prompt matches its prompt).
+
+    Returns:
+      ``[num_chunks][77]`` token ids.
+    """
+    ids = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    for token in ids:
+        current.append(token)
+        if len(current) == CHUNK_TOKENS:
+            commas = [i for i, t in enumerate(current) if t == comma]
+            cut = commas[-1] + 1 if commas and CHUNK_TOKENS - commas[-1] <= COMMA_LOOKBACK else 0
+            if cut and cut < CHUNK_TOKENS:
+                chunks.append(current[:cut])
+                current = current[cut:]
+            else:
+                chunks.append(current)
+                current = []
+    if current or not chunks:
+        chunks.append(current)
+    chunks += [[] for _ in range(min_chunks - len(chunks))]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return [[bos, *c, eos] + [pad] * (CHUNK_TOKENS - len(c)) for c in chunks]
+
+
+def encode_prompts(pipe, prompt: str, negative_prompt: str):
+    """CLIP embeddings of a prompt and its negative prompt, chunked (:func:`prompt_chunks`).
+
+    Returns:
+      ``(prompt_embeds, negative_prompt_embeds)``, each ``[1, 77 * n, D]`` with the same ``n``
+      (the longer of the two's chunk count), on the pipeline's device.
+    """
+    import torch
+
+    n = max(len(prompt_chunks(pipe.tokenizer, t)) for t in (prompt, negative_prompt))
+    ids = [prompt_chunks(pipe.tokenizer, t, min_chunks=n) for t in (prompt, negative_prompt)]
+    tokens = torch.tensor(ids[0] + ids[1], device=pipe.device)  # [2n, 77]
+    with torch.inference_mode():
+        hidden = pipe.text_encoder(tokens)[0]  # [2n, 77, D]
+    hidden = hidden.to(pipe.text_encoder.dtype)
+    width = hidden.shape[-1]
+    return hidden[:n].reshape(1, -1, width), hidden[n:].reshape(1, -1, width)
+
+
 def processing_size(height: int, width: int, *, resolution: int) -> tuple[int, int]:
     """Size SD runs at: the longer side ``resolution``, aspect kept, both sides multiples of 8."""
     scale = resolution / max(height, width)
@@ -108,7 +174,7 @@ def inpaint_candidates(
       pipe: from :func:`load_inpaint_pipeline`.
       image: uint8 ``[H, W, 3]``, the normal image ``I_N``.
       mask: bool ``[H, W]``, ``M`` of eq. 1.
-      prompt, negative_prompt: text guidance.
+      prompt, negative_prompt: text guidance, any length (encoded in 77-token chunks).
       seeds: ``K`` sampling seeds (the only thing that varies between candidates).
       cfg: classifier-free guidance scale.
       strength: denoising strength.
@@ -128,10 +194,11 @@ def inpaint_candidates(
     # CPU generators: diffusers draws the noise on the CPU and moves it, so a seed gives the same
     # initial noise on any device.
     generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+    prompt_embeds, negative_embeds = encode_prompts(pipe, prompt, negative_prompt)
     with torch.inference_mode():
         out = pipe(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_embeds,
             image=init,
             mask_image=mask_im,
             height=ph,

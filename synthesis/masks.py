@@ -10,6 +10,7 @@ e.g. ``<fg_root>/bottle/train/good/000.png``: single channel uint8, 255 = foregr
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -150,19 +151,75 @@ def load_sam_predictor(checkpoint: str | os.PathLike, *, model_type: str, device
     return SamPredictor(sam)
 
 
+SAM_PROMPTS = ("center_point", "full_box", "point_grid")
+
+
+@dataclasses.dataclass(frozen=True)
+class PointGrid:
+    """The ``"point_grid"`` SAM prompt for images with several objects.
+
+    Attributes:
+      points_per_side: a ``n x n`` grid of single positive points at the cell centres.
+      min_score: a point's mask is kept only if SAM's predicted IoU is at least this.
+      max_fraction: ... and if it covers at most this fraction of the image (larger masks are
+        the background or the tray the objects lie on).
+    """
+
+    points_per_side: int = 8
+    min_score: float = 0.8
+    max_fraction: float = 0.5
+
+
+def grid_points(height: int, width: int, points_per_side: int) -> np.ndarray:
+    """``[n * n, 2]`` (x, y) pixel coordinates of the centres of an ``n x n`` grid of cells."""
+    xs = (np.arange(points_per_side) + 0.5) * width / points_per_side
+    ys = (np.arange(points_per_side) + 0.5) * height / points_per_side
+    return np.stack(np.meshgrid(xs, ys), axis=-1).reshape(-1, 2)
+
+
+def point_grid_union(predictor, image: np.ndarray, grid: PointGrid) -> np.ndarray:
+    """Union of SAM's masks for a grid of single points: every object, not only the central one.
+
+    Each grid point is one prompt (SAM's best-scoring mask of its three); a mask is kept if its
+    score is at least ``grid.min_score``, it contains its own point and it covers at most
+    ``grid.max_fraction`` of the image. Call after ``predictor.set_image(image)``.
+
+    Returns:
+      bool ``[H, W]`` (empty if no mask is kept).
+    """
+    h, w = image.shape[:2]
+    union = np.zeros((h, w), dtype=bool)
+    for x, y in grid_points(h, w, grid.points_per_side):
+        masks, scores, _ = predictor.predict(
+            point_coords=np.array([[x, y]]), point_labels=np.array([1]), multimask_output=True
+        )
+        best = int(np.argmax(scores))
+        mask = np.asarray(masks[best], dtype=bool)
+        inside = mask[min(int(y), h - 1), min(int(x), w - 1)]
+        if scores[best] >= grid.min_score and inside and mask.mean() <= grid.max_fraction:
+            union |= mask
+    return union
+
+
 def sam_foreground(
-    predictor, image: np.ndarray, *, prompt: str, min_fraction: float
+    predictor,
+    image: np.ndarray,
+    *,
+    prompt: str,
+    min_fraction: float,
+    grid: PointGrid = PointGrid(),  # frozen: one shared default is safe
 ) -> tuple[np.ndarray, bool]:
-    """Foreground mask of the principal object from SAM with a simple prompt (Sec. 3.1).
+    """Foreground mask from SAM with a simple prompt (Sec. 3.1).
 
     Args:
       predictor: a ``SamPredictor``.
       image: uint8 ``[H, W, 3]`` RGB.
-      prompt: ``"center_point"`` (one positive point at the image centre) or ``"full_box"``
-        (a box covering the image minus a 2% margin). SAM's highest-scoring mask of its three is
-        kept.
+      prompt: ``"center_point"`` (one positive point at the image centre), ``"full_box"`` (a box
+        covering the image minus a 2% margin), SAM's highest-scoring mask of its three kept; or
+        ``"point_grid"`` (several objects: :func:`point_grid_union` with ``grid``).
       min_fraction: if the mask covers less than this fraction of the image (SAM missed the
         object), the whole image is used instead.
+      grid: the ``"point_grid"`` settings.
 
     Returns:
       ``(mask, fell_back)``: bool ``[H, W]`` and whether the whole-image fallback was used.
@@ -170,8 +227,15 @@ def sam_foreground(
     import torch
 
     h, w = image.shape[:2]
+    if prompt not in SAM_PROMPTS:
+        raise ValueError(f"sam.prompt={prompt!r} must be one of {', '.join(SAM_PROMPTS)}.")
     with torch.inference_mode():
         predictor.set_image(image)
+        if prompt == "point_grid":
+            mask = point_grid_union(predictor, image, grid)
+            if mask.mean() < min_fraction:
+                return np.ones((h, w), dtype=bool), True
+            return mask, False
         if prompt == "center_point":
             masks, scores, _ = predictor.predict(
                 point_coords=np.array([[w / 2.0, h / 2.0]]),
@@ -183,8 +247,6 @@ def sam_foreground(
             masks, scores, _ = predictor.predict(
                 box=np.array([mx, my, w - 1 - mx, h - 1 - my]), multimask_output=True
             )
-        else:
-            raise ValueError(f"sam.prompt={prompt!r} must be 'center_point' or 'full_box'.")
     mask = np.asarray(masks[int(np.argmax(scores))], dtype=bool)
     if mask.mean() < min_fraction:
         return np.ones((h, w), dtype=bool), True
@@ -254,6 +316,8 @@ class ForegroundProvider:
       texture_categories: classes whose foreground is the whole image.
       sam_checkpoint, sam_model_type, sam_prompt: see :func:`load_sam_predictor` and
         :func:`sam_foreground`.
+      multi_object_categories: classes with several objects per image, segmented with the
+        ``"point_grid"`` prompt and ``grid`` instead of ``sam_prompt``.
       min_fraction: see :func:`sam_foreground`.
       device: torch device for SAM.
     """
@@ -268,12 +332,16 @@ class ForegroundProvider:
         sam_prompt: str,
         min_fraction: float,
         device: str,
+        multi_object_categories: Sequence[str] = (),
+        grid: PointGrid = PointGrid(),
     ) -> None:
         self.fg_root = Path(fg_root)
         self.texture_categories = frozenset(texture_categories)
         self.sam_checkpoint = sam_checkpoint
         self.sam_model_type = sam_model_type
         self.sam_prompt = sam_prompt
+        self.multi_object_categories = frozenset(multi_object_categories)
+        self.grid = grid
         self.min_fraction = min_fraction
         self.device = device
         self._predictor = None
@@ -296,8 +364,13 @@ class ForegroundProvider:
                 self._predictor = load_sam_predictor(
                     self.sam_checkpoint, model_type=self.sam_model_type, device=self.device
                 )
+            multi = category in self.multi_object_categories
             fg, fell_back = sam_foreground(
-                self._predictor, image, prompt=self.sam_prompt, min_fraction=self.min_fraction
+                self._predictor,
+                image,
+                prompt="point_grid" if multi else self.sam_prompt,
+                min_fraction=self.min_fraction,
+                grid=self.grid,
             )
             self.stats["sam"] += 1
             self.stats["sam_fallback_whole_image"] += int(fell_back)

@@ -223,6 +223,7 @@ def synthesize_one(
         category=item.category,
         prompt=prompt_pair.prompt,
         negative_prompt=prompt_pair.negative_prompt,
+        prompt_source=prompt_pair.source,
         seed=seeds[k],
         cfg=cfg,
         strength=strength,
@@ -303,6 +304,12 @@ def _run_fmas(
         sam_prompt=config.sam.prompt,
         min_fraction=config.masks.min_foreground_fraction,
         device=device,
+        multi_object_categories=config.sam.multi_object_categories,
+        grid=masks.PointGrid(
+            points_per_side=config.sam.grid_points_per_side,
+            min_score=config.sam.grid_min_score,
+            max_fraction=config.sam.grid_max_fraction,
+        ),
     )
     # Before the models: a wrong endpoint or key fails in seconds, not after minutes of loading.
     prompt_pairs = {

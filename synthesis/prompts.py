@@ -6,8 +6,11 @@ per class as ``<cache_dir>/<category>.json`` (so a class is asked once, and runs
 The API key is read from the environment variable named in the config and is never logged,
 written or put in an error. The client sends it over https only (plain http to this machine
 only), follows no redirect, caps the answer's size, bounds the whole exchange by one deadline and
-retries 429/5xx with exponential backoff. Without an endpoint, :data:`PROMPT_LIBRARY` (all 15
-MVTec AD and 12 VisA classes, plus a generic fallback) is used.
+retries 429/5xx with exponential backoff. Without an endpoint, an offline prompt made of the
+class's material or object kind (:data:`CATEGORY_MATERIAL`, :data:`MATERIAL_VOCABULARY`) is used:
+a generic defect vocabulary that never names the class's test-set defect types, since prompts
+written from those would leak the test set into the training anomalies. The LLM path (the paper's
+way) asks only the class label.
 """
 
 from __future__ import annotations
@@ -54,167 +57,82 @@ class PromptPair:
 
     prompt: str
     negative_prompt: str
-    source: str  # "library", "llm" or "llm-cache"
+    source: str  # "library:<material>", "llm" or "llm-cache"; stored in every record
 
 
-_NEG_COMMON = "blurry, low quality, cartoon, text, watermark, distorted object, extra objects"
+# Offline prompts: a generic defect vocabulary per material or object kind, never a category's
+# test-set defect types (tests/test_synthesis.py lists the MVTec AD and VisA ones and checks). The
+# vocabulary is what one would write knowing only what the object is made of; naming the test
+# defects would leak the test set into the training anomalies.
+_NEG_COMMON = "blurry, low quality, cartoon, text, watermark, distorted object, duplicate objects"
 
-# Offline prompts, written from the MVTec AD / VisA defect types of each class.
-PROMPT_LIBRARY: dict[str, tuple[str, str]] = {
-    # MVTec AD (15)
-    "bottle": (
-        "close-up photo of a glass bottle top with a broken chipped rim, crack, "
-        "contamination stain, realistic industrial defect",
-        _NEG_COMMON + ", intact rim, clean glass",
-    ),
-    "cable": (
-        "close-up photo of a cable cross-section with a cut insulation, bent wire, "
-        "missing wire, poked insulation, realistic industrial defect",
-        _NEG_COMMON + ", perfect cable, intact insulation",
-    ),
-    "capsule": (
-        "close-up photo of a pill capsule with a crack, squeezed dent, faulty imprint, "
-        "poke hole, scratch, realistic defect",
-        _NEG_COMMON + ", perfect capsule, smooth surface",
-    ),
-    "carpet": (
-        "close-up photo of woven carpet with a hole, cut thread, colored stain, "
-        "metal contamination, realistic textile defect",
-        _NEG_COMMON + ", uniform weave, clean carpet",
-    ),
-    "grid": (
-        "close-up photo of a metal wire grid with a bent wire, broken wire, glue blob, "
-        "thread contamination, realistic defect",
-        _NEG_COMMON + ", regular mesh, intact grid",
-    ),
-    "hazelnut": (
-        "close-up photo of a hazelnut with a crack, cut, hole, print mark on the shell, "
-        "realistic defect",
-        _NEG_COMMON + ", perfect hazelnut, smooth shell",
-    ),
-    "leather": (
-        "close-up photo of leather with a cut, fold, glue stain, poke hole, color stain, "
-        "realistic leather defect",
-        _NEG_COMMON + ", uniform leather grain, clean surface",
-    ),
-    "metal_nut": (
-        "close-up photo of a metal nut with a bent lobe, scratch, color stain, flipped side, "
-        "realistic machined part defect",
-        _NEG_COMMON + ", perfect metal nut, clean metal",
-    ),
-    "pill": (
-        "close-up photo of a white pill with a crack, red color speckle, contamination, "
-        "chipped edge, faulty imprint, realistic defect",
-        _NEG_COMMON + ", perfect pill, smooth coating",
-    ),
-    "screw": (
-        "close-up photo of a metal screw with a damaged thread, scratched head, bent tip, "
-        "manipulated front, realistic defect",
-        _NEG_COMMON + ", perfect screw, intact thread",
-    ),
-    "tile": (
-        "close-up photo of a ceramic tile with a crack, glue strip, gray stroke, rough patch, "
-        "oil stain, realistic surface defect",
-        _NEG_COMMON + ", intact tile, uniform pattern",
-    ),
-    "toothbrush": (
-        "close-up photo of a toothbrush head with frayed bent bristles, missing bristles, "
-        "defective tuft, realistic defect",
-        _NEG_COMMON + ", perfect toothbrush, neat bristles",
-    ),
-    "transistor": (
-        "close-up photo of a transistor on a board with a bent lead, cut lead, damaged case, "
-        "misplaced component, realistic defect",
-        _NEG_COMMON + ", perfect transistor, straight leads",
-    ),
-    "wood": (
-        "close-up photo of a wooden board with a scratch, hole, liquid stain, color patch, "
-        "crack in the grain, realistic wood defect",
-        _NEG_COMMON + ", uniform wood grain, clean wood",
-    ),
-    "zipper": (
-        "close-up photo of a zipper with broken teeth, split teeth, squeezed teeth, "
-        "fabric rough interior, realistic defect",
-        _NEG_COMMON + ", perfect zipper, aligned teeth",
-    ),
-    # VisA (12)
-    "candle": (
-        "close-up photo of a white candle with a chunk of wax missing, foreign particle, "
-        "wax melded, damaged corner, realistic defect",
-        _NEG_COMMON + ", perfect candle, smooth wax",
-    ),
-    "capsules": (
-        "close-up photo of green soft capsules with a bubble, discoloration, leak, "
-        "misshape, realistic defect",
-        _NEG_COMMON + ", perfect capsules, clear gel",
-    ),
-    "cashew": (
-        "close-up photo of a cashew nut with a burnt spot, crack, hole, stuck-on particle, "
-        "realistic food defect",
-        _NEG_COMMON + ", perfect cashew, even color",
-    ),
-    "chewinggum": (
-        "close-up photo of a chewing gum piece with a chunk missing, corner missing, scratch, "
-        "similar colored spot, realistic defect",
-        _NEG_COMMON + ", perfect chewing gum, smooth coating",
-    ),
-    "fryum": (
-        "close-up photo of a wheel-shaped fryum snack with a burnt spot, break, "
-        "foreign particle, fryum stuck together, realistic food defect",
-        _NEG_COMMON + ", perfect fryum, even color",
-    ),
-    "macaroni1": (
-        "close-up photo of a macaroni piece with a chip around the edge, crack, small scratch, "
-        "middle breakage, realistic food defect",
-        _NEG_COMMON + ", perfect macaroni, smooth surface",
-    ),
-    "macaroni2": (
-        "close-up photo of a macaroni piece on a textured background with a crack, breakage "
-        "down the middle, color spot, small chip, realistic defect",
-        _NEG_COMMON + ", perfect macaroni, intact shape",
-    ),
-    "pcb1": (
-        "close-up photo of a printed circuit board with a bent pin, melted component, "
-        "missing part, scratch, realistic electronics defect",
-        _NEG_COMMON + ", perfect circuit board, clean solder",
-    ),
-    "pcb2": (
-        "close-up photo of a printed circuit board with a bent lead, burnt component, "
-        "missing chip, scratch on the board, realistic electronics defect",
-        _NEG_COMMON + ", perfect circuit board, clean solder",
-    ),
-    "pcb3": (
-        "close-up photo of a printed circuit board with a bent pin, melted plastic, "
-        "missing component, scratch, realistic electronics defect",
-        _NEG_COMMON + ", perfect circuit board, clean solder",
-    ),
-    "pcb4": (
-        "close-up photo of a printed circuit board with a burnt spot, damaged LED, dirt, "
-        "missing component, scratch, realistic electronics defect",
-        _NEG_COMMON + ", perfect circuit board, clean solder",
-    ),
-    "pipe_fryum": (
-        "close-up photo of a pipe-shaped fryum snack with a burnt spot, crack, broken piece, "
-        "foreign particle, realistic food defect",
-        _NEG_COMMON + ", perfect fryum, even color",
-    ),
+MATERIAL_VOCABULARY: dict[str, str] = {
+    "metal": "dent, rust spot, corrosion, burr, pitting, smudge",
+    "glass": "chip, fracture line, smudge, residue film, foreign speck",
+    "plastic": "dent, deformation, scuff, warped area, foreign speck",
+    "fabric": "snag, tear, frayed fibres, pilling, dark blotch, burn mark",
+    "leather": "scuff, abrasion, tear, crease, dark blotch, pitting",
+    "wood": "dent, splinter, knot, dark blotch, scorch mark, warped area",
+    "ceramic": "chip, dent, dark blotch, flaking, foreign speck, efflorescence",
+    "food": "bruise, mould patch, dark speck, shrivelled area, dent",
+    "pharmaceutical": "dent, chip, smudge, dark speck, deformation",
+    "electronics": "corrosion, solder splash, scorch mark, chipped housing, foreign speck",
+    "wax": "dent, chip, soot mark, smudge, deformation",
+    "generic": "dent, chip, smudge, dark speck, deformation, scuff",
 }
 
-GENERIC_PROMPT: tuple[str, str] = (
-    "close-up photo of the {label} with a realistic surface defect: scratch, crack, dent, "
-    "stain, contamination, missing piece",
-    _NEG_COMMON + ", perfect undamaged {label}",
-)
+# What each known class is made of and what to call it (the object, not its defects).
+CATEGORY_MATERIAL: dict[str, tuple[str, str]] = {
+    # MVTec AD (15)
+    "bottle": ("glass", "glass bottle"),
+    "cable": ("electronics", "electrical cable cross-section"),
+    "capsule": ("pharmaceutical", "pill capsule"),
+    "carpet": ("fabric", "woven carpet"),
+    "grid": ("metal", "metal wire grid"),
+    "hazelnut": ("food", "hazelnut"),
+    "leather": ("leather", "leather surface"),
+    "metal_nut": ("metal", "metal nut"),
+    "pill": ("pharmaceutical", "white pill"),
+    "screw": ("metal", "metal screw"),
+    "tile": ("ceramic", "ceramic tile"),
+    "toothbrush": ("plastic", "toothbrush head"),
+    "transistor": ("electronics", "transistor on a circuit board"),
+    "wood": ("wood", "wooden board"),
+    "zipper": ("fabric", "zipper"),
+    # VisA (12)
+    "candle": ("wax", "white candle"),
+    "capsules": ("pharmaceutical", "green soft capsules"),
+    "cashew": ("food", "cashew nut"),
+    "chewinggum": ("food", "chewing gum piece"),
+    "fryum": ("food", "wheel-shaped fryum snack"),
+    "macaroni1": ("food", "macaroni piece"),
+    "macaroni2": ("food", "macaroni piece on a textured background"),
+    "pcb1": ("electronics", "printed circuit board"),
+    "pcb2": ("electronics", "printed circuit board"),
+    "pcb3": ("electronics", "printed circuit board"),
+    "pcb4": ("electronics", "printed circuit board"),
+    "pipe_fryum": ("food", "pipe-shaped fryum snack"),
+    # The built-in demo data
+    "brick": ("ceramic", "brick wall"),
+    "grass": ("generic", "grass texture"),
+    "gravel": ("ceramic", "gravel surface"),
+    "washer": ("metal", "metal washer"),
+}
+
+PROMPT_TEMPLATE = "close-up photo of a {label} with a realistic defect: {vocabulary}"
+NEGATIVE_TEMPLATE = _NEG_COMMON + ", perfect undamaged {label}"
 
 
 def library_prompts(category: str) -> PromptPair:
-    """Offline prompts for a class; a generic template for classes not in the library."""
-    if category in PROMPT_LIBRARY:
-        prompt, negative = PROMPT_LIBRARY[category]
-    else:
-        label = category.replace("_", " ")
-        prompt, negative = (s.format(label=label) for s in GENERIC_PROMPT)
-    return PromptPair(prompt=prompt, negative_prompt=negative, source="library")
+    """Offline prompts for a class: its material's generic vocabulary (``generic`` for a class
+    not in :data:`CATEGORY_MATERIAL`); the source is ``library:<material>``."""
+    material, label = CATEGORY_MATERIAL.get(category, ("generic", category.replace("_", " ")))
+    vocabulary = MATERIAL_VOCABULARY[material]
+    return PromptPair(
+        prompt=PROMPT_TEMPLATE.format(label=label, vocabulary=vocabulary),
+        negative_prompt=NEGATIVE_TEMPLATE.format(label=label),
+        source=f"library:{material}",
+    )
 
 
 def _preview(text: str, limit: int = 200) -> str:

@@ -7,6 +7,7 @@ Schema (one record per source image):
   ``image/source``           source path relative to the dataset root
   ``image/category``         class name
   ``fmas/prompt``, ``fmas/negative_prompt``   text
+  ``fmas/prompt_source``     where the prompts came from: ``library:<material>``, ``llm``, ...
   ``fmas/seed``              int64
   ``fmas/cfg``, ``fmas/strength``, ``fmas/lpips``, ``fmas/tau``   float
 
@@ -57,6 +58,7 @@ def make_example(
     category: str,
     prompt: str,
     negative_prompt: str,
+    prompt_source: str,
     seed: int,
     cfg: float,
     strength: float,
@@ -70,6 +72,7 @@ def make_example(
       mask: bool ``[H, W]``, ``M`` (eq. 1); stored as 255 = anomalous.
       source: the normal image's path relative to the dataset root.
       category, prompt, negative_prompt: text fields.
+      prompt_source: which prompt source produced them (``prompts.PromptPair.source``).
       seed, cfg, strength: the sampling parameters of the selected candidate.
       lpips: its LPIPS distance to the normal image; tau: the selector's reference (eq. 3).
 
@@ -87,6 +90,7 @@ def make_example(
         "image/category": b(category.encode()),
         "fmas/prompt": b(prompt.encode()),
         "fmas/negative_prompt": b(negative_prompt.encode()),
+        "fmas/prompt_source": b(prompt_source.encode()),
         "fmas/seed": feature(int64_list=tf.train.Int64List(value=[int(seed)])),
         "fmas/cfg": f(cfg),
         "fmas/strength": f(strength),

@@ -77,6 +77,8 @@ def test_read_records_all_fields(shards):
     np.testing.assert_array_equal(ex["mask"] > 0.5, datasets.resize_mask(masks[4], image_size=20))
     assert ex["source"].decode() == sources[4] and ex["category"] == b"bottle"
     assert ex["prompt"] == b"a crack on the bottle" and ex["negative_prompt"] == b"blurry"
+    # These records predate fmas/prompt_source: they still read, marked as such.
+    assert ex["prompt_source"] == b"unrecorded"
     assert ex["seed"] == 11
     for k, v in dict(cfg=7.5, strength=0.7, lpips=0.21, tau=0.2).items():
         assert ex[k] == pytest.approx(v)

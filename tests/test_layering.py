@@ -120,6 +120,7 @@ def test_boundary_copies_agree():
             category="a",
             prompt="p",
             negative_prompt="n",
+            prompt_source="library:generic",
             seed=1,
             cfg=5.0,
             strength=0.5,

@@ -323,3 +323,69 @@ def test_each_category_uses_its_own_finetuned_run(tmp_path, monkeypatch):
     a = patchcore_method.load_member("wdam", member, "bottle")
     b = patchcore_method.load_member("wdam", member, "cable")
     assert restored == ["run_bottle", "run_cable"] and a.name != b.name
+
+
+def _minmax_reference(members):
+    """The official ensemble (patchcore-inspection run_patchcore.py), in numpy."""
+    scores = np.array([s for s, _ in members], np.float64)
+    lo, hi = scores.min(axis=-1).reshape(-1, 1), scores.max(axis=-1).reshape(-1, 1)
+    scores = np.mean((scores - lo) / (hi - lo), axis=0)
+    segs = np.array([m for _, m in members], np.float64)
+    lo = segs.reshape(len(segs), -1).min(axis=-1).reshape(-1, 1, 1, 1)
+    hi = segs.reshape(len(segs), -1).max(axis=-1).reshape(-1, 1, 1, 1)
+    return scores, np.mean((segs - lo) / (hi - lo), axis=0)
+
+
+def test_minmax_over_evaluated_set_matches_numpy():
+    rng = np.random.default_rng(0)
+    members = [(rng.gamma(2.0, 3.0, 5), rng.gamma(1.0, 10.0, (5, 6, 6))) for _ in range(2)]
+    scores, maps = pc.minmax_ensemble_scores(members)
+    ref_scores, ref_maps = _minmax_reference(members)
+    np.testing.assert_allclose(np.asarray(scores), ref_scores, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(maps), ref_maps, rtol=1e-5, atol=1e-6)
+
+
+def test_ensemble_normalisation_option_through_the_method(demo_data_root, tmp_path):
+    """A two-member ensemble scored with each ``patchcore.normalisation``: the official protocol
+    equals the numpy min-max of the members' own scores; the default is the training-image
+    standardisation; an unknown value is named before anything runs."""
+    from tests.test_contract import tiny_config
+    from wdam_jax import train
+    from wdam_jax.data import sources
+    from wdam_jax.methods import registry
+
+    config = tiny_config("patchcore", demo_data_root)
+    config.members.second = patchcore_config.member("imagenet")
+    config.members.second.update(
+        {"depths": (1, 1, 1, 1), "base_width": 8, "allow_random_init": True, "seed": 1}
+    )
+    assert config.patchcore.normalisation == "train_standardise"
+    train.train(config, tmp_path / "run")
+    run = train.restore(tmp_path / "run")
+    images = sources.load_split(config.data, split="test").images[:6]
+
+    def method(normalisation=None):
+        c = config.copy_and_resolve_references()
+        c.patchcore.normalisation = normalisation or c.patchcore.normalisation
+        return registry.get_method(c)
+
+    singles = []
+    for name in ("plain", "second"):
+        c = config.copy_and_resolve_references()
+        c.members = {name: config.members[name]}
+        out = registry.get_method(c).score(run.model, run.fitted, images, step=0)
+        singles.append((out.image_scores, out.maps))
+    official = method("minmax_over_evaluated_set").score(run.model, run.fitted, images, step=0)
+    ref_scores, ref_maps = _minmax_reference(singles)
+    np.testing.assert_allclose(official.image_scores, ref_scores, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(official.maps, ref_maps, rtol=1e-4, atol=1e-5)
+    default = method().score(run.model, run.fitted, images, step=0)
+    stats = [
+        {k: float(run.fitted[f"{n}.{k}"]) for k in patchcore_method.STAT_KEYS}
+        for n in ("plain", "second")
+    ]
+    std_scores, _ = pc.ensemble_scores(singles, stats)
+    np.testing.assert_allclose(default.image_scores, np.asarray(std_scores), rtol=1e-4)
+    assert not np.allclose(default.image_scores, official.image_scores)
+    problems = method("minmax").check_inputs()
+    assert any("patchcore.normalisation='minmax'" in p for p in problems)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import pywt
+import scipy.ndimage
 import synthesis_fixtures as sf
 from fake_llm import completion, send, serve
 from PIL import Image
@@ -35,6 +36,7 @@ def parse(raw: bytes) -> dict:
         "image/category": tf.io.FixedLenFeature([], tf.string),
         "fmas/prompt": tf.io.FixedLenFeature([], tf.string),
         "fmas/negative_prompt": tf.io.FixedLenFeature([], tf.string),
+        "fmas/prompt_source": tf.io.FixedLenFeature([], tf.string),
         "fmas/seed": tf.io.FixedLenFeature([], tf.int64),
         "fmas/cfg": tf.io.FixedLenFeature([], tf.float32),
         "fmas/strength": tf.io.FixedLenFeature([], tf.float32),
@@ -45,7 +47,8 @@ def parse(raw: bytes) -> dict:
     out = {k: v.numpy() for k, v in ex.items()}
     out["image"] = tf.io.decode_png(ex["image/encoded"]).numpy()
     out["mask"] = tf.io.decode_png(ex["mask/encoded"]).numpy()
-    for k in ("image/source", "image/category", "fmas/prompt", "fmas/negative_prompt"):
+    for k in ("image/source", "image/category", "fmas/prompt", "fmas/negative_prompt",
+              "fmas/prompt_source"):  # fmt: skip
         out[k] = out[k].decode()
     return out
 
@@ -152,12 +155,77 @@ def test_parse_llm_answer_forms():
         prompts.parse_llm_answer("no idea")
 
 
-def test_prompt_library_covers_mvtec_visa_and_fallback():
-    for category in fmas_mvtec.MVTEC_CATEGORIES + fmas_visa.VISA_CATEGORIES:
-        assert category in prompts.PROMPT_LIBRARY
-    assert len(fmas_mvtec.MVTEC_CATEGORIES) == 15 and len(fmas_visa.VISA_CATEGORIES) == 12
-    pair = prompts.library_prompts("coffee_cup")
-    assert "coffee cup" in pair.prompt and pair.source == "library"
+# The test-set defect types: MVTec AD's test/<defect> folder names, and VisA's defect labels
+# (image_anno.csv; the 1cls layout folds them into test/bad). No offline prompt of a category
+# may name one of its own.
+TEST_DEFECTS = {
+    "bottle": "broken_large broken_small contamination",
+    "cable": "bent_wire cable_swap combined cut_inner_insulation cut_outer_insulation "
+    "missing_cable missing_wire poke_insulation",
+    "capsule": "crack faulty_imprint poke scratch squeeze",
+    "carpet": "color cut hole metal_contamination thread",
+    "grid": "bent broken glue metal_contamination thread",
+    "hazelnut": "crack cut hole print",
+    "leather": "color cut fold glue poke",
+    "metal_nut": "bent color flip scratch",
+    "pill": "color combined contamination crack faulty_imprint pill_type scratch",
+    "screw": "manipulated_front scratch_head scratch_neck thread_side thread_top",
+    "tile": "crack glue_strip gray_stroke oil rough",
+    "toothbrush": "defective",
+    "transistor": "bent_lead cut_lead damaged_case misplaced",
+    "wood": "color combined hole liquid scratch",
+    "zipper": "broken_teeth combined fabric_border fabric_interior rough split_teeth "
+    "squeezed_teeth",
+    "candle": "chunk_of_wax_missing foreign_particals_on_candle different_colour_spot "
+    "damaged_corner_of_packaging weird_candle_wick other extra_wax_in_candle "
+    "wax_melded_out_of_the_candle",
+    "capsules": "bubble discolor scratch leak misshape",
+    "cashew": "burnt corner_or_edge_breakage different_colour_spot middle_breakage small_holes "
+    "same_colour_spot small_scratches stuck_together",
+    "chewinggum": "chunk_of_gum_missing scratches small_cracks corner_missing similar_colour_spot",
+    "fryum": "burnt similar_colour_spot corner_or_edge_breakage middle_breakage small_scratches "
+    "different_colour_spot fryum_stuck_together other",
+    "macaroni1": "chip_around_edge_and_corner small_scratches small_cracks different_colour_spot "
+    "middle_breakage similar_colour_spot",
+    "macaroni2": "breakage_down_the_middle small_scratches color_spot_similar_to_the_object "
+    "different_color_spot small_chip_around_edge small_cracks other",
+    "pcb1": "bent melt scratch missing",
+    "pcb2": "bent melt scratch missing",
+    "pcb3": "bent melt scratch missing",
+    "pcb4": "burnt scratch dirt damage extra missing wrong_place",
+    "pipe_fryum": "burnt corner_and_edge_breakage different_colour_spot middle_breakage "
+    "small_scratches small_cracks similar_colour_spot stuck_together",
+}
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+", text.lower().replace("colour", "color"))
+
+
+def _names(prompt: str, defect: str) -> bool:
+    """Whether ``prompt`` names ``defect``: its words in a row, each as a word's start (so
+    "scratches" names "scratch" and "cracked" names "crack"; plurals of the defect are cut)."""
+    stems = [re.sub(r"(?<=..)(es|s)$", "", w) for w in _words(defect.replace("_", " "))]
+    words = _words(prompt)
+    return any(
+        all(words[i + j].startswith(stem) for j, stem in enumerate(stems))
+        for i in range(len(words) - len(stems) + 1)
+    )
+
+
+def test_offline_prompts_never_name_the_categorys_test_defects():
+    assert set(TEST_DEFECTS) == set(fmas_mvtec.MVTEC_CATEGORIES + fmas_visa.VISA_CATEGORIES)
+    assert _names("a deep scratches and cracked rim", "scratch") and _names("x crack", "cracks")
+    assert _names("with different colour spots", "different_color_spot")
+    assert not _names("a different spot", "different_color_spot")
+    for category, defects in TEST_DEFECTS.items():
+        pair = prompts.library_prompts(category)
+        assert pair.source.startswith("library:") and pair.source != "library:generic", category
+        for text in (pair.prompt, pair.negative_prompt):
+            named = [d for d in defects.split() if _names(text, d)]
+            assert not named, f"{category}: offline prompt {text!r} names test defects {named}"
+    pair = prompts.library_prompts("coffee_cup")  # unknown classes: the generic vocabulary
+    assert "coffee cup" in pair.prompt and pair.source == "library:generic"
 
 
 def test_llm_prompts_are_asked_once_cached_and_key_never_logged(tmp_path, monkeypatch, caplog):
@@ -299,6 +367,54 @@ def test_lpips_reads_local_backbone_weights(tmp_path):
     torch.testing.assert_close(own["slice5.10.bias"], state["features.10.bias"])
 
 
+def test_long_prompts_are_encoded_in_chunks_not_truncated(env):
+    """A prompt past CLIP's 77 tokens (the tiny tokenizer: one token per character) is encoded
+    whole, in 77-token chunks; a short one exactly as diffusers encodes it; and words past the
+    77th token change the inpainting (truncated, they did not: "missing piece" was dropped)."""
+    import torch
+
+    pipe = inpainting.load_inpaint_pipeline(env["models"]["sd"], device="cpu", half_precision=False)
+    tok = pipe.tokenizer
+    head = "close-up photo of the part with a realistic surface defect, dent, chip, smudge, "
+    long_a, long_b = head + "contamination, missing piece", head + "contamination, torn label"
+    ids = tok(long_a, add_special_tokens=False).input_ids
+    assert len(ids) > 77
+    chunks = inpainting.prompt_chunks(tok, long_a)
+    assert len(chunks) == 2 and all(len(c) == 77 and c[0] == tok.bos_token_id for c in chunks)
+    content = [c[1 : c.index(tok.eos_token_id, 1)] for c in chunks]
+    assert content[0] + content[1] == ids  # nothing dropped
+    comma = tok.convert_tokens_to_ids(",</w>")
+    assert content[0][-1] == comma and len(content[0]) < 75  # ended at a comma, as the WebUI
+    truncated = [tok(t, truncation=True, max_length=77).input_ids for t in (long_a, long_b)]
+    assert truncated[0] == truncated[1]  # the difference is past the 77th token
+    # Short prompts: the same embeddings as diffusers' own encoding.
+    ours = inpainting.encode_prompts(pipe, "a dent", "blurry")
+    theirs = pipe.encode_prompt("a dent", "cpu", 1, True, "blurry")
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)
+    embeds, negative = inpainting.encode_prompts(pipe, long_a, "blurry")
+    assert embeds.shape[1] == negative.shape[1] == 2 * 77
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    mask = np.zeros((32, 32), bool)
+    mask[8:24, 8:24] = True
+    outs = [
+        inpainting.inpaint_candidates(
+            pipe,
+            image,
+            mask,
+            prompt=p,
+            negative_prompt="blurry",
+            seeds=[0],
+            cfg=7.0,
+            strength=0.8,
+            steps=2,
+            resolution=32,
+        )
+        for p in (long_a, long_b)
+    ]
+    assert (outs[0][0][mask] != outs[1][0][mask]).any()
+
+
 def test_composite_keeps_outside_pixels():
     rng = np.random.default_rng(0)
     original = rng.integers(0, 256, (8, 9, 3), dtype=np.uint8)
@@ -330,6 +446,7 @@ def test_writer_kill_loses_only_unflushed_records(tmp_path):
         category="c",
         prompt="p",
         negative_prompt="n",
+        prompt_source="library:generic",
         seed=1,
         cfg=5.0,
         strength=0.5,
@@ -380,6 +497,95 @@ def test_subband_change_analytic_and_against_pywt():
     assert "| LL |" in subband.markdown_table(rows)
 
 
+def _objects_image(size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Four bright discs near the corners of a dark image (nothing at the centre), and their
+    union as bool ``[H, W]``."""
+    yy, xx = np.mgrid[:size, :size]
+    objects = np.zeros((size, size), bool)
+    for cy, cx in ((16, 16), (16, 48), (48, 16), (48, 48)):
+        objects |= (yy - cy) ** 2 + (xx - cx) ** 2 <= 7**2
+    image = np.where(objects[..., None], 220, 30).astype(np.uint8).repeat(3, axis=-1)
+    return image, objects
+
+
+class _ComponentOracle:
+    """A predictor as SAM at its best: a point's mask is the connected region under it."""
+
+    def set_image(self, image):
+        self.labels, _ = scipy.ndimage.label(image[..., 0] > 127)
+        self.labels[self.labels == 0] = self.labels.max() + 1  # the background is one region
+
+    def predict(self, *, point_coords, point_labels, multimask_output):
+        x, y = point_coords[0]
+        mask = self.labels == self.labels[int(y), int(x)]
+        return mask[None], np.array([0.95]), None
+
+
+def test_point_grid_segments_every_object_where_a_centre_point_misses():
+    image, objects = _objects_image()
+    oracle = _ComponentOracle()
+    centre, _ = masks.sam_foreground(oracle, image, prompt="center_point", min_fraction=0.01)
+    assert not (centre & objects).any()  # the centre point lands between the objects
+    grid, fell_back = masks.sam_foreground(oracle, image, prompt="point_grid", min_fraction=0.01)
+    assert not fell_back
+    np.testing.assert_array_equal(grid, objects)  # every object, the background left out
+    sparse = masks.PointGrid(points_per_side=2)  # points at the disc centres only
+    np.testing.assert_array_equal(masks.point_grid_union(oracle, image, sparse), objects)
+    assert masks.grid_points(64, 64, 2).tolist() == [[16, 16], [48, 16], [16, 48], [48, 48]]
+
+
+def test_point_grid_with_the_tiny_sam_and_per_category_selection(tmp_path):
+    """The real SamPredictor path (tiny random SAM): the grid mask is the union of the kept
+    per-point masks, and the provider uses the grid for the configured multi-object classes."""
+    import torch
+    from segment_anything import SamPredictor
+
+    image, _ = _objects_image()
+    torch.manual_seed(0)
+    predictor = SamPredictor(masks.build_tiny_sam().eval())
+    grid = masks.PointGrid(points_per_side=3, min_score=-1e9, max_fraction=1.0)
+    with torch.inference_mode():
+        predictor.set_image(image)
+        expected = np.zeros(image.shape[:2], bool)
+        for x, y in masks.grid_points(64, 64, 3):
+            out, scores, _ = predictor.predict(
+                point_coords=np.array([[x, y]]), point_labels=np.array([1]), multimask_output=True
+            )
+            best = out[int(np.argmax(scores))]
+            expected |= best if best[int(y), int(x)] else False
+    got, _ = masks.sam_foreground(
+        predictor, image, prompt="point_grid", min_fraction=0.0, grid=grid
+    )
+    np.testing.assert_array_equal(got, expected)
+    centre, _ = masks.sam_foreground(predictor, image, prompt="center_point", min_fraction=0.0)
+    checkpoint = tmp_path / "sam.pth"
+    torch.save(predictor.model.state_dict(), checkpoint)
+    provider = masks.ForegroundProvider(
+        tmp_path / "fg",
+        texture_categories=(),
+        sam_checkpoint=str(checkpoint),
+        sam_model_type="tiny",
+        sam_prompt="center_point",
+        min_fraction=0.0,
+        device="cpu",
+        multi_object_categories=("candle",),
+        grid=grid,
+    )
+    np.testing.assert_array_equal(provider(image, category="candle", rel_to_category="a.png"), got)
+    np.testing.assert_array_equal(
+        provider(image, category="cashew", rel_to_category="a.png"), centre
+    )
+    with pytest.raises(ValueError, match="point_grid"):
+        masks.sam_foreground(predictor, image, prompt="grid", min_fraction=0.0)
+
+
+def test_visa_config_selects_the_point_grid_for_multi_object_classes():
+    multi = set(fmas_visa.get_config().sam.multi_object_categories)
+    assert {"candle", "capsules", "macaroni1", "macaroni2", "pcb4"} == multi
+    assert multi <= set(fmas_visa.VISA_CATEGORIES)
+    assert not fmas_mvtec.get_config().sam.multi_object_categories
+
+
 def test_configs_build():
     for module in (fmas_mvtec, fmas_visa):
         for arg in (None, "demo"):
@@ -424,6 +630,7 @@ def test_end_to_end_records(env, e2e):
         assert 5.0 <= r["fmas/cfg"] <= 10.0 and 0.5 <= r["fmas/strength"] <= 0.85
         assert r["fmas/tau"] == pytest.approx(config.selector.tau)
         assert r["fmas/prompt"] == prompts.library_prompts(category).prompt
+        assert r["fmas/prompt_source"] == prompts.library_prompts(category).source
         assert r["fmas/seed"].dtype == np.int64
     # Foreground cache written for every image (textures too: what CutPaste +FM reads).
     for s in env["sources"]:

@@ -3,9 +3,11 @@
 
 Each record is a ``tf.train.Example`` with ``image/encoded`` (PNG, RGB), ``mask/encoded`` (PNG,
 single channel, 255 = anomalous), ``image/source`` (path relative to the dataset root),
-``image/category``, ``fmas/prompt``, ``fmas/negative_prompt``, ``fmas/seed``, ``fmas/cfg``,
-``fmas/strength``, ``fmas/lpips`` and ``fmas/tau``. Every field is required: a shard missing one
-fails loudly instead of yielding defaults.
+``image/category``, ``fmas/prompt``, ``fmas/negative_prompt``, ``fmas/prompt_source``,
+``fmas/seed``, ``fmas/cfg``, ``fmas/strength``, ``fmas/lpips`` and ``fmas/tau``. Every field is
+required (a shard missing one fails loudly instead of yielding defaults) except
+``fmas/prompt_source``, which records written before it existed lack: they read as
+``"unrecorded"``.
 
 Images are decoded and resized by the same PIL code as the dataset readers
 (:func:`wdam_jax.data.datasets.resize_image`), so synthetic anomalies and real images go through
@@ -32,14 +34,20 @@ STRING_FIELDS = (
     "image/category",
     "fmas/prompt",
     "fmas/negative_prompt",
+    "fmas/prompt_source",
 )
+# Fields older shards lack, with the value they read as.
+OPTIONAL_DEFAULTS = {"fmas/prompt_source": "unrecorded"}
 INT_FIELDS = ("fmas/seed",)
 FLOAT_FIELDS = ("fmas/cfg", "fmas/strength", "fmas/lpips", "fmas/tau")
 
 
 def _feature_spec():
     tf = import_tensorflow()
-    spec = {k: tf.io.FixedLenFeature([], tf.string) for k in STRING_FIELDS}
+    spec = {
+        k: tf.io.FixedLenFeature([], tf.string, default_value=OPTIONAL_DEFAULTS.get(k))
+        for k in STRING_FIELDS
+    }
     spec.update({k: tf.io.FixedLenFeature([], tf.int64) for k in INT_FIELDS})
     spec.update({k: tf.io.FixedLenFeature([], tf.float32) for k in FLOAT_FIELDS})
     return spec
@@ -104,8 +112,8 @@ def read_fmas_records(
 
     Returns:
       Dataset of dicts: ``image`` float32 [S, S, 3] in [0, 1], ``mask`` float32 [S, S] in {0, 1},
-      ``source``, ``category``, ``prompt``, ``negative_prompt`` (tf.string), ``seed`` int64,
-      ``cfg``, ``strength``, ``lpips``, ``tau`` float32.
+      ``source``, ``category``, ``prompt``, ``negative_prompt``, ``prompt_source`` (tf.string),
+      ``seed`` int64, ``cfg``, ``strength``, ``lpips``, ``tau`` float32.
     """
     tf = import_tensorflow()
     files = resolve_files(file_pattern_or_paths)
@@ -129,6 +137,7 @@ def read_fmas_records(
             "category": ex["image/category"],
             "prompt": ex["fmas/prompt"],
             "negative_prompt": ex["fmas/negative_prompt"],
+            "prompt_source": ex["fmas/prompt_source"],
             "seed": ex["fmas/seed"],
             "cfg": ex["fmas/cfg"],
             "strength": ex["fmas/strength"],

@@ -619,3 +619,33 @@ def ensemble_scores(
         for (_, m), st in zip(members, stats, strict=True)
     ]
     return jnp.mean(jnp.stack(images), axis=0), jnp.mean(jnp.stack(maps), axis=0)
+
+
+def minmax_ensemble_scores(members: list[tuple[ArrayLike, ArrayLike]]) -> tuple[Array, Array]:
+    """The official PatchCore ensemble: each member min-max normalised over the evaluated set.
+
+    As ``run_patchcore.py`` of patchcore-inspection: a member's image scores become
+    ``(s - min s) / (max s - min s)`` with min and max over the N evaluated images, its maps
+    ``(m - min m) / (max m - min m)`` with min and max over every pixel of the N maps; the
+    members are then averaged. The result depends on which images are evaluated together (the
+    test split, in ``launch.evaluate``): a protocol for reproducing published tables, not a
+    deployable scorer (use :func:`ensemble_scores` for that). A member whose scores are all equal
+    (max = min) contributes zeros.
+
+    Args:
+      members: ``[(image_scores [N], maps [N, H, W]), ...]``, one pair per member.
+
+    Returns:
+      ``(image_scores [N], maps [N, H, W])``, each in [0, 1].
+    """
+    if not members:
+        raise ValueError("minmax_ensemble_scores: at least one member")
+
+    def minmax(x: ArrayLike) -> Array:
+        x = jnp.asarray(x)
+        lo, hi = jnp.min(x), jnp.max(x)
+        return jnp.where(hi > lo, (x - lo) / jnp.where(hi > lo, hi - lo, 1.0), 0.0)
+
+    images = jnp.stack([minmax(s) for s, _ in members])
+    maps = jnp.stack([minmax(m) for _, m in members])
+    return jnp.mean(images, axis=0), jnp.mean(maps, axis=0)

@@ -6,7 +6,15 @@ images, selects each member's coreset memory bank and, with several members, eac
 score statistics on ``patchcore.calibration_images`` normal training images; the loop saves them
 in the checkpoint (orbax item ``fitted``), so ``python -m launch.evaluate`` and prediction use
 exactly the fitted bank. ``score`` is the kNN patch score with the reweighted image score and the
-smoothed map; several members are combined by ``patchcore.ensemble_scores``.
+smoothed map. Several members are combined as ``patchcore.normalisation`` says:
+
+- ``"train_standardise"`` (default, deployable): each member standardised by its statistics on
+  normal training images (``patchcore.ensemble_scores``); an image's score does not depend on
+  the other images scored with it;
+- ``"minmax_over_evaluated_set"`` (the official PatchCore ensemble's protocol, for reproducing
+  Table 6): each member min-max normalised over the images scored together
+  (``patchcore.minmax_ensemble_scores``); it uses the test set's statistics, so it is for
+  reporting, not deployment.
 
 Members (``config.members.<name>``):
 
@@ -31,6 +39,7 @@ from flax import nnx
 
 from wdam_jax import checkpoints
 from wdam_jax.data import pipeline
+from wdam_jax.errors import ConfigError
 from wdam_jax.methods import patchcore as pc
 from wdam_jax.methods.base import Fitted, ImageScores, Method
 from wdam_jax.models import wide_resnet
@@ -45,6 +54,12 @@ RANDOM_INIT_WARNING = (
     "--config.members.{name}.weights=weights/wrn50_2_imagenet.\n" + "!" * 100
 )
 STAT_KEYS = ("image_mean", "image_std", "pixel_mean", "pixel_std")
+NORMALISATIONS = ("train_standardise", "minmax_over_evaluated_set")
+
+
+def normalisation(config: ml_collections.ConfigDict) -> str:
+    """``config.patchcore.normalisation`` (runs recorded before the field existed: the default)."""
+    return config.patchcore.get("normalisation", NORMALISATIONS[0])
 
 
 class PatchCoreNet(nnx.Module):
@@ -165,6 +180,11 @@ class PatchCore(Method):
     def check_inputs(self) -> list[str]:
         problems = super().check_inputs()
         category = self.config.data.category
+        if normalisation(self.config) not in NORMALISATIONS:
+            problems.append(
+                f"config.patchcore.normalisation={normalisation(self.config)!r}: use one of "
+                f"{', '.join(NORMALISATIONS)}."
+            )
         for name in self.names:
             member = self.config.members[name]
             field = f"config.members.{name}"
@@ -302,8 +322,16 @@ class PatchCore(Method):
             members.append(self._score_member(fitted[f"{name}.bank"], feats, images.shape[1:3]))
         if len(members) == 1:
             return ImageScores(*members[0])
-        stats = [{k: float(fitted[f"{n}.{k}"]) for k in STAT_KEYS} for n in self.names]
-        scores, maps = pc.ensemble_scores(members, stats)
+        kind = normalisation(self.config)
+        if kind == "minmax_over_evaluated_set":
+            scores, maps = pc.minmax_ensemble_scores(members)
+        elif kind == "train_standardise":
+            stats = [{k: float(fitted[f"{n}.{k}"]) for k in STAT_KEYS} for n in self.names]
+            scores, maps = pc.ensemble_scores(members, stats)
+        else:
+            raise ConfigError(
+                f"config.patchcore.normalisation={kind!r}: use one of {', '.join(NORMALISATIONS)}."
+            )
         return ImageScores(np.asarray(scores), np.asarray(maps))
 
     def inference_fn(self, model: PatchCoreNet, fitted: Fitted, *, step: int):
