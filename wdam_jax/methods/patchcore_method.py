@@ -240,9 +240,16 @@ class PatchCore(Method):
     # ---- features, fit, score
 
     def _feature_fn(self, backbone: wide_resnet.WideResNet50_2):
-        """A jit-compiled ``images [B, S, S, 3] -> patch features [B, S/8, S/8, D]``.
+        """A jit-compiled ``images [B, S, S, 3] -> patch features [B, S/8, S/8, D]``, built once
+        per backbone (prediction scores many chunks with the same one).
 
         Only layer2 and layer3 are used, so XLA drops layer4."""
+        cache = self.__dict__.setdefault("_feature_fns", {})
+        if id(backbone) not in cache:  # the backbone is kept alive beside its function
+            cache[id(backbone)] = (backbone, self._build_feature_fn(backbone))
+        return cache[id(backbone)][1]
+
+    def _build_feature_fn(self, backbone: wide_resnet.WideResNet50_2):
         cfg = self.config.patchcore
         graphdef, state = nnx.split(backbone)
 
