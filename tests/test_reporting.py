@@ -78,3 +78,21 @@ def test_heatmap_figure_is_a_png_with_one_row_per_method(tmp_path):
         assert pixels.std() > 10  # something was drawn
     with pytest.raises(ValueError, match="no images"):
         reporting.save_heatmap_figure(images[:0], masks, maps, tmp_path / "c.png")
+
+
+def test_metrics_are_replaced_atomically_and_a_damaged_file_is_named(tmp_path, monkeypatch):
+    paths = reporting.write_metrics(RESULTS, tmp_path)
+    before = {k: p.read_bytes() for k, p in paths.items()}
+
+    def dies(*args, **kwargs):  # the process dies while writing the new tables
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reporting.csv, "writer", dies)
+    changed = {"bottle": {"i_auroc": 0.5, "p_auroc": 0.5, "pro": 0.5}}
+    with pytest.raises(KeyboardInterrupt):
+        reporting.write_metrics(changed, tmp_path)
+    assert {k: p.read_bytes() for k, p in paths.items()} == before  # never half written
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    paths["json"].write_text('{"bottle": {"i_auroc": 0.9')
+    with pytest.raises(ValueError, match=r"metrics\.json is damaged .*launch\.evaluate"):
+        reporting.read_metrics_json(paths["json"])
