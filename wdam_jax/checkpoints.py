@@ -60,6 +60,10 @@ class ConfigMismatchError(UserError, ValueError):
     """A workdir holds a run made with another config."""
 
 
+class NoCheckpointError(UserError, FileNotFoundError):
+    """A workdir has no checkpoint (at the step asked for)."""
+
+
 class CheckpointError(UserError, RuntimeError):
     """No readable checkpoint where one is needed, or a checkpoint could not be written."""
 
@@ -201,12 +205,12 @@ def restore(
       ``(state, fitted)``; ``fitted`` is empty when the checkpoint holds none.
 
     Raises:
-      FileNotFoundError: no checkpoint at ``step`` (or none at all).
+      NoCheckpointError: no checkpoint at ``step`` (or none at all).
       CheckpointError: the named step, or every step, is damaged or unreadable.
     """
     available = sorted(manager.all_steps(), reverse=True)
     if (step is not None and step not in available) or not available:
-        raise FileNotFoundError(
+        raise NoCheckpointError(
             f"No checkpoint at step {step} in {manager.directory}; available: {sorted(available)}."
         )
     target = _abstract(state, NamedSharding(mesh, PartitionSpec()))

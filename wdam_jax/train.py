@@ -221,9 +221,9 @@ def restore(
     method = get_method(config) if method is None else method
     manager = checkpoints.checkpoint_manager(workdir)
     if manager.latest_step() is None:
-        raise FileNotFoundError(
-            f"{workdir} has no checkpoint yet: train it first (python -m launch.train "
-            f"--config=... --workdir={workdir})."
+        raise checkpoints.NoCheckpointError(
+            f"{workdir} has no checkpoint yet: train it first, or finish an interrupted run by "
+            f"re-running its command (python -m launch.train --config=... --workdir={workdir})."
         )
     graphdef, rest, _, state = init_state(method, config, abstract=True)
     state, fitted = checkpoints.restore(manager, state, step=step, mesh=data_mesh())
