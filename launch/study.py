@@ -65,7 +65,7 @@ def _run(name: str, module, seed: int) -> dict[str, float]:
     results["wall_s"] = time.perf_counter() - start
     if not _KEEP.value:
         shutil.rmtree(workdir / checkpoints.CHECKPOINT_DIR)
-    done.write_text(json.dumps(results))
+    checkpoints.atomic_write_text(done, json.dumps(results))
     return results
 
 

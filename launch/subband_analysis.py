@@ -9,14 +9,15 @@ markdown table (classes x LL/LH/HL/HH, each class summing to 1) and writes it as
 
 import csv
 import glob
-import os
+import io
 from pathlib import Path
 
 import numpy as np
 from absl import app, flags
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from launch import cli
+from synthesis import tfrecord
 from synthesis.subband import SUBBANDS, class_table, markdown_table
 
 _RECORDS = flags.DEFINE_string("records", None, "Glob of FMAS TFRecord files.", required=True)
@@ -25,30 +26,49 @@ _OUTPUT_CSV = flags.DEFINE_string("output_csv", None, "CSV to write.", required=
 
 
 def read_pairs(records: str, data_root: str):
-    """Yields ``(category, normal, synthesized)`` float ``[H, W, 3]`` in [0, 1] per record."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    """Yields ``(category, normal, synthesized)`` float ``[H, W, 3]`` in [0, 1] per record.
 
-    tf.config.set_visible_devices([], "GPU")
+    Raises:
+      ValueError: a record's ``image/source`` is absolute or leaves ``data_root``, or an image is
+        unreadable or too large to decode safely (the message names the record file).
+    """
     files = sorted(glob.glob(records))
     if not files:
         raise FileNotFoundError(f"No TFRecord files match --records={records!r}.")
-    spec = {
-        "image/encoded": tf.io.FixedLenFeature([], tf.string),
-        "image/source": tf.io.FixedLenFeature([], tf.string),
-        "image/category": tf.io.FixedLenFeature([], tf.string),
-    }
-    for raw in tf.data.TFRecordDataset(files):
-        ex = tf.io.parse_single_example(raw, spec)
-        synthesized = tf.io.decode_png(ex["image/encoded"], channels=3).numpy()
-        source = Path(data_root) / ex["image/source"].numpy().decode()
-        with Image.open(source) as im:
-            normal = np.asarray(im.convert("RGB"))
-        yield (
-            ex["image/category"].numpy().decode(),
-            normal.astype(np.float64) / 255.0,
-            synthesized.astype(np.float64) / 255.0,
-        )
+    root = Path(data_root).resolve()
+    names = ("image/encoded", "image/source", "image/category")
+    for path in files:
+        for raw in tfrecord.read_records(path):
+            ex = tfrecord.parse_example(raw, names=names)
+            missing = [n for n in names if len(ex.get(n, ())) != 1]
+            if missing:
+                raise ValueError(f"A record in {path} lacks {missing}: not an FMAS record file.")
+            source_text = ex["image/source"][0].decode(errors="replace")
+            source = (root / source_text).resolve()
+            if Path(source_text).is_absolute() or not source.is_relative_to(root):
+                raise ValueError(
+                    f"A record in {path} names image/source={source_text!r}, which is outside "
+                    f"--data_root={data_root}. Records hold paths relative to the dataset root; "
+                    "this file was not written by FMAS for that root."
+                )
+            yield (
+                ex["image/category"][0].decode(errors="replace"),
+                _read_rgb(source, what=f"source image of a record in {path}") / 255.0,
+                _read_rgb(io.BytesIO(ex["image/encoded"][0]), what=f"a record in {path}") / 255.0,
+            )
+
+
+def _read_rgb(file, *, what: str) -> np.ndarray:
+    try:
+        with Image.open(file) as im:
+            return np.asarray(im.convert("RGB")).astype(np.float64)
+    except Image.DecompressionBombError as e:
+        raise ValueError(
+            f"The image of {what} ({file}) is too large to decode safely ({e}); raise "
+            "PIL.Image.MAX_IMAGE_PIXELS only if it is trusted."
+        ) from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"The image of {what} ({file}) is unreadable ({e}).") from None
 
 
 def write_csv(path: str, rows: dict[str, np.ndarray], counts: dict[str, int]) -> None:

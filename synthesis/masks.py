@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from synthesis.files import atomic_write, check_category
+
 log = logging.getLogger(__name__)
 
 SAM_CHECKPOINT_HELP = (
@@ -41,8 +43,16 @@ def fg_cache_path(fg_root: str | os.PathLike, category: str, rel_to_category: st
 
     Returns:
       ``<fg_root>/<category>/<rel_to_category with suffix .png>``.
+
+    Raises:
+      ValueError: ``category`` is not a plain folder name, or ``rel_to_category`` is absolute or
+        climbs out of the category folder.
     """
-    return Path(fg_root) / category / Path(rel_to_category).with_suffix(".png")
+    check_category(category, field="data.categories")
+    rel = Path(rel_to_category)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise ValueError(f"Image path {rel_to_category!r} must stay inside its category folder.")
+    return Path(fg_root) / category / rel.with_suffix(".png")
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
@@ -53,11 +63,8 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
 
 def write_mask_atomic(path: str | os.PathLike, mask: np.ndarray) -> None:
     """Writes bool ``[H, W]`` as a uint8 PNG (255 = True), atomically (tmp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").save(tmp, format="PNG")
-    os.replace(tmp, path)
+    image = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
+    atomic_write(path, lambda fh: image.save(fh, format="PNG"))
 
 
 def build_tiny_sam():
@@ -351,11 +358,16 @@ class ForegroundProvider:
         """Foreground of ``image`` (uint8 ``[H, W, 3]``) as bool ``[H, W]``; cached on disk."""
         path = fg_cache_path(self.fg_root, category, rel_to_category)
         if path.is_file():
-            fg = read_mask(path)
-            if fg.shape == image.shape[:2] and fg.any():
+            try:
+                fg = read_mask(path)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                log.warning("Ignoring unreadable cached foreground %s (%s); redoing it.", path, e)
+                fg = None
+            if fg is not None and fg.shape == image.shape[:2] and fg.any():
                 self.stats["cache_hits"] += 1
                 return fg
-            log.warning("Ignoring cached foreground %s (wrong size or empty).", path)
+            if fg is not None:
+                log.warning("Ignoring cached foreground %s (wrong size or empty).", path)
         if category in self.texture_categories:
             fg = np.ones(image.shape[:2], dtype=bool)
             self.stats["texture"] += 1

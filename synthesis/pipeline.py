@@ -23,9 +23,10 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from synthesis import inpainting, masks, prompts, selector, writer
+from synthesis.files import atomic_write_text, check_category
 from synthesis.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ def list_work(
     names = (
         sorted(categories) if categories else sorted(p.name for p in root.iterdir() if p.is_dir())
     )
+    for name in names:
+        check_category(name, field="data.categories")
     items: list[WorkItem] = []
     for name in names:
         folder = root / name
@@ -99,9 +102,24 @@ def image_rng(seed: int, source: str) -> np.random.Generator:
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """uint8 ``[H, W, 3]``; grayscale and RGBA images become RGB."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    """uint8 ``[H, W, 3]``; grayscale and RGBA images become RGB.
+
+    Raises:
+      ValueError: the file is not a readable image, or is larger than Pillow's decompression-bomb
+        limit (``PIL.Image.MAX_IMAGE_PIXELS``); the message names the file.
+    """
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError as e:
+        raise ValueError(
+            f"{path} is too large to read safely ({e}). Resize it, remove it from the dataset, "
+            "or raise PIL.Image.MAX_IMAGE_PIXELS if the image is trusted."
+        ) from None
+    except FileNotFoundError:
+        raise
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path} is not a readable image ({e}); replace or remove it.") from None
 
 
 def resolve_device(name: str) -> str:
@@ -243,6 +261,9 @@ def run_fmas(
 
     Returns:
       The manifest, also written to ``<output_dir>/manifest-<i>-of-<n>.json``.
+
+    Raises:
+      writer.ShardBusyError: another live worker has the same shard of the same output folder.
     """
     import torch
 
@@ -251,7 +272,10 @@ def run_fmas(
         # On a shared CPU one thread per process is far faster than oversubscribed threads.
         torch.set_num_threads(config.cpu_threads)
     try:
-        return _run_fmas(config, shard_index=shard_index, num_shards=num_shards)
+        with writer.shard_lock(
+            Path(config.output_dir).expanduser(), shard_index=shard_index, num_shards=num_shards
+        ):
+            return _run_fmas(config, shard_index=shard_index, num_shards=num_shards)
     finally:
         torch.set_num_threads(threads)
 
@@ -381,10 +405,7 @@ def _run_fmas(
         "seconds": {"total": seconds, "model_loading": t_models},
         "seconds_per_image": (seconds - t_models) / len(todo) if todo else None,
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / f"manifest-{shard_index:05d}-of-{num_shards:05d}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, default=list))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(manifest, indent=2, default=list))
     log.info("%s done: %s", label, json.dumps(manifest["counts"]))
     return manifest

@@ -32,6 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from synthesis.files import atomic_write_text, check_category
+
 log = logging.getLogger(__name__)
 
 MAX_ANSWER_BYTES = 1 << 20  # an answer is a few hundred bytes
@@ -500,11 +502,14 @@ def get_prompts(
     if not llm_base_url:
         return library_prompts(category)
     check_endpoint(llm_base_url)  # a refused endpoint is an error even when answers are cached
-    path = Path(cache_dir) / f"{category}.json"
+    path = Path(cache_dir) / f"{check_category(category, field='data.categories')}.json"
     if path.is_file():
-        cached = json.loads(path.read_text())
-        if cached.get("base_url") == llm_base_url and cached.get("model") == llm_model:
-            return PromptPair(cached["prompt"], cached["negative_prompt"], source="llm-cache")
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("base_url") == llm_base_url and cached.get("model") == llm_model:
+                return PromptPair(cached["prompt"], cached["negative_prompt"], source="llm-cache")
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            log.warning("Ignoring damaged prompt cache %s (%r); asking again.", path, e)
     api_key = None
     if api_key_env:
         api_key = os.environ.get(api_key_env)
@@ -519,9 +524,8 @@ def get_prompts(
     prompt, negative = query_llm(
         category, base_url=llm_base_url, model=llm_model, api_key=api_key, timeout_s=timeout_s
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(
+    atomic_write_text(
+        path,
         json.dumps(
             {
                 "category": category,
@@ -532,7 +536,6 @@ def get_prompts(
                 "negative_prompt": negative,
             },
             indent=2,
-        )
+        ),
     )
-    os.replace(tmp, path)
     return PromptPair(prompt, negative, source="llm")

@@ -16,31 +16,40 @@ temporary name and renamed when complete, so a file named ``*.tfrecord`` is alwa
 (re)start the sources already present in the output folder's ``*.tfrecord`` files are skipped, so
 an interrupted run, re-run, finishes the rest with no duplicate and no lost record (at most
 ``records_per_file - 1`` finished images are redone).
+
+Records are framed and encoded by :mod:`synthesis.tfrecord`, without TensorFlow: this stage loads
+PyTorch, and TensorFlow loaded before it crashes the process (issue 13).
+
+Two workers given the same ``--shard_index`` would write the same file names: each worker holds
+an exclusive lock on ``.fmas-<i>-of-<n>.lock`` in the output folder (:func:`shard_lock`; released
+by the kernel when the process dies, so a killed worker's re-run is never blocked), and the
+second is refused with a message naming the first's process id.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
 
+from synthesis import tfrecord
+from synthesis.files import atomic_write
+
 T = TypeVar("T")
 
 RECORD_GLOB = "fmas-*.tfrecord"
 
 
-def _tf():
-    """Imports TensorFlow for record I/O only, with every GPU hidden from it."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
-    return tf
+class ShardBusyError(RuntimeError):
+    """Another live worker holds the same shard of the same output folder."""
 
 
 def encode_png(array: np.ndarray) -> bytes:
@@ -79,25 +88,22 @@ def make_example(
     Returns:
       The serialised Example.
     """
-    tf = _tf()
-    feature = tf.train.Feature
-    b = lambda v: feature(bytes_list=tf.train.BytesList(value=[v]))
-    f = lambda v: feature(float_list=tf.train.FloatList(value=[float(v)]))
-    features = {
-        "image/encoded": b(encode_png(image)),
-        "mask/encoded": b(encode_png(np.where(mask, 255, 0).astype(np.uint8))),
-        "image/source": b(source.encode()),
-        "image/category": b(category.encode()),
-        "fmas/prompt": b(prompt.encode()),
-        "fmas/negative_prompt": b(negative_prompt.encode()),
-        "fmas/prompt_source": b(prompt_source.encode()),
-        "fmas/seed": feature(int64_list=tf.train.Int64List(value=[int(seed)])),
-        "fmas/cfg": f(cfg),
-        "fmas/strength": f(strength),
-        "fmas/lpips": f(lpips),
-        "fmas/tau": f(tau),
-    }
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+    return tfrecord.encode_example(
+        {
+            "image/encoded": encode_png(image),
+            "mask/encoded": encode_png(np.where(mask, 255, 0).astype(np.uint8)),
+            "image/source": source.encode(),
+            "image/category": category.encode(),
+            "fmas/prompt": prompt.encode(),
+            "fmas/negative_prompt": negative_prompt.encode(),
+            "fmas/prompt_source": prompt_source.encode(),
+            "fmas/seed": int(seed),
+            "fmas/cfg": float(cfg),
+            "fmas/strength": float(strength),
+            "fmas/lpips": float(lpips),
+            "fmas/tau": float(tau),
+        }
+    )
 
 
 def split_work(items: Sequence[T], *, shard_index: int, num_shards: int) -> list[T]:
@@ -105,12 +111,49 @@ def split_work(items: Sequence[T], *, shard_index: int, num_shards: int) -> list
 
     ``items`` must be in a deterministic order (the pipeline sorts them).
     """
+    _check_shard(shard_index, num_shards)
+    return list(items[shard_index::num_shards])
+
+
+def _check_shard(shard_index: int, num_shards: int) -> None:
     if num_shards < 1 or not 0 <= shard_index < num_shards:
         raise ValueError(
             f"--shard_index={shard_index} must be in [0, --num_shards={num_shards}) "
             "and --num_shards >= 1."
         )
-    return list(items[shard_index::num_shards])
+
+
+@contextlib.contextmanager
+def shard_lock(
+    output_dir: str | os.PathLike, *, shard_index: int, num_shards: int
+) -> Iterator[Path]:
+    """Holds the exclusive lock of one shard of ``output_dir`` (created) while the body runs.
+
+    Raises:
+      ShardBusyError: another process holds it (the message names its process id).
+    """
+    _check_shard(shard_index, num_shards)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / f".fmas-{shard_index:05d}-of-{num_shards:05d}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ShardBusyError(
+                f"Another FMAS worker (process {holder}) is writing shard {shard_index} of "
+                f"{num_shards} into {output_dir}. Give each worker its own --shard_index, or wait "
+                "for that one to finish (re-running the same command then resumes)."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def record_files(output_dir: str | os.PathLike) -> list[Path]:
@@ -120,20 +163,27 @@ def record_files(output_dir: str | os.PathLike) -> list[Path]:
 
 def completed_sources(output_dir: str | os.PathLike) -> list[str]:
     """``image/source`` of every record in the complete files of ``output_dir`` (any worker)."""
-    files = record_files(output_dir)
-    if not files:
-        return []
-    tf = _tf()
-    spec = {"image/source": tf.io.FixedLenFeature([], tf.string)}
-    dataset = tf.data.TFRecordDataset([os.fspath(p) for p in files])
-    return [tf.io.parse_single_example(r, spec)["image/source"].numpy().decode() for r in dataset]
+    sources = []
+    for path in record_files(output_dir):
+        for record in tfrecord.read_records(path):
+            try:
+                [source] = tfrecord.parse_example(record, names=["image/source"])["image/source"]
+            except (KeyError, ValueError) as e:
+                raise tfrecord.RecordError(
+                    f"{path} holds a record without one image/source ({e}); it was not written "
+                    "by FMAS. Move it out of the output folder."
+                ) from None
+            sources.append(source.decode())
+    return sources
 
 
 class ShardedRecordWriter:
     """Writes records ``records_per_file`` at a time into atomically renamed files.
 
     File names: ``fmas-<shard_index>-of-<num_shards>-<chunk>.tfrecord``; a restarted worker
-    continues the chunk numbering after its existing files.
+    continues the chunk numbering after its existing files. The caller holds the shard's
+    :func:`shard_lock` (the pipeline does), so the stale temporary files removed here are never
+    another live worker's.
 
     Args:
       output_dir: destination folder (created).
@@ -155,8 +205,9 @@ class ShardedRecordWriter:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.prefix = f"fmas-{shard_index:05d}-of-{num_shards:05d}-"
         self.records_per_file = records_per_file
-        for stale in self.output_dir.glob(self.prefix + "*.tmp"):
-            stale.unlink()  # an interrupted write of this worker; its records are redone
+        for pattern in (f".{self.prefix}*.tmp", f"{self.prefix}*.tmp"):
+            for stale in self.output_dir.glob(pattern):
+                stale.unlink()  # an interrupted write of this worker; its records are redone
         existing = sorted(self.output_dir.glob(self.prefix + "*.tfrecord"))
         self._next_chunk = 1 + max((int(p.stem.rsplit("-", 1)[1]) for p in existing), default=-1)
         self._buffer: list[bytes] = []
@@ -173,15 +224,8 @@ class ShardedRecordWriter:
         """Writes the queued records (if any) as one complete file."""
         if not self._buffer:
             return
-        tf = _tf()
         final = self.output_dir / f"{self.prefix}{self._next_chunk:05d}.tfrecord"
-        tmp = final.with_name(final.name + ".tmp")
-        with tf.io.TFRecordWriter(os.fspath(tmp)) as writer:
-            for record in self._buffer:
-                writer.write(record)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        atomic_write(final, lambda fh: fh.writelines(map(tfrecord.frame, self._buffer)))
         self.files_written.append(final.name)
         self.records_written += len(self._buffer)
         self._next_chunk += 1

@@ -18,7 +18,7 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _example(image, mask, source, *, seed=7, drop=None):
+def _example(image, mask, source, *, seed=7, drop=None, category=b"bottle"):
     def b(v):
         return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
 
@@ -29,7 +29,7 @@ def _example(image, mask, source, *, seed=7, drop=None):
         "image/encoded": b(_png(image)),
         "mask/encoded": b(_png(mask)),
         "image/source": b(source.encode()),
-        "image/category": b(b"bottle"),
+        "image/category": b(category),
         "fmas/prompt": b(b"a crack on the bottle"),
         "fmas/negative_prompt": b(b"blurry"),
         "fmas/seed": tf.train.Feature(int64_list=tf.train.Int64List(value=[seed])),
@@ -91,6 +91,33 @@ def test_load_arrays_with_crop_and_path_list(shards):
     assert srcs == sources
     for got, m in zip(ms, masks, strict=True):
         np.testing.assert_array_equal(got, datasets.resize_mask(m, image_size=20, crop_size=16))
+
+
+def test_only_the_categorys_records_are_decoded(shards, tmp_path, monkeypatch):
+    _, paths, _, _, sources = shards
+    other = tmp_path / "fmas-other.tfrecord"
+    with tf.io.TFRecordWriter(str(other)) as w:
+        for i in range(4):
+            img = np.full((30, 30, 3), i, np.uint8)
+            w.write(
+                _example(img, np.zeros((30, 30), np.uint8), f"cable/{i}.png", category=b"cable")
+            )
+    decoded = []
+    real = fmas_records._decode
+
+    def counting(image_png, mask_png, source, *args):
+        decoded.append(source.decode())
+        return real(image_png, mask_png, source, *args)
+
+    monkeypatch.setattr(fmas_records, "_decode", counting)
+    imgs, _, srcs = fmas_records.load_fmas_arrays([*paths, other], image_size=8, category="cable")
+    assert srcs == [f"cable/{i}.png" for i in range(4)] and imgs.shape == (4, 8, 8, 3)
+    assert sorted(decoded) == srcs  # the six bottle records were never decoded
+    assert fmas_records.record_categories([*paths, other]) == {"bottle": 6, "cable": 4}
+    with pytest.raises(datasets.DatasetError, match=r"no record of category 'screw'.*bottle"):
+        fmas_records.load_fmas_arrays([*paths, other], image_size=8, category="screw")
+    _, _, everything = fmas_records.load_fmas_arrays([*paths, other], image_size=8)
+    assert everything == [*sources, *srcs]
 
 
 def test_missing_files_and_fields_are_reported(shards, tmp_path):

@@ -90,3 +90,21 @@ def test_figure_selection_mixes_defective_and_normal_images():
     assert list(chosen) == [1, 3, 4, 5, 6, 7, 0, 2]  # six defective, two normal, in order
     assert list(reporting.figure_selection(np.zeros(5), 3)) == [0, 1, 2]
     assert list(reporting.figure_selection(np.ones(5), 3)) == [0, 1, 2]
+
+
+def test_metrics_are_replaced_atomically_and_a_damaged_file_is_named(tmp_path, monkeypatch):
+    paths = reporting.write_metrics(RESULTS, tmp_path)
+    before = {k: p.read_bytes() for k, p in paths.items()}
+
+    def dies(*args, **kwargs):  # the process dies while writing the new tables
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reporting.csv, "writer", dies)
+    changed = {"bottle": {"i_auroc": 0.5, "p_auroc": 0.5, "pro": 0.5}}
+    with pytest.raises(KeyboardInterrupt):
+        reporting.write_metrics(changed, tmp_path)
+    assert {k: p.read_bytes() for k, p in paths.items()} == before  # never half written
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    paths["json"].write_text('{"bottle": {"i_auroc": 0.9')
+    with pytest.raises(ValueError, match=r"metrics\.json is damaged .*launch\.evaluate"):
+        reporting.read_metrics_json(paths["json"])

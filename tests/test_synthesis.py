@@ -20,6 +20,7 @@ from PIL import Image
 
 from configs import fmas_mvtec, fmas_visa
 from synthesis import inpainting, masks, pipeline, prompts, selector, subband, writer
+from wdam_jax.data.tf_setup import import_tensorflow
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: loading uses local_files_only
 
@@ -27,8 +28,9 @@ PER_CATEGORY = 2
 
 
 def parse(raw: bytes) -> dict:
-    """Decodes one record with plain ``tf.io.parse_single_example`` (schema: docs/design.md)."""
-    tf = writer._tf()
+    """Decodes one record with plain ``tf.io.parse_single_example`` (schema: docs/design.md): the
+    reference reader of what the TF-free writer wrote."""
+    tf = import_tensorflow()
     spec = {
         "image/encoded": tf.io.FixedLenFeature([], tf.string),
         "mask/encoded": tf.io.FixedLenFeature([], tf.string),
@@ -54,7 +56,7 @@ def parse(raw: bytes) -> dict:
 
 
 def read_records(output_dir: Path) -> list[dict]:
-    tf = writer._tf()
+    tf = import_tensorflow()
     files = [str(p) for p in writer.record_files(output_dir)]
     return [parse(r.numpy()) for r in tf.data.TFRecordDataset(files)] if files else []
 

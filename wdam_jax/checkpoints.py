@@ -7,14 +7,25 @@ Layout of ``<workdir>``:
   (``Method.fit``: a PatchCore bank, a Gaussian density), item ``fitted``;
 - ``config.json``: the config the run was made with, written atomically; a later command with a
   config that differs in a field that changes the model, the data or the schedule is refused.
+
+Damage. Orbax writes a step into a temporary folder and renames it when complete, so a kill never
+leaves a half-written step; but it keeps no checksums (a changed byte in an array file restores
+silently). Each saved step therefore also holds ``wdam_sha256.json``, the SHA-256 of its every
+file, checked before the step is restored. A step that is damaged (a file missing, truncated or
+changed) or fails to restore is skipped with a warning naming it, and the newest readable step
+is used; a resumed training run moves the damaged steps to ``<workdir>/damaged_checkpoints/`` so
+they are never mistaken for progress. If no step is readable the command stops with a message
+saying so: never a silent restart from step 0.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging as std_logging
 import os
 import pathlib
+import shutil
 import tempfile
 from collections.abc import Mapping
 from typing import Any
@@ -29,6 +40,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from wdam_jax.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
+DAMAGED_DIR = "damaged_checkpoints"
+CHECKSUMS = "wdam_sha256.json"
 CONFIG_FILE = "config.json"
 STATE, FITTED = "state", "fitted"
 # Config fields a resumed run may change: they affect logging, checkpoint cadence or scoring
@@ -45,6 +58,14 @@ RESUMABLE_PREFIXES = (
 
 class ConfigMismatchError(UserError, ValueError):
     """A workdir holds a run made with another config."""
+
+
+class NoCheckpointError(UserError, FileNotFoundError):
+    """A workdir has no checkpoint (at the step asked for)."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """No readable checkpoint where one is needed, or a checkpoint could not be written."""
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> pathlib.Path:
@@ -96,11 +117,70 @@ def save(
     state: Any,
     fitted: Mapping[str, np.ndarray] | None = None,
 ) -> None:
-    """Saves the train state (and the fitted statistics, if any) as checkpoint ``step``."""
+    """Saves the train state (and the fitted statistics, if any) as checkpoint ``step``, with
+    the SHA-256 of its files (:data:`CHECKSUMS`).
+
+    Raises:
+      CheckpointError: the step could not be written (disk full, folder read-only, ...); the
+        previous checkpoints are untouched.
+    """
     items = {STATE: ocp.args.StandardSave(state)}
     if fitted:
         items[FITTED] = ocp.args.StandardSave({k: np.asarray(v) for k, v in fitted.items()})
-    manager.save(step, args=ocp.args.Composite(**items), force=True)
+    previous = manager.latest_step()
+    try:
+        manager.save(step, args=ocp.args.Composite(**items), force=True)
+        step_dir = _step_dir(manager, step)
+        atomic_write_text(step_dir / CHECKSUMS, json.dumps(_digests(step_dir), indent=1))
+    except Exception as e:  # orbax and tensorstore raise plain Exceptions for I/O failures
+        kept = "no earlier checkpoint" if previous is None else f"the checkpoint at step {previous}"
+        raise CheckpointError(
+            f"Could not write checkpoint {step} in {manager.directory}: {e}. Is the disk full or "
+            f"the folder read-only? {kept.capitalize()} is kept; free space or fix the "
+            "permissions and re-run the same command to resume from it."
+        ) from e
+
+
+def _step_dir(manager: ocp.CheckpointManager, step: int) -> pathlib.Path:
+    return pathlib.Path(manager.directory) / str(step)
+
+
+def _sha256(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _digests(step_dir: pathlib.Path) -> dict[str, str]:
+    return {
+        p.relative_to(step_dir).as_posix(): _sha256(p)
+        for p in sorted(step_dir.rglob("*"))
+        if p.is_file() and p.name != CHECKSUMS
+    }
+
+
+def verify(step_dir: pathlib.Path) -> None:
+    """Checks a step's files against its :data:`CHECKSUMS` (a step saved without them, by an
+    older version or killed just before writing them, is taken as it is).
+
+    Raises:
+      CheckpointError: a file is missing or its content changed.
+    """
+    path = step_dir / CHECKSUMS
+    if not path.is_file():
+        return
+    try:
+        expected = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is unreadable ({e})") from e
+    for name, digest in sorted(expected.items()):
+        file = step_dir / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        if _sha256(file) != digest:
+            raise CheckpointError(f"{file} is damaged (its SHA-256 changed since it was saved)")
 
 
 def _abstract(tree: Any, sharding) -> Any:
@@ -108,27 +188,83 @@ def _abstract(tree: Any, sharding) -> Any:
 
 
 def restore(
-    manager: ocp.CheckpointManager, state: Any, *, step: int | None = None, mesh: Mesh
+    manager: ocp.CheckpointManager,
+    state: Any,
+    *,
+    step: int | None = None,
+    mesh: Mesh,
+    set_aside_damaged: bool = False,
 ) -> tuple[Any, dict[str, np.ndarray]]:
-    """Restores checkpoint ``step`` (default: newest) into ``state``'s structure.
+    """Restores checkpoint ``step`` (default: the newest readable one) into ``state``'s structure.
+
+    Without ``step``, a damaged or unreadable newest step is skipped with a warning naming it and
+    the next older one is tried; ``set_aside_damaged`` (a resuming training run) then moves the
+    skipped steps to ``<workdir>/damaged_checkpoints/`` so the run continues from the one used.
 
     Returns:
       ``(state, fitted)``; ``fitted`` is empty when the checkpoint holds none.
+
+    Raises:
+      NoCheckpointError: no checkpoint at ``step`` (or none at all).
+      CheckpointError: the named step, or every step, is damaged or unreadable.
     """
-    step = manager.latest_step() if step is None else step
-    if step is None or step not in manager.all_steps():
-        raise FileNotFoundError(
-            f"No checkpoint at step {step} in {manager.directory}; available: "
-            f"{sorted(manager.all_steps())}."
+    available = sorted(manager.all_steps(), reverse=True)
+    if (step is not None and step not in available) or not available:
+        raise NoCheckpointError(
+            f"No checkpoint at step {step} in {manager.directory}; available: {sorted(available)}."
         )
     target = _abstract(state, NamedSharding(mesh, PartitionSpec()))
-    has_fitted = (pathlib.Path(manager.directory) / str(step) / FITTED).is_dir()
+    failures: list[tuple[int, str]] = []
+    for candidate in [step] if step is not None else available:
+        try:
+            restored = _restore_step(manager, candidate, target)
+        except Exception as e:  # orbax/tensorstore raise plain Exceptions for damaged files
+            failures.append((candidate, f"{type(e).__name__}: {str(e)[:500]}"))
+            logging.warning(
+                "Checkpoint %s is damaged or unreadable (%s).",
+                _step_dir(manager, candidate),
+                failures[-1][1],
+            )
+            continue
+        if failures:
+            logging.warning(
+                "Using checkpoint %s instead of the newer damaged one(s) %s.",
+                _step_dir(manager, candidate),
+                ", ".join(str(s) for s, _ in failures),
+            )
+            if set_aside_damaged:
+                set_aside(manager, [s for s, _ in failures])
+        return restored
+    shown = "; ".join(f"step {s}: {why}" for s, why in failures)
+    raise CheckpointError(
+        f"No readable checkpoint in {manager.directory} ({shown}). Nothing was restored. Restore "
+        "the folder from a backup, or move it aside to start the run again from step 0."
+    )
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any):
+    step_dir = _step_dir(manager, step)
+    verify(step_dir)
+    has_fitted = (step_dir / FITTED).is_dir()
     items = {STATE: ocp.args.StandardRestore(target)}
     if has_fitted:
         items[FITTED] = ocp.args.StandardRestore()
     restored = manager.restore(step, args=ocp.args.Composite(**items))
     fitted = {k: np.asarray(v) for k, v in (restored[FITTED] if has_fitted else {}).items()}
     return restored[STATE], fitted
+
+
+def set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Moves damaged steps out of the manager's folder (kept for inspection, never deleted)."""
+    aside = pathlib.Path(manager.directory).parent / DAMAGED_DIR
+    aside.mkdir(exist_ok=True)
+    for step in steps:
+        target, n = aside / str(step), 1
+        while target.exists():
+            target, n = aside / f"{step}.{n}", n + 1
+        shutil.move(_step_dir(manager, step), target)
+        logging.warning("Moved damaged checkpoint %d to %s.", step, target)
+    manager.reload()
 
 
 # --------------------------------------------------------------------------------------------

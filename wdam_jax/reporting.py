@@ -9,6 +9,7 @@ table shows percent with one decimal, as the paper's tables.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -18,6 +19,8 @@ from collections.abc import Mapping
 import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
+
+from wdam_jax.checkpoints import atomic_write_text
 
 METRICS = ("i_auroc", "p_auroc", "pro")
 # Written when the results hold them (``wdam_jax.evaluate`` adds them; the paper reports none).
@@ -105,20 +108,37 @@ def write_metrics(results: Results, outdir: str | os.PathLike) -> dict[str, path
     as_json = {
         c: {m: (None if math.isnan(v) else v) for m, v in r.items()} for c, r in rows.items()
     }
-    paths["json"].write_text(json.dumps(as_json, indent=2) + "\n")
-    with paths["csv"].open("w", newline="") as f:
-        writer = csv.writer(f)
-        metrics = columns(results)
-        writer.writerow(["category", *metrics])
-        for c, r in rows.items():
-            writer.writerow([c, *("" if math.isnan(r[m]) else repr(r[m]) for m in metrics)])
-    paths["markdown"].write_text(markdown_table(results))
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    metrics = columns(results)
+    writer.writerow(["category", *metrics])
+    for c, r in rows.items():
+        writer.writerow([c, *("" if math.isnan(r[m]) else repr(r[m]) for m in metrics)])
+    texts = {
+        "json": json.dumps(as_json, indent=2) + "\n",
+        "csv": table.getvalue(),
+        "markdown": markdown_table(results),
+    }
+    # All three composed first, then each through a temporary file and a rename: a failure or
+    # a kill never leaves a truncated table.
+    for kind, text in texts.items():
+        atomic_write_text(paths[kind], text)
     return paths
 
 
 def read_metrics_json(path: str | os.PathLike) -> dict[str, dict[str, float]]:
-    """Reads ``metrics.json`` back (null -> NaN), mean row included."""
-    raw = json.loads(pathlib.Path(path).read_text())
+    """Reads ``metrics.json`` back (null -> NaN), mean row included.
+
+    Raises:
+      ValueError: the file is not valid JSON (the message names it and how to rewrite it).
+    """
+    try:
+        raw = json.loads(pathlib.Path(path).read_text())
+    except ValueError as e:
+        raise ValueError(
+            f"{path} is damaged ({e}); rewrite it with python -m launch.evaluate --workdir=<the "
+            "run directory> --step=<its step>."
+        ) from None
     return {
         c: {m: float("nan") if v is None else float(v) for m, v in r.items()}
         for c, r in raw.items()

@@ -221,9 +221,9 @@ def restore(
     method = get_method(config) if method is None else method
     manager = checkpoints.checkpoint_manager(workdir)
     if manager.latest_step() is None:
-        raise FileNotFoundError(
-            f"{workdir} has no checkpoint yet: train it first (python -m launch.train "
-            f"--config=... --workdir={workdir})."
+        raise checkpoints.NoCheckpointError(
+            f"{workdir} has no checkpoint yet: train it first, or finish an interrupted run by "
+            f"re-running its command (python -m launch.train --config=... --workdir={workdir})."
         )
     graphdef, rest, _, state = init_state(method, config, abstract=True)
     state, fitted = checkpoints.restore(manager, state, step=step, mesh=data_mesh())
@@ -376,21 +376,27 @@ def train(
     mesh = data_mesh()
     manager = checkpoints.checkpoint_manager(workdir, max_to_keep=config.train.keep_checkpoints)
     if method.total_steps == 0 and manager.latest_step() == 0:
-        # A gradient-free run is only its fitted statistics: refit them if the data changed.
-        _, fitted = checkpoints.restore(
-            manager, init_state(method, config, abstract=True)[3], mesh=mesh
-        )
-        if stale(method, fitted):
-            logging.warning(
-                "The training files of %s changed since its statistics were fitted (or were "
-                "fitted by an older version): refitting.",
-                workdir,
+        # A gradient-free run is only its fitted statistics: refit them if the data changed or
+        # the checkpoint is damaged (the damaged one is kept in damaged_checkpoints/).
+        try:
+            _, fitted = checkpoints.restore(
+                manager, init_state(method, config, abstract=True)[3], mesh=mesh
             )
-            manager.delete(0)
+        except checkpoints.CheckpointError as e:
+            logging.warning("%s Refitting.", e)
+            checkpoints.set_aside(manager, [0])
+        else:
+            if stale(method, fitted):
+                logging.warning(
+                    "The training files of %s changed since its statistics were fitted (or were "
+                    "fitted by an older version): refitting.",
+                    workdir,
+                )
+                manager.delete(0)
     resuming = manager.latest_step() is not None
     graphdef, rest, tx, state = init_state(method, config, abstract=resuming)
     if resuming:
-        state, _ = checkpoints.restore(manager, state, mesh=mesh)
+        state, _ = checkpoints.restore(manager, state, mesh=mesh, set_aside_damaged=True)
         logging.info("Resuming from step %d of %s.", int(state["step"]), manager.directory)
     else:
         state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))

@@ -97,11 +97,35 @@ def _decode(image_png: bytes, mask_png: bytes, source: bytes, image_size: int, c
     )
 
 
+def _of_category(ds, category: str | None):
+    """``ds`` (serialised records) keeping those of ``category``, judged without decoding."""
+    if category is None:
+        return ds
+    tf = import_tensorflow()
+    spec = {"image/category": tf.io.FixedLenFeature([], tf.string)}
+    return ds.filter(lambda r: tf.io.parse_single_example(r, spec)["image/category"] == category)
+
+
+def record_categories(
+    file_pattern_or_paths: str | os.PathLike | Sequence[str | os.PathLike],
+) -> dict[str, int]:
+    """``{category: number of records}`` of FMAS shards (no image is decoded)."""
+    tf = import_tensorflow()
+    spec = {"image/category": tf.io.FixedLenFeature([], tf.string)}
+    ds = tf.data.TFRecordDataset(resolve_files(file_pattern_or_paths))
+    ds = ds.map(lambda r: tf.io.parse_single_example(r, spec)["image/category"])
+    counts: dict[str, int] = {}
+    for c in ds.as_numpy_iterator():
+        counts[c.decode()] = counts.get(c.decode(), 0) + 1
+    return counts
+
+
 def read_fmas_records(
     file_pattern_or_paths: str | os.PathLike | Sequence[str | os.PathLike],
     *,
     image_size: int,
     crop_size: int | None = None,
+    category: str | None = None,
 ):
     """A ``tf.data.Dataset`` over FMAS records, in file order.
 
@@ -109,6 +133,8 @@ def read_fmas_records(
       file_pattern_or_paths: a glob (``.../fmas-*.tfrecord``), one path, or a list of paths.
       image_size: resize target (as the dataset readers).
       crop_size: optional centre crop after the resize.
+      category: keep only the records of this ``image/category``; the others are dropped
+        before their images are decoded.
 
     Returns:
       Dataset of dicts: ``image`` float32 [S, S, 3] in [0, 1], ``mask`` float32 [S, S] in {0, 1},
@@ -145,7 +171,7 @@ def read_fmas_records(
             "tau": ex["fmas/tau"],
         }
 
-    ds = tf.data.TFRecordDataset(files)
+    ds = _of_category(tf.data.TFRecordDataset(files), category)
     return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
@@ -154,18 +180,42 @@ def load_fmas_arrays(
     *,
     image_size: int,
     crop_size: int | None = None,
+    category: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """All FMAS records as numpy arrays (for small sets held in memory during training).
+    """The FMAS records (of one ``category``, or all) as numpy arrays held in memory.
+
+    Memory: the records are counted first (without decoding), then decoded one at a time into
+    arrays allocated once, so the peak is the returned arrays plus one record in flight.
 
     Returns:
       (images [N, S, S, 3] float32, masks [N, S, S] bool, sources: N relative source paths).
+
+    Raises:
+      DatasetError: no record (of ``category``); the message lists the categories present.
     """
-    images, masks, sources = [], [], []
-    ds = read_fmas_records(file_pattern_or_paths, image_size=image_size, crop_size=crop_size)
-    for ex in ds.as_numpy_iterator():
-        images.append(ex["image"])
-        masks.append(ex["mask"] > 0.5)
+    files = resolve_files(file_pattern_or_paths)
+    present = record_categories(files)
+    n = sum(present.values()) if category is None else present.get(category, 0)
+    if not n:
+        of = "" if category is None else f" of category {category!r}"
+        raise DatasetError(
+            f"FMAS shards {file_pattern_or_paths!r} hold no record{of} (categories present: "
+            f"{sorted(present) or 'none'}). Run python -m launch.synthesize for it, or fix "
+            "config.data.fmas_records."
+        )
+    side = crop_size if crop_size is not None else image_size
+    images = np.empty((n, side, side, 3), np.float32)
+    masks = np.empty((n, side, side), bool)
+    sources = []
+    ds = read_fmas_records(files, image_size=image_size, crop_size=crop_size, category=category)
+    for i, ex in enumerate(ds.prefetch(1).as_numpy_iterator()):
+        if i == n:
+            break
+        images[i], masks[i] = ex["image"], ex["mask"] > 0.5
         sources.append(ex["source"].decode())
-    if not images:
-        raise DatasetError(f"FMAS shards {file_pattern_or_paths!r} hold no records.")
-    return np.stack(images), np.stack(masks), sources
+    if len(sources) != n:
+        raise DatasetError(
+            f"FMAS shards {file_pattern_or_paths!r} changed while being read; run again once "
+            "python -m launch.synthesize has finished writing them."
+        )
+    return images, masks, sources
