@@ -64,12 +64,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.stage3_steps = 1000  # Adam, WDAM in
     config.train.stage3_lr = 0.001
     config.train.log_every = 50
+    config.train.eval_every = 0  # validate() (learning curves) every this many steps; 0: never
     config.train.checkpoint_every = 500
     config.train.keep_checkpoints = 3
 
     config.score = ml_collections.ConfigDict()
     config.score.embedding = "pooled"  # Gaussian density on "pooled" backbone or head "embedding"
-    config.score.pixel_layer = "layer4"  # Sec. 4.2: layer4 feature maps instead of GradCAM
+    config.score.normalize = False  # L2-normalise features before the Gaussian fits
+    config.score.image_score = "gde"  # CutPaste's Gaussian density; or "map_max" (PaDiM)
+    # Sec. 4.2: layer4 feature maps instead of GradCAM. Several layers are concatenated at the
+    # first one's resolution.
+    config.score.pixel_layers = ("layer4",)
     config.score.pixel_sigma = 4.0  # Gaussian smoothing of the upsampled map, in pixels
     config.score.eval_batch_size = 32
     config.score.num_figures = 8

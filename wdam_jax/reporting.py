@@ -178,3 +178,98 @@ def save_heatmap_figure(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=100)
     return path
+
+
+def read_scalars(logdir: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The scalars of a run's TensorBoard event files (``<workdir>/tensorboard``).
+
+    Reads every ``events.out.tfevents.*`` file in ``logdir`` (a resumed run writes several) with
+    ``tf.compat.v1.train.summary_iterator``; a step logged twice keeps its last value.
+
+    Returns:
+      tag -> ``(steps [T] int, values [T] float)``, sorted by step.
+    """
+    from wdam_jax.data.tf_setup import import_tensorflow
+
+    tf = import_tensorflow()
+    files = sorted(pathlib.Path(logdir).glob("events.out.tfevents.*"))
+    if not files:
+        raise FileNotFoundError(
+            f"No TensorBoard event files in {logdir}; pass a training workdir's tensorboard folder."
+        )
+    by_tag: dict[str, dict[int, float]] = {}
+    for path in files:
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    scalar = float(value.simple_value)
+                elif value.HasField("tensor"):
+                    scalar = float(tf.make_ndarray(value.tensor))
+                else:
+                    continue
+                by_tag.setdefault(value.tag, {})[int(event.step)] = scalar
+    out = {}
+    for tag, points in by_tag.items():
+        steps = np.asarray(sorted(points), np.int64)
+        out[tag] = (steps, np.asarray([points[s] for s in steps], np.float64))
+    return out
+
+
+def save_learning_curves(
+    scalars: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+) -> pathlib.Path:
+    """Draws test AUROC and training loss against step (the learning-curve figure).
+
+    Left: ``loss`` (and ``accuracy``, the training 3-way accuracy, if logged). Right: every
+    ``test/*`` and ``val/*`` tag (the method's ``validate`` scalars), in percent.
+
+    Args:
+      scalars: what :func:`read_scalars` returns.
+      path: output PNG path.
+      title: figure title (e.g. the run's config and category).
+
+    Returns:
+      The written path.
+    """
+    curves = sorted(t for t in scalars if t.startswith(("test/", "val/")))
+    if "loss" not in scalars or not curves:
+        raise ValueError(
+            "save_learning_curves: need 'loss' and test/* or val/* scalars, got "
+            f"{sorted(scalars)}; "
+            "train with config.train.eval_every > 0."
+        )
+    fig = Figure(figsize=(10, 3.6))
+    left, right = fig.subplots(1, 2)
+    steps, loss = scalars["loss"]
+    left.plot(steps, loss, label="loss", color="black")
+    left.axhline(math.log(3), color="gray", linestyle=":", label="ln 3 (chance)")
+    if "accuracy" in scalars:
+        twin = left.twinx()
+        acc_steps, acc = scalars["accuracy"]
+        twin.plot(acc_steps, 100 * acc, label="train accuracy", color="tab:orange", alpha=0.7)
+        twin.set_ylabel("train 3-way accuracy (%)")
+        twin.set_ylim(0, 100)
+        twin.legend(loc="upper right", fontsize=7)
+    left.set_xlabel("step")
+    left.set_ylabel("training loss")
+    left.legend(loc="lower left", fontsize=7)
+    for tag in curves:
+        tag_steps, values = scalars[tag]
+        style = "-" if tag.startswith("test/") else "--"
+        right.plot(tag_steps, 100 * values, style, marker=".", label=tag)
+    right.axhline(50, color="gray", linestyle=":")
+    right.set_xlabel("step")
+    right.set_ylabel("%")
+    right.set_ylim(0, 100)
+    right.legend(fontsize=7, loc="lower right")
+    right.set_title("validate(): test AUROC (diagnostic), 3-way accuracy", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=80)
+    return path

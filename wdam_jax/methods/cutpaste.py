@@ -24,10 +24,13 @@ the ablated component (the paper does not give stage lengths; they are config).
 Scoring (Sec. 4.2): the image score is the Mahalanobis distance of an image's embedding
 (``score.embedding``: the pooled backbone features, or the head's output) to a Gaussian fitted to
 the normal training embeddings with Ledoit-Wolf shrinkage, as CutPaste. The pixel map is the
-per-location Mahalanobis distance of the ``score.pixel_layer`` (layer4) features to the normal
-training features at that location (per-location mean, one shrinkage covariance pooled over
-locations: a [D, D] matrix per location would not fit for D = 2048), bilinearly upsampled to the
-input and Gaussian-smoothed (``score.pixel_sigma``).
+per-location Mahalanobis distance of the ``score.pixel_layers`` features (the paper: layer4;
+several layers are concatenated at the first one's resolution) to the normal training features
+at that location (per-location mean, one shrinkage covariance pooled over locations: a [D, D]
+matrix per location would not fit for D = 2048), bilinearly upsampled to the input and
+Gaussian-smoothed (``score.pixel_sigma``). ``score.normalize`` L2-normalises features before both
+fits (CutPaste's reference code); ``score.image_score = "map_max"`` scores an image by its map's
+maximum instead (PaDiM, PatchCore). ``docs/cutpaste_demo_diagnosis.md`` measures these choices.
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import pathlib
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -303,6 +305,127 @@ def smooth_maps(maps: np.ndarray, *, size: int, sigma: float) -> np.ndarray:
     return up
 
 
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """``x / ||x||`` over the last axis (``[..., D] -> [..., D]``), as CutPaste's reference code
+    does to embeddings before the Gaussian fit."""
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def pixel_features(features: Mapping[str, np.ndarray], layers: Sequence[str]) -> np.ndarray:
+    """The feature maps of ``layers`` concatenated at the resolution of the first one.
+
+    Args:
+      features: name -> ``[N, h_i, w_i, D_i]`` maps (the backbone's named features).
+      layers: e.g. ``("layer2", "layer3")``; later layers are bilinearly upsampled to the first's
+        ``[h, w]`` (PaDiM's choice of combining scales).
+
+    Returns:
+      ``[N, h, w, sum D_i]`` float32.
+    """
+    first = np.asarray(features[layers[0]], np.float32)
+    n, h, w, _ = first.shape
+    maps = [first]
+    for name in layers[1:]:
+        x = np.asarray(features[name], np.float32)
+        shape = (n, h, w, x.shape[-1])
+        maps.append(np.asarray(jax.image.resize(jnp.asarray(x), shape, "bilinear"), np.float32))
+    return np.concatenate(maps, axis=-1)
+
+
+IMAGE_SCORES = ("gde", "map_max")
+
+
+def fit_densities(
+    embeddings: np.ndarray, pixel_feats: np.ndarray, *, normalize: bool
+) -> dict[str, np.ndarray]:
+    """The Gaussians of the image score and of the pixel map, fitted to normal training images.
+
+    Args:
+      embeddings: ``[N, E]`` image embeddings (``score.embedding``).
+      pixel_feats: ``[N, h, w, D]`` (:func:`pixel_features`).
+      normalize: L2-normalise embeddings and per-location features first (``score.normalize``).
+
+    Returns:
+      ``image_mean`` ``[E]``, ``image_precision`` ``[E, E]``, ``pixel_mean`` ``[h, w, D]``,
+      ``pixel_precision`` ``[D, D]`` (the method contract's ``Fitted``).
+    """
+    if normalize:
+        embeddings, pixel_feats = l2_normalize(embeddings), l2_normalize(pixel_feats)
+    image = fit_gaussian(embeddings)
+    pixel = fit_gaussian(pixel_feats, location_axes=(1, 2))
+    return {
+        "image_mean": image.mean,
+        "image_precision": image.precision,
+        "pixel_mean": pixel.mean,
+        "pixel_precision": pixel.precision,
+    }
+
+
+def score_features(
+    fitted: Mapping[str, np.ndarray],
+    embeddings: np.ndarray,
+    pixel_feats: np.ndarray,
+    *,
+    normalize: bool,
+    image_score: str,
+    size: int,
+    sigma: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image scores and anomaly maps from features and :func:`fit_densities`' Gaussians.
+
+    Args:
+      fitted: what :func:`fit_densities` returned.
+      embeddings: ``[N, E]``; pixel_feats: ``[N, h, w, D]``.
+      normalize: as for the fit.
+      image_score: ``"gde"``: Mahalanobis distance of the embedding (CutPaste, the paper);
+        ``"map_max"``: maximum of the anomaly map (PaDiM / PatchCore's image score).
+      size: side of the input images; sigma: Gaussian smoothing of the map, in pixels.
+
+    Returns:
+      ``image_scores`` ``[N]`` and ``maps`` ``[N, size, size]``.
+    """
+    if image_score not in IMAGE_SCORES:
+        raise ValueError(f"config.score.image_score={image_score!r}; use one of {IMAGE_SCORES}.")
+    if normalize:
+        embeddings, pixel_feats = l2_normalize(embeddings), l2_normalize(pixel_feats)
+    pixel = Gaussian(fitted["pixel_mean"], fitted["pixel_precision"])
+    maps = smooth_maps(pixel.mahalanobis(pixel_feats), size=size, sigma=sigma)
+    if image_score == "map_max":
+        return maps.reshape(len(maps), -1).max(axis=1), maps
+    image = Gaussian(fitted["image_mean"], fitted["image_precision"])
+    return image.mahalanobis(embeddings), maps
+
+
+@functools.lru_cache(maxsize=8)
+def _forward(graphdef, names: tuple[str, ...]):
+    """One compiled inference forward per (network structure, feature names)."""
+
+    @jax.jit
+    def forward(state, x):
+        out = nnx.merge(graphdef, state, copy=True)(x, train=False)
+        return {k: out[k].astype(jnp.float32) for k in names}
+
+    return forward
+
+
+def extract_features(
+    model: nnx.Module, images: np.ndarray, *, names: Sequence[str], batch_size: int
+) -> dict[str, np.ndarray]:
+    """The named features of ``images`` ``[N, S, S, 3]`` in inference mode (BatchNorm running
+    statistics), in padded batches of ``batch_size`` (one compile per shape)."""
+    graphdef, state = nnx.split(model)
+    forward = _forward(graphdef, tuple(names))
+    out: dict[str, list[np.ndarray]] = {k: [] for k in names}
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        pad = np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)
+        values = jax.device_get(forward(state, np.concatenate([chunk, pad])))
+        for k in names:
+            out[k].append(values[k][: len(chunk)])
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
 # --------------------------------------------------------------------------------------------
 # Data.
 
@@ -511,25 +634,36 @@ class CutPaste:
         return backbone
 
     def _features(self, model: CutPasteNet, images: np.ndarray, *, step: int):
-        """``(embeddings [N, E], maps [N, h, w, D])`` of ``images`` in inference mode."""
+        """``(embeddings [N, E], pixel features [N, h, w, D])`` of ``images``, inference mode."""
+        s = self.config.score
         set_wdam_gate(model, step > self.wdam_start)
-        graphdef, state = nnx.split(model)
-        embedding, layer = self.config.score.embedding, self.config.score.pixel_layer
+        layers = tuple(s.pixel_layers)
+        names = tuple(dict.fromkeys((s.embedding, *layers)))
+        features = extract_features(model, images, names=names, batch_size=s.eval_batch_size)
+        return features[s.embedding], pixel_features(features, layers)
 
-        @jax.jit
-        def forward(state, x):
-            out = nnx.merge(graphdef, state, copy=True)(x, train=False)
-            return out[embedding].astype(jnp.float32), out[layer].astype(jnp.float32)
+    def fit(self, model: CutPasteNet, train_images: np.ndarray, *, step: int):
+        """The Gaussians of :func:`fit_densities` on the normal training images."""
+        embed, pixel = self._features(model, train_images, step=step)
+        return fit_densities(embed, pixel, normalize=self.config.score.normalize)
 
-        bs = self.config.score.eval_batch_size
-        embeddings, maps = [], []
-        for start in range(0, len(images), bs):
-            chunk = images[start : start + bs]
-            padded = np.concatenate([chunk, np.repeat(chunk[-1:], bs - len(chunk), axis=0)])
-            e, m = jax.device_get(forward(state, padded))
-            embeddings.append(e[: len(chunk)])
-            maps.append(m[: len(chunk)])
-        return np.concatenate(embeddings), np.concatenate(maps)
+    def score_images(self, model: CutPasteNet, fitted, images: np.ndarray, *, step: int):
+        """``(image_scores [N], maps [N, S, S])`` of ``images`` (see the module docstring)."""
+        s = self.config.score
+        embed, pixel = self._features(model, images, step=step)
+        return score_features(
+            fitted,
+            embed,
+            pixel,
+            normalize=s.normalize,
+            image_score=s.image_score,
+            size=images.shape[1],
+            sigma=s.pixel_sigma,
+        )
+
+    @functools.cached_property
+    def test_split(self) -> datasets.Split:
+        return load_split(self.config.data, split="test")
 
     def score(self, model: CutPasteNet, *, step: int) -> Scores:
         """Image scores and anomaly maps of the test split (see the module docstring).
@@ -538,15 +672,54 @@ class CutPaste:
           model: the trained network.
           step: the step it was trained to (decides whether its WDAMs are in).
         """
+        fitted = self.fit(model, self.train_data.images, step=step)
+        test = self.test_split
+        image_scores, maps = self.score_images(model, fitted, test.images, step=step)
+        return Scores(image_scores, maps, test)
+
+    def validate(self, model: CutPasteNet, *, step: int) -> dict[str, float]:
+        """Learning-curve scalars, logged every ``train.eval_every`` steps.
+
+        ``test/*`` are computed on the TEST split: a diagnostic curve (does training help
+        detection?), never used to select a checkpoint or a hyperparameter. ``test/gde_i_auroc``
+        is CutPaste's image score (Gaussian on ``score.embedding``) whatever
+        ``score.image_score`` is; ``test/i_auroc`` is the configured image score and
+        ``test/p_auroc`` the pixel AUROC at the model's input resolution. ``val/accuracy_*``
+        is the per-class 3-way accuracy in inference mode (BatchNorm running statistics) on a
+        fixed batch of fresh augmentations of the training images (seed ``config.seed + 1``),
+        so a gap to the training accuracy shows BatchNorm statistics lagging the weights.
+        """
+        from wdam_jax import metrics
+
         s = self.config.score
-        train_embed, train_maps = self._features(model, self.train_data.images, step=step)
-        image_density = fit_gaussian(train_embed)
-        pixel_density = fit_gaussian(train_maps, location_axes=(1, 2))
-        test = load_split(self.config.data, split="test")
-        test_embed, test_maps = self._features(model, test.images, step=step)
-        maps = smooth_maps(
-            pixel_density.mahalanobis(test_maps),
-            size=test.images.shape[1],
-            sigma=s.pixel_sigma,
+        test = self.test_split
+        train_embed, train_pixel = self._features(model, self.train_data.images, step=step)
+        fitted = fit_densities(train_embed, train_pixel, normalize=s.normalize)
+        embed, pixel = self._features(model, test.images, step=step)
+        kwargs = dict(normalize=s.normalize, size=test.images.shape[1], sigma=s.pixel_sigma)
+        gde_scores, _ = score_features(fitted, embed, pixel, image_score="gde", **kwargs)
+        image_scores, maps = score_features(
+            fitted, embed, pixel, image_score=s.image_score, **kwargs
         )
-        return Scores(image_density.mahalanobis(test_embed), maps, test)
+        out = {
+            "test/gde_i_auroc": metrics.auroc(gde_scores, test.labels),
+            "test/i_auroc": metrics.auroc(image_scores, test.labels),
+            "test/p_auroc": metrics.pixel_auroc(maps, test.masks),
+        }
+        batch = make_batch(
+            self.train_data,
+            0,
+            batch_size=self.config.train.batch_size,
+            seed=self.config.seed + 1,
+            source=self.anomaly_source(step),
+            augment_config=self.config.augment,
+        )
+        set_wdam_gate(model, step > self.wdam_start)
+        logits = extract_features(
+            model, batch["image"], names=("logits",), batch_size=s.eval_batch_size
+        )["logits"]
+        predicted = logits.argmax(-1)
+        for label, name in zip((NORMAL, ANOMALY, SCAR), ("normal", "anomaly", "scar"), strict=True):
+            chosen = batch["label"] == label
+            out[f"val/accuracy_{name}"] = float(np.mean(predicted[chosen] == label))
+        return out
