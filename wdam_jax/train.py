@@ -463,6 +463,11 @@ def train(
     step_fn = compile_train_step(graphdef, rest, method.loss, tx, mesh)
     summaries = _Summaries(workdir / TENSORBOARD_DIR)
     progress = None
+    eval_every = config.train.get("eval_every", 0) if hasattr(method, "validate") else 0
+    if eval_every and first == 0 and first < last:  # the untrained network: the curves' baseline
+        values = method.validate(model_from_state(graphdef, rest, state), step=0)
+        summaries.scalars(0, values)
+        logging.info("validate at step 0: %s", values)
     # One batch is built ahead on a host thread while the device runs the current step.
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(method.batch, first) if first < last else None
@@ -485,6 +490,10 @@ def train(
             if done % config.train.log_every == 0 or done == last or step == first:
                 summaries.scalars(done, metrics)
                 logging.info("%s", progress.line(done, metrics))
+            if eval_every and (done % eval_every == 0 or done == last):
+                values = method.validate(model_from_state(graphdef, rest, state), step=done)
+                summaries.scalars(done, values)
+                logging.info("validate at step %d: %s", done, values)
             if done % config.train.checkpoint_every == 0 or done == last:
                 manager.save(done, args=ocp.args.StandardSave(state))
     manager.wait_until_finished()
