@@ -4,6 +4,8 @@ r"""CutPaste baseline (Table 3, first column): 3-way normal / CutPaste / scar, W
       --config.data.root=data/mvtec_ad --config.data.category=bottle
   python -m launch.train --config=configs/cutpaste.py:demo --workdir=workdirs/cutpaste_demo
   python -m launch.evaluate --workdir=workdirs/cutpaste_demo
+  python -m launch.train --config=configs/cutpaste.py:custom --workdir=runs/mine \
+      --config.data.root=my_images --config.data.category=my_product
 
 The plain config expects MVTec AD under ``data.root`` (VisA: ``--config.data.dataset=visa``) and
 the ImageNet weights converted by ``python -m launch.convert_weights`` under ``model.pretrained``.
@@ -64,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.stage3_steps = 1000  # Adam, WDAM in
     config.train.stage3_lr = 0.001
     config.train.log_every = 50
-    config.train.eval_every = 0  # validate() (learning curves) every this many steps; 0: never
+    config.train.eval_every = 0  # 0: no periodic validation (method.validate)
     config.train.checkpoint_every = 500
     config.train.keep_checkpoints = 3
 
@@ -81,9 +83,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if arg == "demo":
         apply_demo(config)
+    elif arg == "custom":
+        apply_demo(config)
+        apply_custom(config)
     elif arg:
-        raise ValueError(f"Unknown config argument {arg!r}; use nothing or 'demo'.")
+        raise ValueError(f"Unknown config argument {arg!r}; use nothing, 'demo' or 'custom'.")
     return config
+
+
+def apply_custom(config: ml_collections.ConfigDict) -> None:
+    """Your own images in the MVTec layout (``<root>/<category>/train/good``, ``test/<defect>``,
+    optional ``ground_truth/<defect>/<stem>_mask.png``), trained from scratch on a CPU with the
+    demo's schedule: no FMAS records (CutPaste is the anomaly source), no foreground masks, no
+    ImageNet weights. Give ``--config.data.root`` and ``--config.data.category``.
+    """
+    config.data.dataset = "mvtec"
+    config.data.root = ""
+    config.data.category = ""
+    config.data.anomaly_source = "cutpaste"
+    config.data.foreground_root = ""
+    config.data.fmas_records = ""
+    config.augment.foreground_mask = False
+    config.model.pretrained = ""
 
 
 def apply_demo(config: ml_collections.ConfigDict) -> None:

@@ -8,9 +8,10 @@ at each batch size, with the overhead ratios. Paper (PyTorch, RTX A6000): 67.40 
 29.92 -> 29.94 GFLOPs, 5.71 -> 7.35 ms.
 """
 
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
+from launch import cli
 from wdam_jax import complexity
 from wdam_jax.models.wide_resnet import WideResNet50_2
 
@@ -36,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, config_flag=None)

@@ -16,6 +16,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from launch import cli
 from synthesis.subband import SUBBANDS, class_table, markdown_table
 
 _RECORDS = flags.DEFINE_string("records", None, "Glob of FMAS TFRecord files.", required=True)
@@ -70,4 +71,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, config_flag=None)

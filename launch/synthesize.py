@@ -9,6 +9,7 @@ same command resumes an interrupted run.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from launch import cli
 from synthesis.pipeline import run_fmas
 
 _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
@@ -24,4 +25,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

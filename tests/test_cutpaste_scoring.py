@@ -1,11 +1,9 @@
-"""CutPaste's scoring functions (``score.*``) and the learning-curve reporting."""
+"""CutPaste's scoring functions (``score.*``), against scikit-learn and by construction."""
 
 import numpy as np
 import pytest
 from sklearn.covariance import LedoitWolf
 
-from wdam_jax import reporting
-from wdam_jax import train as train_lib
 from wdam_jax.methods import cutpaste
 
 
@@ -56,25 +54,7 @@ def test_map_max_scores_each_image_by_its_maps_maximum():
 def test_unknown_image_score_is_an_error():
     embed, pixel = _data()
     fitted = cutpaste.fit_densities(embed, pixel, normalize=False)
-    with pytest.raises(ValueError, match="score.image_score"):
+    with pytest.raises(ValueError, match=r"score\.image_score"):
         cutpaste.score_features(
             fitted, embed, pixel, normalize=False, image_score="max", size=6, sigma=0.0
         )
-
-
-def test_learning_curves_from_the_loops_tensorboard_scalars(tmp_path):
-    summaries = train_lib._Summaries(tmp_path / "tb")
-    for step in (1, 10, 20):
-        summaries.scalars(step, {"loss": 1.1 - step / 100, "accuracy": step / 40})
-    summaries.scalars(0, {"test/i_auroc": 0.5})
-    summaries.scalars(20, {"test/i_auroc": 0.75, "val/accuracy_scar": 0.25})
-    summaries.close()
-    scalars = reporting.read_scalars(tmp_path / "tb")
-    steps, loss = scalars["loss"]
-    np.testing.assert_array_equal(steps, [1, 10, 20])
-    np.testing.assert_allclose(loss, [1.09, 1.0, 0.9], rtol=1e-6)
-    np.testing.assert_allclose(scalars["test/i_auroc"][1], [0.5, 0.75])
-    path = reporting.save_learning_curves(scalars, tmp_path / "curves.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(ValueError, match="eval_every"):
-        reporting.save_learning_curves({"loss": scalars["loss"]}, tmp_path / "none.png")

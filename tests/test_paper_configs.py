@@ -83,16 +83,17 @@ def test_cutpaste_paper_config(module, arg, source, fm, wdam):
 @pytest.mark.parametrize("module", [patchcore, patchcore_wdam])
 def test_patchcore_paper_config(module):
     config = module.get_config()
-    assert not config.demo
+    assert config.data.dataset == "mvtec"
     for member in config.members.values():
-        # No reduced backbone and never a random one: the members are WRN50-2 from weights.
-        assert "depths" not in member and "base_width" not in member
+        # The full WideResNet50-2, never a random one: members come from weights or a run.
+        assert tuple(member.depths) == DEPTHS and member.base_width == BASE_WIDTH
         assert member.allow_random_init is False
     assert config.members.plain.kind == "imagenet"
     p = config.patchcore
     assert (p.patch_size, p.coreset_ratio, p.num_neighbors, p.sigma) == (3, 0.1, 9, 4.0)
     if module is patchcore:  # "resize to 256, centre crop 224"
         assert (config.data.image_size, config.data.crop_size) == (256, 224)
-    else:  # "Input 256x256 (no crop)"
+    else:  # "Input 256 x 256 (no crop)"; the WDAM member is a CutPaste + WDAM run
         assert (config.data.image_size, config.data.crop_size) == (256, 0)
+        assert config.members.wdam.kind == "run"
         assert tuple(config.members.wdam.wdam_layers) == (1,)

@@ -180,96 +180,47 @@ def save_heatmap_figure(
     return path
 
 
-def read_scalars(logdir: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The scalars of a run's TensorBoard event files (``<workdir>/tensorboard``).
-
-    Reads every ``events.out.tfevents.*`` file in ``logdir`` (a resumed run writes several) with
-    ``tf.compat.v1.train.summary_iterator``; a step logged twice keeps its last value.
-
-    Returns:
-      tag -> ``(steps [T] int, values [T] float)``, sorted by step.
-    """
-    from wdam_jax.data.tf_setup import import_tensorflow
-
-    tf = import_tensorflow()
-    files = sorted(pathlib.Path(logdir).glob("events.out.tfevents.*"))
-    if not files:
-        raise FileNotFoundError(
-            f"No TensorBoard event files in {logdir}; pass a training workdir's tensorboard folder."
-        )
-    by_tag: dict[str, dict[int, float]] = {}
-    for path in files:
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for value in event.summary.value:
-                if value.HasField("simple_value"):
-                    scalar = float(value.simple_value)
-                elif value.HasField("tensor"):
-                    scalar = float(tf.make_ndarray(value.tensor))
-                else:
-                    continue
-                by_tag.setdefault(value.tag, {})[int(event.step)] = scalar
-    out = {}
-    for tag, points in by_tag.items():
-        steps = np.asarray(sorted(points), np.int64)
-        out[tag] = (steps, np.asarray([points[s] for s in steps], np.float64))
-    return out
-
-
-def save_learning_curves(
-    scalars: Mapping[str, tuple[np.ndarray, np.ndarray]],
+def save_curves_figure(
+    curves: Mapping[str, list[tuple[int, float]]],
     path: str | os.PathLike,
     *,
-    title: str = "",
+    names: tuple[str, ...] | None = None,
 ) -> pathlib.Path:
-    """Draws test AUROC and training loss against step (the learning-curve figure).
-
-    Left: ``loss`` (and ``accuracy``, the training 3-way accuracy, if logged). Right: every
-    ``test/*`` and ``val/*`` tag (the method's ``validate`` scalars), in percent.
+    """Draws logged scalars against the training step, one panel per scalar.
 
     Args:
-      scalars: what :func:`read_scalars` returns.
+      curves: name -> [(step, value), ...] (``wdam_jax.train.read_train_log``).
       path: output PNG path.
-      title: figure title (e.g. the run's config and category).
+      names: which scalars, in order (default: every one except the gradient norm and flags,
+        validation and test scalars first).
 
     Returns:
       The written path.
     """
-    curves = sorted(t for t in scalars if t.startswith(("test/", "val/")))
-    if "loss" not in scalars or not curves:
-        raise ValueError(
-            "save_learning_curves: need 'loss' and test/* or val/* scalars, got "
-            f"{sorted(scalars)}; "
-            "train with config.train.eval_every > 0."
-        )
-    fig = Figure(figsize=(10, 3.6))
-    left, right = fig.subplots(1, 2)
-    steps, loss = scalars["loss"]
-    left.plot(steps, loss, label="loss", color="black")
-    left.axhline(math.log(3), color="gray", linestyle=":", label="ln 3 (chance)")
-    if "accuracy" in scalars:
-        twin = left.twinx()
-        acc_steps, acc = scalars["accuracy"]
-        twin.plot(acc_steps, 100 * acc, label="train accuracy", color="tab:orange", alpha=0.7)
-        twin.set_ylabel("train 3-way accuracy (%)")
-        twin.set_ylim(0, 100)
-        twin.legend(loc="upper right", fontsize=7)
-    left.set_xlabel("step")
-    left.set_ylabel("training loss")
-    left.legend(loc="lower left", fontsize=7)
-    for tag in curves:
-        tag_steps, values = scalars[tag]
-        style = "-" if tag.startswith("test/") else "--"
-        right.plot(tag_steps, 100 * values, style, marker=".", label=tag)
-    right.axhline(50, color="gray", linestyle=":")
-    right.set_xlabel("step")
-    right.set_ylabel("%")
-    right.set_ylim(0, 100)
-    right.legend(fontsize=7, loc="lower right")
-    right.set_title("validate(): test AUROC (diagnostic), 3-way accuracy", fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
+    if names is None:
+        hidden = ("grad_norm", "wdam_on")
+        shown = [k for k in curves if k not in hidden]
+        names = tuple(sorted(shown, key=lambda k: ("/" not in k, k)))
+    names = tuple(n for n in names if curves.get(n))
+    if not names:
+        raise ValueError("save_curves_figure: no scalars to draw.")
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig = Figure(figsize=(4.0 * cols, 2.8 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, name in zip(axes.ravel(), names, strict=False):
+        steps, values = zip(*curves[name], strict=True)
+        ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+        if "auroc" in name:  # chance level dashed
+            ax.set_ylim(-0.02, 1.02)
+            ax.axhline(0.5, color="gray", lw=0.8, ls="--")
+    for ax in axes.ravel()[len(names) :]:
+        ax.set_visible(False)
     fig.tight_layout()
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=80)
+    fig.savefig(path, format="png", dpi=100)
     return path

@@ -5,6 +5,9 @@
 - ``"mvtec"``: MVTec AD, ``<root>/<category>/{train/good, test/<defect>, ground_truth/...}``;
 - ``"visa"``: VisA converted to the 1cls MVTec-style layout (same tree);
 - ``"demo"``: the built-in demo data, generated on first use under ``root`` (MVTec layout);
+- ``"tfds"``: a TensorFlow Datasets copy prepared by :mod:`wdam_jax.data.tfds_builder` under
+  ``root`` (``data.tfds_name``: ``"mvtec_ad"`` or ``"visa"``; built on first use from
+  ``data.tfds_manual_dir`` when that is set);
 - ``"folder"``: a user's own product, ``<root>/<category>/{good, defect[, masks]}`` by default
   (the folder names are the ``data.folder_*`` fields, see :func:`folder_layout`).
 
@@ -14,6 +17,8 @@ layout that works for one method works for all.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import pathlib
 
 import ml_collections
@@ -24,7 +29,7 @@ from wdam_jax.data import datasets, demo
 # configs resize it to data.image_size.
 DEMO_SOURCE_SIZE = 128
 DEMO_SEED = 0
-DATASETS = ("mvtec", "visa", "demo", "folder")
+DATASETS = ("mvtec", "visa", "demo", "folder", "tfds")
 
 DATASET_HELP = (
     "MVTec AD: download it from https://www.mvtec.com/company/research/datasets/mvtec-ad, "
@@ -58,21 +63,110 @@ def folder_layout(data_config: ml_collections.ConfigDict) -> dict[str, pathlib.P
     }
 
 
+def check(data_config: ml_collections.ConfigDict) -> list[str]:
+    """Problems with ``config.data`` found without loading anything (empty if none): each names
+    the field, the value and the fix."""
+    kind, root, category = data_config.dataset, data_config.root, data_config.category
+    if kind not in DATASETS:
+        return [f"config.data.dataset={kind!r} is not one of {', '.join(DATASETS)}."]
+    problems = []
+    if data_config.image_size <= 0:
+        problems.append(f"config.data.image_size={data_config.image_size}: must be positive.")
+    crop = data_config.get("crop_size", 0) or 0
+    if crop < 0 or crop > data_config.image_size:
+        problems.append(
+            f"config.data.crop_size={crop}: must be 0 (no crop) or at most data.image_size="
+            f"{data_config.image_size}."
+        )
+    if kind in ("demo", "tfds"):
+        return problems  # generated on first use / built from tfds_manual_dir (checked there)
+    if not root:
+        return [*problems, f"config.data.root is empty: set --config.data.root. {DATASET_HELP}"]
+    if not pathlib.Path(root).is_dir():
+        return [
+            *problems,
+            f"config.data.root={str(root)!r} does not exist (relative paths are relative to the "
+            f"working directory, {pathlib.Path.cwd()}). {DATASET_HELP}",
+        ]
+    base = pathlib.Path(root) / category
+    if not category or not base.is_dir():
+        found = sorted(p.name for p in pathlib.Path(root).iterdir() if p.is_dir())
+        return [
+            *problems,
+            f"config.data.category={category!r}: no folder {base}. Folders under "
+            f"data.root: {', '.join(found) or 'none'}.",
+        ]
+    if kind == "folder":
+        layout = folder_layout(data_config)
+        if not layout["normal_dir"].is_dir():
+            problems.append(
+                f"{layout['normal_dir']} (normal images of dataset='folder') does not exist; put "
+                "the defect-free images there, or set config.data.folder_normal."
+            )
+        return problems
+    for needed in ("train/good", "test"):
+        if not (base / needed).is_dir():
+            problems.append(
+                f"{base / needed} is missing: data.dataset={kind!r} expects "
+                f"<root>/<category>/{{train/good, test/<defect>, ground_truth/<defect>}}; for "
+                "a folder of normal and defective images use --config.data.dataset=folder."
+            )
+    return problems
+
+
+def train_fingerprint(data_config: ml_collections.ConfigDict) -> str:
+    """A hash of the training files (relative paths, sizes, modification times) and of the data
+    fields that change what is read: a statistic fitted on other files does not match it."""
+    fields = {k: data_config.get(k) for k in ("dataset", "category", "image_size", "crop_size")}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
+    if data_config.dataset == "tfds":
+        digest.update(str(data_config.root).encode())
+        return digest.hexdigest()
+    base = dataset_root(data_config) / data_config.category
+    folder = (
+        folder_layout(data_config)["normal_dir"]
+        if data_config.dataset == "folder"
+        else base / "train" / "good"
+    )
+    if folder.is_dir():
+        for path in sorted(p for p in folder.iterdir() if p.is_file()):
+            stat = path.stat()
+            digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def load_split(data_config: ml_collections.ConfigDict, *, split: str) -> datasets.Split:
     """One split (``"train"`` or ``"test"``) of ``data_config.category``, resized to
     ``data_config.image_size``."""
     kind = data_config.dataset
     if kind not in DATASETS:
         raise ValueError(f"config.data.dataset={kind!r}; use one of {', '.join(DATASETS)}.")
-    root = dataset_root(data_config)
     size = data_config.image_size
+    # Resize, then centre crop (the PatchCore protocol) when data.crop_size is set.
+    crop = data_config.get("crop_size", 0) or None
+    if kind == "tfds":
+        from wdam_jax.data import tfds_builder  # imports TensorFlow Datasets: only when used
+
+        return tfds_builder.load_split(
+            f"{data_config.get('tfds_name', 'mvtec_ad')}/{data_config.category}",
+            split=split,
+            data_dir=data_config.root,
+            image_size=size,
+            crop_size=crop,
+            manual_dir=data_config.get("tfds_manual_dir", "") or None,
+        )
+    root = dataset_root(data_config)
     if not (root / data_config.category).is_dir():
         raise datasets.DatasetError(
             f"No {kind} data for category {data_config.category!r} under config.data.root="
             f"{str(data_config.root)!r} ({root / data_config.category} does not exist). "
             f"{DATASET_HELP}"
         )
+    crop = (
+        data_config.get("crop_size", 0) or None
+    )  # resize, then centre crop (PatchCore's protocol)
     if kind == "folder":
-        return datasets.load_folder(**folder_layout(data_config), split=split, image_size=size)
+        layout = folder_layout(data_config)
+        return datasets.load_folder(**layout, split=split, image_size=size, crop_size=crop)
     loader = datasets.load_visa if kind == "visa" else datasets.load_mvtec
-    return loader(root, data_config.category, split=split, image_size=size)
+    return loader(root, data_config.category, split=split, image_size=size, crop_size=crop)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import pathlib
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -49,10 +50,17 @@ import scipy.ndimage
 from absl import logging
 from flax import nnx
 
-from wdam_jax import train as train_lib
-from wdam_jax.data import augment, datasets, pipeline
+from wdam_jax.data import augment, datasets, pipeline, sources
 from wdam_jax.data.sources import load_split
-from wdam_jax.models.wide_resnet import BASE_WIDTH, DEPTHS, WideResNet50_2, load_pretrained
+from wdam_jax.methods.base import Fitted, ImageScores, Method
+from wdam_jax.models.wide_resnet import (
+    BASE_WIDTH,
+    DEPTHS,
+    WideResNet50_2,
+    fill_random,
+    load_pretrained,
+)
+from wdam_jax.optim import staged
 
 NUM_CLASSES = 3
 NORMAL, ANOMALY, SCAR = 0, 1, 2
@@ -76,6 +84,16 @@ class GatedWDAM(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.gate[...].astype(x.dtype) * self.wdam(x)
+
+
+def wdam_labels(params) -> object:
+    """``"wdam"`` for the parameters of a WDAM module, ``"network"`` for the others (same tree)."""
+
+    def label(path, _):
+        keys = [getattr(k, "key", None) for k in path]
+        return "wdam" if "wdam" in keys else "network"
+
+    return jax.tree_util.tree_map_with_path(label, params)
 
 
 def set_wdam_gate(model: nnx.Module, on: jax.Array | bool) -> None:
@@ -130,31 +148,6 @@ def _dtype(name: str):
     return dtypes[name]
 
 
-def _fill_random(model: nnx.Module, rng: np.random.Generator) -> None:
-    """Draws ``model``'s variables with numpy, from the distributions of its initialisers.
-
-    Convolutions: torchvision's kaiming normal (fan_out); linear layers: flax's lecun normal
-    (truncated at 2 std, fan_in); BatchNorm: scale 1, bias 0, mean 0, var 1. Drawing with numpy
-    avoids one XLA compile per parameter shape (15-60 s for WRN50-2 on a CPU).
-    """
-    for path, var in nnx.iter_graph(model):
-        if not isinstance(var, nnx.Variable):
-            continue
-        shape, dtype = var.get_value().shape, var.get_value().dtype
-        leaf = str(path[-1])
-        if leaf == "kernel" and len(shape) == 4:
-            std = np.sqrt(2.0 / (shape[0] * shape[1] * shape[3]))
-            value = rng.normal(0.0, std, shape)
-        elif leaf == "kernel" and len(shape) == 2:
-            std = np.sqrt(1.0 / shape[0]) / 0.87962566103423978
-            value = np.clip(rng.normal(0.0, 1.0, shape), -2.0, 2.0) * std
-        elif leaf in ("scale", "var"):
-            value = np.ones(shape)
-        else:  # biases, running means, diagnostics
-            value = np.zeros(shape)
-        var.set_value(jnp.asarray(value, dtype))
-
-
 def create_model(
     model_config: ml_collections.ConfigDict, *, seed: int, abstract: bool = False
 ) -> CutPasteNet:
@@ -188,7 +181,7 @@ def create_model(
         )
     model = nnx.eval_shape(build)
     if not abstract:
-        _fill_random(model, np.random.default_rng([seed, 7]))
+        fill_random(model, np.random.default_rng([seed, 7]))
         if model_config.pretrained:
             model.backbone = load_pretrained(
                 model_config.pretrained,
@@ -540,39 +533,101 @@ def make_batch(
 # The method.
 
 
-@dataclasses.dataclass(frozen=True)
-class Scores:
-    """Scores of a test split: ``image_scores`` ``[N]``, ``maps`` ``[N, S, S]``, the split."""
-
-    image_scores: np.ndarray
-    maps: np.ndarray
-    split: datasets.Split
-
-
-class CutPaste:
-    """The CutPaste method for :mod:`wdam_jax.train` (see the module docstring).
+class CutPaste(Method):
+    """The CutPaste method (see the module docstring).
 
     Args:
       config: the experiment config (``configs/cutpaste*.py``).
     """
 
+    name = "cutpaste"
+
     def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__(config)
         t = config.train
-        self.config = config
         self.stage_starts = (0, t.stage1_steps, t.stage1_steps + t.stage2_steps)
-        self.total_steps = t.stage1_steps + t.stage2_steps + t.stage3_steps
+        self._total_steps = t.stage1_steps + t.stage2_steps + t.stage3_steps
         self.wdam_start = self.stage_starts[2]
         if config.model.wdam_layers and t.stage3_steps <= 0:
             raise ValueError(
                 f"config.model.wdam_layers={tuple(config.model.wdam_layers)} but WDAM enters in "
                 "stage 3 and config.train.stage3_steps=0; set train.stage3_steps > 0."
             )
-        if self.total_steps <= 0:
+        if self._total_steps <= 0:
             raise ValueError("config.train.stage{1,2,3}_steps add up to 0; nothing to train.")
+
+    @property
+    def total_steps(self) -> int:
+        return self._total_steps
 
     @functools.cached_property
     def train_data(self) -> TrainData:
         return load_train_data(self.config)
+
+    def train_images(self) -> np.ndarray:
+        return self.train_data.images
+
+    def check_inputs(self) -> list[str]:
+        """The data, plus the ImageNet weights, the foreground masks (FM) and the FMAS records
+        when the config uses them; each problem says how to provide or disable the input."""
+        config = self.config
+        problems = super().check_inputs()
+        pretrained = config.model.pretrained
+        if pretrained and not pathlib.Path(pretrained).is_dir():
+            problems.append(
+                f"config.model.pretrained={pretrained!r}: no converted WideResNet50-2 weights "
+                "there. Convert torchvision's file with python -m launch.convert_weights "
+                f"--torchvision=wide_resnet50_2-32ee1156.pth --out={pretrained}, or train from "
+                "scratch with --config.model.pretrained= (empty)."
+            )
+        source = config.data.anomaly_source
+        if source not in ("cutpaste", "fmas"):
+            problems.append(f"config.data.anomaly_source={source!r}: use 'cutpaste' or 'fmas'.")
+        if source == "fmas":
+            from wdam_jax.data import fmas_records
+
+            try:
+                fmas_records.resolve_files(config.data.fmas_records)
+            except datasets.DatasetError:
+                problems.append(
+                    f"config.data.fmas_records={config.data.fmas_records!r} matches no FMAS "
+                    "TFRecord shard. Synthesise them with python -m launch.synthesize "
+                    "--config=configs/fmas_mvtec.py, or use CutPaste as the anomaly source: "
+                    "--config.data.anomaly_source=cutpaste."
+                )
+        if config.augment.foreground_mask:
+            problems += self._check_foreground()
+        return problems
+
+    def _check_foreground(self) -> list[str]:
+        data = self.config.data
+        disable = "or turn FM off with --config.augment.foreground_mask=False."
+        if not data.foreground_root:
+            return [
+                "config.augment.foreground_mask=True needs config.data.foreground_root (masks "
+                f"written by python -m launch.synthesize), {disable}"
+            ]
+        if data.dataset in ("demo", "tfds") or sources.check(data):
+            return []  # the demo writes its own masks; other data problems are reported already
+        train_dir = pathlib.Path(data.root) / data.category / "train" / "good"
+        images = datasets.list_images(train_dir) if train_dir.is_dir() else []
+        missing = [
+            p
+            for p in images
+            if not datasets.foreground_mask_path(
+                data.foreground_root, str(p.relative_to(data.root))
+            ).is_file()
+        ]
+        if not missing:
+            return []
+        first = datasets.foreground_mask_path(
+            data.foreground_root, str(missing[0].relative_to(data.root))
+        )
+        return [
+            f"{len(missing)} of {len(images)} foreground masks are missing under "
+            f"config.data.foreground_root={data.foreground_root!r} (first: {first}). Write them "
+            f"with python -m launch.synthesize (its mask stage), {disable}"
+        ]
 
     def create_model(self, *, abstract: bool = False) -> CutPasteNet:
         return create_model(self.config.model, seed=self.config.seed, abstract=abstract)
@@ -580,7 +635,12 @@ class CutPaste:
     def optimizer(self) -> optax.GradientTransformation:
         """Stage 1: SGD + momentum, cosine from ``stage1_lr``; stages 2-3: one Adam whose learning
         rate drops from ``stage2_lr`` to ``stage3_lr`` when WDAM enters. L2 weight decay
-        ``train.weight_decay`` (CutPaste's) in both."""
+        ``train.weight_decay`` (CutPaste's) in both.
+
+        WDAM's parameters are not part of the network before stage 3, so they get no update at
+        all there (no weight decay either: with decay, Adam would shrink them towards 0 from
+        their initialisation) and their own Adam starts fresh when WDAM enters.
+        """
         t = self.config.train
         sgd = optax.chain(
             optax.add_decayed_weights(t.weight_decay),
@@ -591,7 +651,12 @@ class CutPaste:
         )
         adam_lr = lambda count: jnp.where(count < t.stage2_steps, t.stage2_lr, t.stage3_lr)
         adam = optax.chain(optax.add_decayed_weights(t.weight_decay), optax.adam(adam_lr))
-        return train_lib.staged([sgd, adam], [t.stage1_steps])
+        network = staged([sgd, adam], [t.stage1_steps])
+        if not self.config.model.wdam_layers:
+            return network
+        wdam_adam = optax.chain(optax.add_decayed_weights(t.weight_decay), optax.adam(t.stage3_lr))
+        wdam = staged([optax.set_to_zero(), wdam_adam], [self.wdam_start])
+        return optax.multi_transform({"network": network, "wdam": wdam}, wdam_labels)
 
     def anomaly_source(self, step: int) -> str:
         """Stage 1 replicates CutPaste; later stages use ``data.anomaly_source``."""
@@ -622,7 +687,7 @@ class CutPaste:
 
     # ---- scoring
 
-    def backbone_at(self, model: CutPasteNet, step: int) -> WideResNet50_2:
+    def backbone(self, model: CutPasteNet, *, step: int) -> WideResNet50_2:
         """The backbone as trained at ``step``, with plain WDAM modules (or none before stage 3)."""
         backbone = model.backbone
         active = step > self.wdam_start
@@ -642,16 +707,19 @@ class CutPaste:
         features = extract_features(model, images, names=names, batch_size=s.eval_batch_size)
         return features[s.embedding], pixel_features(features, layers)
 
-    def fit(self, model: CutPasteNet, train_images: np.ndarray, *, step: int):
-        """The Gaussians of :func:`fit_densities` on the normal training images."""
+    def fit(self, model: CutPasteNet, train_images: np.ndarray, *, step: int) -> Fitted:
+        """The Gaussians of :func:`fit_densities` on the normal training images: of the
+        embeddings (image score) and of the ``score.pixel_layers`` features per location."""
         embed, pixel = self._features(model, train_images, step=step)
         return fit_densities(embed, pixel, normalize=self.config.score.normalize)
 
-    def score_images(self, model: CutPasteNet, fitted, images: np.ndarray, *, step: int):
-        """``(image_scores [N], maps [N, S, S])`` of ``images`` (see the module docstring)."""
+    def score(
+        self, model: CutPasteNet, fitted: Fitted, images: np.ndarray, *, step: int
+    ) -> ImageScores:
+        """Image scores and smoothed per-location Mahalanobis maps (see the module docstring)."""
         s = self.config.score
         embed, pixel = self._features(model, images, step=step)
-        return score_features(
+        image_scores, maps = score_features(
             fitted,
             embed,
             pixel,
@@ -660,22 +728,11 @@ class CutPaste:
             size=images.shape[1],
             sigma=s.pixel_sigma,
         )
+        return ImageScores(image_scores, maps)
 
     @functools.cached_property
     def test_split(self) -> datasets.Split:
         return load_split(self.config.data, split="test")
-
-    def score(self, model: CutPasteNet, *, step: int) -> Scores:
-        """Image scores and anomaly maps of the test split (see the module docstring).
-
-        Args:
-          model: the trained network.
-          step: the step it was trained to (decides whether its WDAMs are in).
-        """
-        fitted = self.fit(model, self.train_data.images, step=step)
-        test = self.test_split
-        image_scores, maps = self.score_images(model, fitted, test.images, step=step)
-        return Scores(image_scores, maps, test)
 
     def validate(self, model: CutPasteNet, *, step: int) -> dict[str, float]:
         """Learning-curve scalars, logged every ``train.eval_every`` steps.

@@ -1,0 +1,170 @@
+"""What a run read, and what in it deserves a warning: a data summary saved with every run.
+
+``summarize(config.data)`` scans the category's folders without decoding the images (Pillow
+reads the header for the mode and size; masks of defect images are decoded to see if they are
+empty; files are hashed to find duplicates) and returns the counts per split and defect type,
+the image sizes, modes and formats, the files ignored and why, and the warnings:
+
+- grayscale, RGBA / alpha, palette and 16-bit images (converted to 8-bit RGB: say how);
+- images that are not square (resized to ``image_size`` squared: the aspect ratio changes);
+- mixed file formats;
+- defect images whose mask is empty (they count for image AUROC but add no anomalous pixel);
+- byte-identical duplicate files;
+- files that are not images (ignored).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import pathlib
+from typing import Any
+
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from wdam_jax.data import datasets, sources
+
+_MODE_NOTES = {
+    "L": "grayscale: repeated over the three channels",
+    "LA": "grayscale with alpha: alpha dropped, grey repeated over the three channels",
+    "1": "1-bit: converted to 8-bit RGB",
+    "P": "palette: expanded to RGB (transparency dropped)",
+    "PA": "palette with alpha: expanded to RGB, alpha dropped",
+    "RGBA": "RGBA: the alpha channel is dropped (not composited)",
+    "CMYK": "CMYK: converted to RGB",
+    "I;16": "16-bit grey: scaled to 8 bits (x 255 / 65535) and repeated over the channels",
+    "I;16B": "16-bit grey: scaled to 8 bits (x 255 / 65535) and repeated over the channels",
+    "I;16L": "16-bit grey: scaled to 8 bits (x 255 / 65535) and repeated over the channels",
+    "I": "32-bit grey: scaled to 8 bits and repeated over the channels",
+    "F": "floating-point grey: converted to 8 bits",
+}
+_MASK_DIRS = ("ground_truth", "masks")
+
+
+def _split_and_kind(rel: pathlib.Path, data_config: ml_collections.ConfigDict) -> tuple[str, str]:
+    """(split, defect type) of an image path relative to ``<root>/<category>``."""
+    parts = rel.parts
+    if data_config.dataset == "folder":
+        normal = data_config.get("folder_normal", "good")
+        return ("train" if parts[0] == normal else "test"), (
+            "good" if parts[0] == normal else parts[0]
+        )
+    if parts[0] in ("train", "test") and len(parts) > 2:
+        return parts[0], parts[1]
+    return "other", parts[0]
+
+
+def summarize(data_config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The summary of ``data_config``'s category (see the module docstring) as a JSON-able dict."""
+    if data_config.dataset == "tfds":
+        return {"dataset": "tfds", "note": "a prepared TFDS dataset: files are not scanned"}
+    base = sources.dataset_root(data_config) / data_config.category
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    modes, formats, sizes = collections.Counter(), collections.Counter(), collections.Counter()
+    mode_examples: dict[str, str] = {}
+    non_square: list[str] = []
+    ignored: list[dict[str, str]] = []
+    empty_masks: list[str] = []
+    by_hash: dict[str, list[str]] = collections.defaultdict(list)
+    for path in sorted(p for p in base.rglob("*") if p.is_file()):
+        rel = path.relative_to(base)
+        if path.name.startswith("."):
+            ignored.append({"path": str(rel), "why": "hidden file"})
+            continue
+        if path.suffix.lower() not in datasets.IMAGE_EXTENSIONS:
+            ignored.append(
+                {"path": str(rel), "why": f"not an image ({path.suffix or 'no'} suffix)"}
+            )
+            continue
+        if rel.parts[0] in _MASK_DIRS:
+            continue
+        split, kind = _split_and_kind(rel, data_config)
+        counts[split][kind] += 1
+        formats[path.suffix.lower()] += 1
+        by_hash[hashlib.sha256(path.read_bytes()).hexdigest()].append(str(rel))
+        try:
+            with Image.open(path) as img:
+                mode, (w, h) = img.mode, img.size
+        except Exception as e:  # reported, and the loader will name it again with its fix
+            ignored.append({"path": str(rel), "why": f"unreadable: {e}"})
+            continue
+        modes[mode] += 1
+        mode_examples.setdefault(mode, str(rel))
+        sizes[f"{w}x{h}"] += 1
+        if w != h:
+            non_square.append(f"{rel} ({w}x{h})")
+    if data_config.dataset != "folder" and (base / "ground_truth").is_dir():
+        for mask in sorted((base / "ground_truth").rglob("*")):
+            if mask.is_file() and mask.suffix.lower() in datasets.IMAGE_EXTENSIONS:
+                if not datasets.read_mask(mask).any():
+                    empty_masks.append(str(mask.relative_to(base)))
+    warnings = []
+    size = data_config.image_size
+    for mode, n in sorted(modes.items()):
+        if mode != "RGB":
+            note = _MODE_NOTES.get(mode, f"mode {mode}: converted to RGB")
+            warnings.append(f"{n} image(s) are {note} (e.g. {mode_examples[mode]}).")
+    if non_square:
+        warnings.append(
+            f"{len(non_square)} image(s) are not square (e.g. {non_square[0]}): each is resized "
+            f"to {size}x{size}, which changes its aspect ratio. Crop them square beforehand if "
+            "shape matters for the defects."
+        )
+    if len(formats) > 1:
+        shown = ", ".join(f"{n} {f}" for f, n in sorted(formats.items()))
+        warnings.append(f"Mixed image formats ({shown}): all are read, but check they belong.")
+    if empty_masks:
+        warnings.append(
+            f"{len(empty_masks)} defect mask(s) are empty (e.g. {empty_masks[0]}): those images "
+            "count as anomalous for image AUROC but add no anomalous pixel to pixel AUROC / PRO."
+        )
+    duplicates = [paths for paths in by_hash.values() if len(paths) > 1]
+    if duplicates:
+        warnings.append(
+            f"{len(duplicates)} group(s) of byte-identical images (e.g. "
+            f"{', '.join(duplicates[0][:3])}): a duplicate across train and test inflates scores."
+        )
+    if ignored:
+        warnings.append(
+            f"{len(ignored)} file(s) ignored (e.g. {ignored[0]['path']}: {ignored[0]['why']})."
+        )
+    return {
+        "dataset": data_config.dataset,
+        "folder": str(base),
+        "images": {split: dict(sorted(c.items())) for split, c in sorted(counts.items())},
+        "sizes": dict(sizes.most_common()),
+        "modes": dict(modes.most_common()),
+        "formats": dict(formats.most_common()),
+        "ignored": ignored,
+        "empty_defect_masks": empty_masks,
+        "duplicates": duplicates,
+        "warnings": warnings,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A few readable lines: images per split and defect type, sizes, modes."""
+    if "images" not in summary:
+        return f"data: {summary.get('note', '')}"
+    lines = [f"data: {summary['folder']} ({summary['dataset']})"]
+    for split, kinds in summary["images"].items():
+        shown = ", ".join(f"{k} {n}" for k, n in kinds.items())
+        lines.append(f"  {split}: {sum(kinds.values())} images ({shown})")
+    top = lambda d: ", ".join(f"{k} x{n}" for k, n in list(d.items())[:4])
+    lines.append(f"  sizes: {top(summary['sizes'])}; modes: {top(summary['modes'])}")
+    return "\n".join(lines)
+
+
+def save(summary: dict[str, Any], path: str | pathlib.Path) -> None:
+    from wdam_jax.checkpoints import atomic_write_text
+
+    atomic_write_text(path, json.dumps(summary, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(type(value))
