@@ -36,6 +36,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.anomaly_source = "cutpaste"  # class 1 in stages 2-3: "cutpaste" or "fmas" (+FMAS)
     config.data.fmas_records = ""  # glob of FMAS TFRecord shards (anomaly_source="fmas")
     config.data.foreground_root = ""  # <root>/<category>/train/good/<stem>.png masks (FM)
+    # Normal training images held out of training and fit, to set the decision threshold
+    # (wdam_jax/thresholds.py). 0 keeps the paper's protocol (every training image trains).
+    config.data.holdout_fraction = 0.0
+    config.data.holdout_seed = 0
 
     config.augment = ml_collections.ConfigDict()
     config.augment.foreground_mask = False  # FM: confine CutPaste and scar to the foreground
@@ -68,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.log_every = 50
     config.train.eval_every = 0  # 0: no periodic validation (method.validate)
     config.train.checkpoint_every = 500
-    config.train.keep_checkpoints = 3
+    config.train.keep_checkpoints = 1  # each holds the optimiser state too (~1 GB for WRN50-2)
 
     config.score = ml_collections.ConfigDict()
     config.score.embedding = "pooled"  # Gaussian density on "pooled" backbone or head "embedding"
@@ -80,6 +84,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.score.pixel_sigma = 4.0  # Gaussian smoothing of the upsampled map, in pixels
     config.score.eval_batch_size = 32
     config.score.num_figures = 8
+    config.score.threshold_rule = "normal_fpr"  # or "f1_max" (needs labelled anomalies)
+    config.score.threshold_fpr = 0.01  # false-positive rate on held-out normal images
 
     if arg == "demo":
         apply_demo(config)
@@ -105,6 +111,7 @@ def apply_custom(config: ml_collections.ConfigDict) -> None:
     config.data.fmas_records = ""
     config.augment.foreground_mask = False
     config.model.pretrained = ""
+    config.data.holdout_fraction = 0.1  # a decision threshold from unseen normal images
 
 
 def apply_demo(config: ml_collections.ConfigDict) -> None:

@@ -47,6 +47,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # The official PatchCore baseline: resize to 256, centre crop 224.
             "image_size": 256,
             "crop_size": 224,
+            # Normal training images held out of the bank to set the decision threshold
+            # (wdam_jax/thresholds.py); 0 keeps the paper's protocol.
+            "holdout_fraction": 0.0,
+            "holdout_seed": 0,
         }
     )
     config.patchcore = ml_collections.ConfigDict(
@@ -66,7 +70,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict(
         {"log_every": 1, "checkpoint_every": 1, "keep_checkpoints": 1, "eval_every": 0}
     )
-    config.score = ml_collections.ConfigDict({"eval_batch_size": 8, "num_figures": 8})
+    config.score = ml_collections.ConfigDict(
+        {
+            "eval_batch_size": 8,
+            "num_figures": 8,
+            "threshold_rule": "normal_fpr",  # or "f1_max" (needs labelled anomalies)
+            "threshold_fpr": 0.01,  # false-positive rate on held-out normal images
+        }
+    )
     if arg == "demo":
         apply_demo(config)
     elif arg:
@@ -83,5 +94,6 @@ def apply_demo(config: ml_collections.ConfigDict) -> None:
     config.data.crop_size = 0  # no crop
     config.patchcore.coreset_ratio = 0.02
     config.patchcore.calibration_images = 8
+    config.data.holdout_fraction = 0.1  # a decision threshold from unseen normal images
     for m in config.members.values():
         m.allow_random_init = True

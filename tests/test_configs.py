@@ -181,7 +181,7 @@ def test_train_evaluate_restore_backbone_end_to_end(demo_root, tmp_path):
     config.train.checkpoint_every = 10
     results = evaluate.train_and_evaluate(config, tmp_path)
     row = results["washer"]
-    assert set(row) == {"i_auroc", "p_auroc", "pro"}
+    assert {"i_auroc", "p_auroc", "pro"} <= set(row)
     assert all(0.0 <= v <= 1.0 for v in row.values())
     outdir = tmp_path / "eval" / "step_2"
     assert {"metrics.json", "metrics.md", "metrics.csv", "heatmaps.png", "scores.npz"} <= {

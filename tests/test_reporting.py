@@ -69,12 +69,24 @@ def test_heatmap_figure_is_a_png_with_one_row_per_method(tmp_path):
         {"CutPaste": maps, "Ours": maps**2},
         tmp_path / "figs" / "b.png",
         max_images=2,
+        titles=["good/000.png", "crack/001.png"],
+        scores={"CutPaste": np.array([0.1, 0.9]), "Ours": np.array([0.2, 0.8])},
+        thresholds={"Ours": 0.5},
     )
     with Image.open(one) as a, Image.open(two) as b:
         assert a.format == "PNG" and b.format == "PNG"
-        # 3 rows (image, GT, heatmap) vs 4 rows; 3 vs 2 columns; 1.8 in per panel at 100 dpi.
-        assert a.size == (540, 540) and b.size == (360, 720)
+        # 3 rows (image, GT, heatmap) vs 4 rows; 3 vs 2 columns; 1.9 in per panel + a colour
+        # bar's 1.2 in, 2 in per row, at 100 dpi.
+        assert a.size == (690, 600) and b.size == (500, 800)
         pixels = np.asarray(a.convert("RGB"))
         assert pixels.std() > 10  # something was drawn
     with pytest.raises(ValueError, match="no images"):
         reporting.save_heatmap_figure(images[:0], masks, maps, tmp_path / "c.png")
+
+
+def test_figure_selection_mixes_defective_and_normal_images():
+    labels = np.array([0, 1, 0, 1, 1, 1, 1, 1, 1, 0])
+    chosen = reporting.figure_selection(labels, 8)
+    assert list(chosen) == [1, 3, 4, 5, 6, 7, 0, 2]  # six defective, two normal, in order
+    assert list(reporting.figure_selection(np.zeros(5), 3)) == [0, 1, 2]
+    assert list(reporting.figure_selection(np.ones(5), 3)) == [0, 1, 2]

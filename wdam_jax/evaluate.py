@@ -4,7 +4,9 @@ Restores the run (:func:`wdam_jax.train.restore`), scores the test split with th
 ``score``, and writes the report to ``<workdir>/eval/step_<step>/``:
 
 - ``metrics.json``, ``metrics.csv``, ``metrics.md``: I-AUROC, P-AUROC and PRO
-  (:mod:`wdam_jax.reporting`);
+  (:mod:`wdam_jax.reporting`), then F1-max and AUPR at image and pixel level;
+- ``thresholds.json``: the decision thresholds and normalisation of the run
+  (:mod:`wdam_jax.thresholds`), also copied to ``<workdir>/thresholds.json`` for prediction;
 - ``scores.csv`` and ``scores.npz``: each test image's path, label and image score;
 - ``heatmaps.png``: image, ground truth and anomaly map (Fig. 6/7 style), defective images first;
 - ``learning_curves.png``: the logged training and validation scalars against the step, when the
@@ -20,7 +22,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from wdam_jax import metrics, reporting
+from wdam_jax import metrics, reporting, thresholds
 from wdam_jax import train as train_lib
 from wdam_jax.data import sources
 from wdam_jax.methods.base import Method, describe
@@ -58,7 +60,8 @@ def evaluate(
       method: an already built method (reuses its loaded training data).
 
     Returns:
-      ``{category: {"i_auroc", "p_auroc", "pro"}}`` as fractions.
+      ``{category: {"i_auroc", "p_auroc", "pro", "i_f1_max", "i_aupr", "p_f1_max", "p_aupr"}}``
+      as fractions.
     """
     workdir = pathlib.Path(workdir)
     run = train_lib.restore(workdir, step=step, config=config, method=method)
@@ -70,22 +73,32 @@ def evaluate(
             config.data.category,
         )
     scores = run.method.score(run.model, run.fitted, split.images, step=run.step)
+    originals = [np.asarray(g, bool) for g in split.original_masks]
+    maps = metrics.resize_maps_to(scores.maps, [g.shape for g in originals])
     results = {
-        config.data.category: metrics.evaluate_category(
-            scores.image_scores, scores.maps, split.original_masks, split.labels
-        )
+        config.data.category: {
+            **metrics.evaluate_category(scores.image_scores, maps, originals, split.labels),
+            **metrics.decision_metrics(scores.image_scores, maps, originals, split.labels),
+        }
     }
     outdir = workdir / EVAL_DIR / f"step_{run.step}"
+    store_thresholds(run, split, scores, maps, outdir=outdir, workdir=workdir)
     paths = reporting.write_metrics(results, outdir)
     _write_scores(outdir, split, scores.image_scores)
-    # Anomalous images first (stable), then good ones, so the figure shows defects.
-    order = np.argsort(-split.labels, kind="stable")[: config.score.num_figures]
+    # Defective images and some normal ones, with file names and image scores.
+    order = reporting.figure_selection(split.labels, config.score.num_figures)
+    label = describe(config)["label"]
     reporting.save_heatmap_figure(
         split.images[order],
         split.masks[order],
-        {describe(config)["label"]: scores.maps[order]},
+        {label: scores.maps[order]},
         outdir / "heatmaps.png",
         max_images=config.score.num_figures,
+        titles=[
+            pathlib.Path(split.paths[i]).parent.name + "/" + pathlib.Path(split.paths[i]).name
+            for i in order
+        ],
+        scores={label: scores.image_scores[order]},
     )
     curves = train_lib.read_train_log(workdir)
     if curves:
@@ -95,6 +108,68 @@ def evaluate(
     label = describe(config)["label"]
     print(f"\n{label} {config.data.category}, step {run.step} ({outdir}):\n{table}", flush=True)
     return results
+
+
+def store_thresholds(
+    run: train_lib.Restored,
+    split,
+    scores,
+    maps: list[np.ndarray],
+    *,
+    outdir: pathlib.Path,
+    workdir: pathlib.Path,
+) -> pathlib.Path | None:
+    """Computes the run's decision thresholds and writes ``thresholds.json`` (see
+    :mod:`wdam_jax.thresholds`); returns the predictor's copy, or None when no held-out normal
+    image exists.
+
+    Held-out normal images: the ``holdout`` split when ``config.data.holdout_fraction > 0``
+    (scored here; neither training nor ``fit`` saw it), else the normal images of the test split.
+    The F1-max candidates come from the labelled test split.
+
+    Args:
+      run: the restored run.
+      split: the test split it was evaluated on.
+      scores: the method's ``ImageScores`` of ``split``.
+      maps: those maps resized to ``split.original_masks`` (the pixel F1's resolution).
+      outdir: ``<workdir>/eval/step_<n>``.
+      workdir: the run directory.
+    """
+    config = run.config
+    if config.data.get("holdout_fraction", 0.0):
+        holdout = sources.load_split(config.data, split="holdout")
+        normal = run.method.score(run.model, run.fitted, holdout.images, step=run.step)
+        normal_scores, normal_maps = normal.image_scores, normal.maps
+        source = f"holdout split ({len(holdout)} training images left out of training and fit)"
+    else:
+        good = split.labels == 0
+        normal_scores, normal_maps = scores.image_scores[good], scores.maps[good]
+        source = "test split, normal images (the run has no holdout split)"
+    if len(normal_scores) < 2:
+        logging.warning(
+            "No thresholds stored for %s: fewer than 2 held-out normal images; set "
+            "config.data.holdout_fraction.",
+            workdir,
+        )
+        return None
+    labelled = {
+        "scores": scores.image_scores,
+        "labels": split.labels,
+        "maps": maps,
+        "masks": [np.asarray(g, bool) for g in split.original_masks],
+        "has_pixel_labels": split.has_pixel_labels,
+        "source": "test split",
+    }
+    calibration = thresholds.calibrate(
+        normal_scores=normal_scores,
+        normal_maps=normal_maps,
+        normal_source=source,
+        labelled=labelled,
+        fpr=float(config.score.get("threshold_fpr", thresholds.DEFAULT_FPR)),
+        rule=config.score.get("threshold_rule", "normal_fpr"),
+    )
+    document = thresholds.to_json(calibration, step=run.step, method=config.method)
+    return thresholds.write(document, eval_dir=outdir, workdir=workdir)
 
 
 def train_and_evaluate(

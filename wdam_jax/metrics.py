@@ -311,3 +311,124 @@ def evaluate_category(
         "p_auroc": pixel_auroc(resized, masks),
         "pro": pro_score(resized, masks, fpr_limit=fpr_limit),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Precision-recall: AUPR and the F1-maximising threshold (image and pixel level).
+
+
+def _scores_of_keys(keys: np.ndarray) -> np.ndarray:
+    """float32 scores back from :func:`_sortable_keys` keys (the inverse of its bit map)."""
+    bits = (keys >> np.uint64(32)).astype(np.uint32)
+    positive = bits >= np.uint32(0x80000000)
+    np.bitwise_xor(bits, np.uint32(0x80000000), out=bits, where=positive)
+    np.invert(bits, out=bits, where=~positive)
+    return bits.view(np.float32)
+
+
+def _descending_counts(
+    scores: np.ndarray, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(thresholds, tp, fp)`` at every distinct score, high to low, for "anomalous iff
+    ``score >= threshold``" (the convention of ``sklearn.metrics.precision_recall_curve``).
+
+    float32 inputs (pixel maps) go through one in-place sort of packed (score, label) keys, as
+    :func:`auroc`; other dtypes keep their precision with an ``argsort``.
+    """
+    scores = np.asarray(scores).reshape(-1)
+    labels = np.asarray(labels).reshape(-1).astype(bool, copy=False)
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} differ in size.")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("scores contain NaN or inf; check the model's output.")
+    if not labels.any():
+        raise ValueError(
+            "precision and recall need at least one anomalous sample (label 1); with normal "
+            "images only, use a false-positive-rate threshold (wdam_jax.thresholds)."
+        )
+    if scores.dtype.kind == "f" and scores.dtype.itemsize <= 4:
+        keys = _sortable_keys(scores)
+        keys |= labels.astype(np.uint64)
+        keys.sort()
+        keys = keys[::-1]
+        ends = _tie_group_ends(keys)
+        sorted_labels = (keys & np.uint64(1)).astype(bool)
+        thresholds = _scores_of_keys(keys[ends])
+        del keys
+    else:
+        order = np.argsort(-scores, kind="stable")
+        sorted_scores = scores[order]
+        ends = np.append(sorted_scores[1:] != sorted_scores[:-1], True)
+        sorted_labels = labels[order]
+        thresholds = sorted_scores[ends]
+    tp = np.cumsum(sorted_labels, dtype=np.int64)[ends]
+    fp = np.flatnonzero(ends).astype(np.int64) + 1 - tp
+    return thresholds, tp, fp
+
+
+def aupr(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the precision-recall curve as ``sklearn.metrics.average_precision_score``:
+    ``sum_n (R_n - R_{n-1}) P_n`` over the distinct scores, high to low (no interpolation).
+
+    Args:
+      scores: [N] anomaly scores (pixels: flattened maps), higher = more anomalous.
+      labels: [N] 0/1 or bool, 1 = anomalous; at least one 1.
+
+    Returns:
+      The average precision in [0, 1].
+    """
+    _, tp, fp = _descending_counts(scores, labels)
+    precision = tp / (tp + fp)
+    recall = tp / tp[-1]
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+def f1_max(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """The largest F1 over all thresholds and the threshold reaching it.
+
+    Decision: anomalous iff ``score >= threshold``. Only the observed scores are candidate
+    thresholds, so with normal samples only there is no defined F1 (a ``ValueError``, not the
+    degenerate minimum score anomalib's adaptive threshold falls back to, anomalib #2433).
+    Among equal F1 values the highest threshold is returned (fewest false positives).
+
+    Args:
+      scores: [N] anomaly scores (pixels: flattened maps).
+      labels: [N] 0/1 or bool, 1 = anomalous; at least one 1.
+
+    Returns:
+      ``(f1, threshold)``.
+    """
+    thresholds, tp, fp = _descending_counts(scores, labels)
+    fn = tp[-1] - tp
+    f1 = 2.0 * tp / np.maximum(2 * tp + fp + fn, 1)
+    best = int(np.argmax(f1))  # first maximum = highest threshold (thresholds descend)
+    return float(f1[best]), float(thresholds[best])
+
+
+def pixel_f1_max(maps: ArrayOrList, masks: ArrayOrList) -> tuple[float, float]:
+    """:func:`f1_max` over all pixels of all images: ``(f1, threshold)``."""
+    _check_same_shapes(maps, masks, "pixel_f1_max")
+    return f1_max(_flat_float32(maps), _flat_bool(masks))
+
+
+def pixel_aupr(maps: ArrayOrList, masks: ArrayOrList) -> float:
+    """:func:`aupr` over all pixels of all images."""
+    _check_same_shapes(maps, masks, "pixel_aupr")
+    return aupr(_flat_float32(maps), _flat_bool(masks))
+
+
+def decision_metrics(
+    image_scores: np.ndarray, maps: ArrayOrList, masks: ArrayOrList, labels: np.ndarray
+) -> dict[str, float]:
+    """F1-max and AUPR at image and pixel level (maps and masks at the same resolution).
+
+    Returns:
+      ``{"i_f1_max", "i_aupr", "p_f1_max", "p_aupr"}``; the F1-maximising thresholds are
+      :func:`f1_max`'s and :func:`pixel_f1_max`'s second values.
+    """
+    return {
+        "i_f1_max": f1_max(image_scores, labels)[0],
+        "i_aupr": aupr(image_scores, labels),
+        "p_f1_max": pixel_f1_max(maps, masks)[0],
+        "p_aupr": pixel_aupr(maps, masks),
+    }

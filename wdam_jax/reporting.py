@@ -20,7 +20,17 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 METRICS = ("i_auroc", "p_auroc", "pro")
-METRIC_TITLES = {"i_auroc": "I-AUROC", "p_auroc": "P-AUROC", "pro": "PRO"}
+# Written when the results hold them (``wdam_jax.evaluate`` adds them; the paper reports none).
+DECISION_METRICS = ("i_f1_max", "i_aupr", "p_f1_max", "p_aupr")
+METRIC_TITLES = {
+    "i_auroc": "I-AUROC",
+    "p_auroc": "P-AUROC",
+    "pro": "PRO",
+    "i_f1_max": "I-F1max",
+    "i_aupr": "I-AUPR",
+    "p_f1_max": "P-F1max",
+    "p_aupr": "P-AUPR",
+}
 MEAN_ROW = "mean"
 
 Results = Mapping[str, Mapping[str, float]]
@@ -31,10 +41,16 @@ def _value(row: Mapping[str, float], metric: str) -> float:
     return float("nan") if v is None else float(v)
 
 
+def columns(results: Results) -> tuple[str, ...]:
+    """The paper's metrics, then the decision metrics any row holds."""
+    extra = tuple(m for m in DECISION_METRICS if any(m in r for r in results.values()))
+    return METRICS + extra
+
+
 def mean_metrics(results: Results) -> dict[str, float]:
     """Per-metric mean over categories, ignoring missing / NaN entries (NaN if none)."""
     out = {}
-    for m in METRICS:
+    for m in columns(results):
         vals = [_value(r, m) for r in results.values()]
         vals = [v for v in vals if not math.isnan(v)]
         out[m] = float(np.mean(vals)) if vals else float("nan")
@@ -44,13 +60,14 @@ def mean_metrics(results: Results) -> dict[str, float]:
 def _with_mean(results: Results) -> dict[str, dict[str, float]]:
     if MEAN_ROW in results:
         raise ValueError(f"{MEAN_ROW!r} is reserved for the mean row; rename that category.")
-    rows = {c: {m: _value(r, m) for m in METRICS} for c, r in results.items()}
+    rows = {c: {m: _value(r, m) for m in columns(results)} for c, r in results.items()}
     rows[MEAN_ROW] = mean_metrics(results)
     return rows
 
 
 def markdown_table(results: Results) -> str:
-    """Markdown table: rows = categories + a mean row, columns I-AUROC / P-AUROC / PRO in %.
+    """Markdown table: rows = categories + a mean row, columns I-AUROC / P-AUROC / PRO (then the
+    decision metrics the rows hold, see :func:`columns`) in %.
 
     Args:
       results: category -> {"i_auroc", "p_auroc", "pro"} as fractions.
@@ -58,11 +75,11 @@ def markdown_table(results: Results) -> str:
     Returns:
       The table, ending with a newline.
     """
-    rows = _with_mean(results)
-    header = "| Category | " + " | ".join(METRIC_TITLES[m] for m in METRICS) + " |"
-    lines = [header, "|---|" + "---:|" * len(METRICS)]
+    rows, metrics = _with_mean(results), columns(results)
+    header = "| Category | " + " | ".join(METRIC_TITLES[m] for m in metrics) + " |"
+    lines = [header, "|---|" + "---:|" * len(metrics)]
     for cat, row in rows.items():
-        cells = ["-" if math.isnan(row[m]) else f"{100 * row[m]:.1f}" for m in METRICS]
+        cells = ["-" if math.isnan(row[m]) else f"{100 * row[m]:.1f}" for m in metrics]
         name = f"**{cat}**" if cat == MEAN_ROW else cat
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -91,9 +108,10 @@ def write_metrics(results: Results, outdir: str | os.PathLike) -> dict[str, path
     paths["json"].write_text(json.dumps(as_json, indent=2) + "\n")
     with paths["csv"].open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["category", *METRICS])
+        metrics = columns(results)
+        writer.writerow(["category", *metrics])
         for c, r in rows.items():
-            writer.writerow([c, *("" if math.isnan(r[m]) else repr(r[m]) for m in METRICS)])
+            writer.writerow([c, *("" if math.isnan(r[m]) else repr(r[m]) for m in metrics)])
     paths["markdown"].write_text(markdown_table(results))
     return paths
 
@@ -125,21 +143,28 @@ def save_heatmap_figure(
     max_images: int = 8,
     alpha: float = 0.5,
     cmap: str = "jet",
+    titles: list[str] | None = None,
+    scores: Mapping[str, np.ndarray] | None = None,
+    thresholds: Mapping[str, float] | None = None,
 ) -> pathlib.Path:
     """Saves a figure like the paper's Fig. 6/7: columns = images; rows = image, ground truth,
-    then one heatmap overlay per method.
+    then one heatmap overlay per method (or run).
 
     Masks and maps are resized to each image's size (nearest / bilinear) when they differ. Each
-    method's maps are scaled by one min-max over the images shown, so columns are comparable.
+    row's maps share one colour scale (min-max over the images shown), drawn as a colour bar, so
+    columns are comparable.
 
     Args:
       images: [N, H, W, 3] float in [0, 1].
       masks: [N, h, w] bool ground truth (any size; a list of arrays also works).
-      maps: [N, h', w'] anomaly maps, or {method name: [N, h', w']} for several heatmap rows.
+      maps: [N, h', w'] anomaly maps, or {row label: [N, h', w']} for several heatmap rows.
       path: output PNG path.
       max_images: at most this many columns (the first ones).
       alpha: heatmap opacity over the image.
       cmap: matplotlib colormap of the heatmap.
+      titles: optional column titles (e.g. file names).
+      scores: optional {row label: [N] image scores}, printed under each heatmap.
+      thresholds: optional {row label: image threshold}; scores above it are marked.
 
     Returns:
       The written path.
@@ -153,31 +178,50 @@ def save_heatmap_figure(
             raise ValueError(f"save_heatmap_figure: {name} has fewer maps/masks than images.")
     nrows = 2 + len(rows)
     # A bare Figure renders with the Agg canvas: no pyplot, no global backend change, no display.
-    fig = Figure(figsize=(1.8 * n, 1.8 * nrows))
+    fig = Figure(figsize=(1.9 * n + 1.2, 2.0 * nrows), layout="constrained")
     axes = fig.subplots(nrows, n, squeeze=False)
     for j in range(n):
         image = np.clip(np.asarray(images[j], np.float32), 0, 1)
         hw = image.shape[:2]
         axes[0, j].imshow(image)
         axes[1, j].imshow(_fit(masks[j], hw, nearest=True), cmap="gray", vmin=0, vmax=1)
+        if titles is not None:
+            axes[0, j].set_title(titles[j], fontsize=7)
     for i, (name, m) in enumerate(rows.items(), start=2):
         fitted = [_fit(m[j], images[j].shape[:2], nearest=False) for j in range(n)]
         lo = min(float(f.min()) for f in fitted)
-        hi = max(float(f.max()) for f in fitted)
+        hi = max(max(float(f.max()) for f in fitted), lo + 1e-12)
+        shown = None
         for j in range(n):
             axes[i, j].imshow(np.clip(np.asarray(images[j], np.float32), 0, 1))
-            axes[i, j].imshow(fitted[j], cmap=cmap, alpha=alpha, vmin=lo, vmax=max(hi, lo + 1e-12))
+            shown = axes[i, j].imshow(fitted[j], cmap=cmap, alpha=alpha, vmin=lo, vmax=hi)
+            if scores is not None and name in scores:
+                value = float(scores[name][j])
+                limit = (thresholds or {}).get(name)
+                flag = "" if limit is None else (" > thr" if value > limit else " <= thr")
+                axes[i, j].set_xlabel(f"score {value:.3g}{flag}", fontsize=7)
         axes[i, 0].set_ylabel(name, fontsize=8)
+        fig.colorbar(shown, ax=list(axes[i, :]), shrink=0.9, pad=0.01).ax.tick_params(labelsize=6)
     axes[0, 0].set_ylabel("image", fontsize=8)
     axes[1, 0].set_ylabel("ground truth", fontsize=8)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=100)
     return path
+
+
+def figure_selection(labels: np.ndarray, count: int) -> np.ndarray:
+    """Indices of up to ``count`` images to draw: defective ones and about a quarter normal ones
+    (at least one of each when both exist), each group in its original order."""
+    labels = np.asarray(labels)
+    bad, good = np.flatnonzero(labels != 0), np.flatnonzero(labels == 0)
+    n_good = min(len(good), max(1 if len(bad) else count, count // 4))
+    n_bad = min(len(bad), count - n_good)
+    n_good = min(len(good), count - n_bad)
+    return np.concatenate([bad[:n_bad], good[:n_good]]).astype(int)
 
 
 def save_curves_figure(

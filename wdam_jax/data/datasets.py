@@ -121,6 +121,10 @@ def to_rgb(img: Image.Image) -> np.ndarray:
         top = 65535.0 if img.mode.startswith("I;16") else max(65535.0, float(grey.max()))
         grey = np.clip(np.round(grey / top * 255.0), 0, 255).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=-1)
+    if img.mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(values).all():
+            raise ValueError("the image holds NaN or infinite values")
     return np.asarray(img.convert("RGB"))
 
 

@@ -67,10 +67,17 @@ def resolve_files(file_pattern_or_paths: str | os.PathLike | Sequence[str | os.P
 
 
 def _decode(image_png: bytes, mask_png: bytes, source: bytes, image_size: int, crop_size):
-    with Image.open(io.BytesIO(image_png)) as img:
-        rgb = np.asarray(img.convert("RGB"))
-    with Image.open(io.BytesIO(mask_png)) as m:
-        mask = np.asarray(m.convert("L")) > 127
+    try:
+        with Image.open(io.BytesIO(image_png)) as img:
+            rgb = np.asarray(img.convert("RGB"))
+        with Image.open(io.BytesIO(mask_png)) as m:
+            mask = np.asarray(m.convert("L")) > 127
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetError(
+            f"FMAS record for {source.decode()}: its image or mask cannot be decoded ({e}); "
+            "regenerate the shard (python -m launch.synthesize) or remove it from "
+            "config.data.fmas_records."
+        ) from e
     if mask.shape != rgb.shape[:2]:
         raise DatasetError(
             f"FMAS record for {source.decode()}: mask {mask.shape} and image {rgb.shape[:2]} "

@@ -17,11 +17,13 @@ layout that works for one method works for all.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import pathlib
 
 import ml_collections
+import numpy as np
 
 from wdam_jax.data import datasets, demo
 
@@ -117,7 +119,8 @@ def check(data_config: ml_collections.ConfigDict) -> list[str]:
 def train_fingerprint(data_config: ml_collections.ConfigDict) -> str:
     """A hash of the training files (relative paths, sizes, modification times) and of the data
     fields that change what is read: a statistic fitted on other files does not match it."""
-    fields = {k: data_config.get(k) for k in ("dataset", "category", "image_size", "crop_size")}
+    names = ("dataset", "category", "image_size", "crop_size", "holdout_fraction", "holdout_seed")
+    fields = {k: data_config.get(k) for k in names}
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
     if data_config.dataset == "tfds":
         digest.update(str(data_config.root).encode())
@@ -135,9 +138,63 @@ def train_fingerprint(data_config: ml_collections.ConfigDict) -> str:
     return digest.hexdigest()
 
 
+def holdout_indices(num_images: int, *, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of the training images held out from training and ``fit``.
+
+    ``round(fraction * num_images)`` images (at least 2 when ``fraction > 0``, at most all but
+    one), chosen by a permutation seeded with ``seed``: the same files for every method and every
+    command of a run.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"config.data.holdout_fraction={fraction}: use a fraction in [0, 1).")
+    n = 0 if fraction == 0 else min(num_images - 1, max(2, round(fraction * num_images)))
+    if fraction and n < 2:
+        raise datasets.DatasetError(
+            f"config.data.holdout_fraction={fraction} of {num_images} training images leaves "
+            "fewer than 2 held-out images or no training image; add images or set "
+            "holdout_fraction=0."
+        )
+    return np.sort(np.random.default_rng([seed, 0x401D]).permutation(num_images)[:n])
+
+
+def _subset(split: datasets.Split, indices: np.ndarray) -> datasets.Split:
+    idx = [int(i) for i in indices]
+    return dataclasses.replace(
+        split,
+        images=split.images[indices],
+        masks=split.masks[indices],
+        labels=split.labels[indices],
+        defect_types=[split.defect_types[i] for i in idx],
+        paths=[split.paths[i] for i in idx],
+        original_masks=[split.original_masks[i] for i in idx],
+    )
+
+
 def load_split(data_config: ml_collections.ConfigDict, *, split: str) -> datasets.Split:
-    """One split (``"train"`` or ``"test"``) of ``data_config.category``, resized to
-    ``data_config.image_size``."""
+    """One split (``"train"``, ``"holdout"`` or ``"test"``) of ``data_config.category``, resized
+    to ``data_config.image_size``.
+
+    ``data.holdout_fraction`` (default 0: none) of the training images form the ``"holdout"``
+    split and are left out of ``"train"``, so neither training nor ``fit`` sees them: their
+    scores are those of unseen normal images, from which :mod:`wdam_jax.thresholds` sets the
+    normal-only decision threshold. The choice is seeded by ``data.holdout_seed`` (default 0).
+    """
+    fraction = float(data_config.get("holdout_fraction", 0.0) or 0.0)
+    if split == "holdout" or (split == "train" and fraction):
+        if split == "holdout" and not fraction:
+            raise ValueError(
+                "The holdout split is empty: config.data.holdout_fraction is 0 (or absent)."
+            )
+        train = _load_split(data_config, split="train")
+        held = holdout_indices(
+            len(train), fraction=fraction, seed=int(data_config.get("holdout_seed", 0))
+        )
+        keep = held if split == "holdout" else np.setdiff1d(np.arange(len(train)), held)
+        return _subset(train, keep)
+    return _load_split(data_config, split=split)
+
+
+def _load_split(data_config: ml_collections.ConfigDict, *, split: str) -> datasets.Split:
     kind = data_config.dataset
     if kind not in DATASETS:
         raise ValueError(f"config.data.dataset={kind!r}; use one of {', '.join(DATASETS)}.")
@@ -162,9 +219,6 @@ def load_split(data_config: ml_collections.ConfigDict, *, split: str) -> dataset
             f"{str(data_config.root)!r} ({root / data_config.category} does not exist). "
             f"{DATASET_HELP}"
         )
-    crop = (
-        data_config.get("crop_size", 0) or None
-    )  # resize, then centre crop (PatchCore's protocol)
     if kind == "folder":
         layout = folder_layout(data_config)
         return datasets.load_folder(**layout, split=split, image_size=size, crop_size=crop)

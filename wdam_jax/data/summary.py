@@ -96,11 +96,19 @@ def summarize(data_config: ml_collections.ConfigDict) -> dict[str, Any]:
         sizes[f"{w}x{h}"] += 1
         if w != h:
             non_square.append(f"{rel} ({w}x{h})")
+    orphan_masks: list[str] = []
     if data_config.dataset != "folder" and (base / "ground_truth").is_dir():
         for mask in sorted((base / "ground_truth").rglob("*")):
             if mask.is_file() and mask.suffix.lower() in datasets.IMAGE_EXTENSIONS:
-                if not datasets.read_mask(mask).any():
-                    empty_masks.append(str(mask.relative_to(base)))
+                rel = mask.relative_to(base)
+                stem = mask.stem.removesuffix("_mask")
+                images = base / "test" / rel.parts[1]
+                if not images.is_dir() or not any(
+                    p.stem == stem for p in images.iterdir() if p.is_file()
+                ):
+                    orphan_masks.append(str(rel))
+                elif not datasets.read_mask(mask).any():
+                    empty_masks.append(str(rel))
     warnings = []
     size = data_config.image_size
     for mode, n in sorted(modes.items()):
@@ -121,6 +129,11 @@ def summarize(data_config: ml_collections.ConfigDict) -> dict[str, Any]:
             f"{len(empty_masks)} defect mask(s) are empty (e.g. {empty_masks[0]}): those images "
             "count as anomalous for image AUROC but add no anomalous pixel to pixel AUROC / PRO."
         )
+    if orphan_masks:
+        warnings.append(
+            f"{len(orphan_masks)} mask(s) have no test image (e.g. {orphan_masks[0]}): ignored; "
+            "check the image was not renamed or deleted."
+        )
     duplicates = [paths for paths in by_hash.values() if len(paths) > 1]
     if duplicates:
         warnings.append(
@@ -140,6 +153,7 @@ def summarize(data_config: ml_collections.ConfigDict) -> dict[str, Any]:
         "formats": dict(formats.most_common()),
         "ignored": ignored,
         "empty_defect_masks": empty_masks,
+        "masks_without_image": orphan_masks,
         "duplicates": duplicates,
         "warnings": warnings,
     }

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import jax
@@ -154,6 +154,22 @@ class Method(abc.ABC):
           images: preprocessed as the training images (``config.data.image_size``).
           step: the step the model was trained to (a method may change its network by stage).
         """
+
+    def inference_fn(
+        self, model: nnx.Module, fitted: Fitted, *, step: int
+    ) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
+        """Optional: :meth:`score` as one pure JAX function, for export (``jax.export``, TF).
+
+        Returns a jittable ``images [B, S, S, 3] -> (image_scores [B], maps [B, S, S])`` with the
+        model and the fitted statistics closed over as constants, equal to :meth:`score` within
+        1e-5 and traceable with a symbolic batch size ``B`` (``jax.export.symbolic_shape``).
+        Default: the method cannot be exported (its score does host work).
+        """
+        del model, fitted, step
+        raise NotImplementedError(
+            f"Method {self.name!r} has no inference_fn: its score cannot be exported. Implement "
+            "Method.inference_fn (a pure JAX form of score) to export it."
+        )
 
     # ---- optional extras
 

@@ -50,7 +50,7 @@ import scipy.ndimage
 from absl import logging
 from flax import nnx
 
-from wdam_jax.data import augment, datasets, pipeline, sources
+from wdam_jax.data import augment, datasets, pipeline
 from wdam_jax.data.sources import load_split
 from wdam_jax.methods.base import Fitted, ImageScores, Method
 from wdam_jax.models.wide_resnet import (
@@ -284,6 +284,13 @@ def _pinvh(cov: np.ndarray) -> np.ndarray:
     w, v = np.linalg.eigh(cov)
     keep = w > w.max() * cov.shape[0] * np.finfo(np.float64).eps
     return (v[:, keep] / w[keep]) @ v[:, keep].T
+
+
+def _whitened(mean: np.ndarray, precision: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """``(mean, W)`` as float32 with ``W W^T = precision`` (eigendecomposition in float64)."""
+    w, v = np.linalg.eigh(np.asarray(precision, np.float64))
+    factor = v * np.sqrt(np.maximum(w, 0.0))
+    return jnp.asarray(mean, jnp.float32), jnp.asarray(factor, jnp.float32)
 
 
 def smooth_maps(maps: np.ndarray, *, size: int, sigma: float) -> np.ndarray:
@@ -607,10 +614,10 @@ class CutPaste(Method):
                 "config.augment.foreground_mask=True needs config.data.foreground_root (masks "
                 f"written by python -m launch.synthesize), {disable}"
             ]
-        if data.dataset in ("demo", "tfds") or sources.check(data):
-            return []  # the demo writes its own masks; other data problems are reported already
         train_dir = pathlib.Path(data.root) / data.category / "train" / "good"
-        images = datasets.list_images(train_dir) if train_dir.is_dir() else []
+        if data.dataset in ("demo", "tfds", "folder") or not train_dir.is_dir():
+            return []  # the demo writes its own masks; a missing folder is reported already
+        images = datasets.list_images(train_dir)
         missing = [
             p
             for p in images
@@ -712,6 +719,35 @@ class CutPaste(Method):
         embeddings (image score) and of the ``score.pixel_layers`` features per location."""
         embed, pixel = self._features(model, train_images, step=step)
         return fit_densities(embed, pixel, normalize=self.config.score.normalize)
+
+    def inference_fn(self, model: CutPasteNet, fitted: Fitted, *, step: int):
+        """:meth:`score` in ``jax.numpy`` (for export): the same forward, the Mahalanobis
+        distances as ``||(x - mean) W||`` with ``W W^T = precision`` (a sum of squares, so float32
+        keeps ~1e-6 relative precision where the quadratic form would cancel), the same bilinear
+        upsampling and the Gaussian blur in ``lax`` (:func:`patchcore.gaussian_blur`, scipy's
+        ``reflect`` mode)."""
+        from wdam_jax.methods.patchcore import gaussian_blur  # pure jnp; no cycle
+
+        set_wdam_gate(model, step > self.wdam_start)
+        graphdef, state = nnx.split(model)
+        embedding, layer = self.config.score.embedding, self.config.score.pixel_layer
+        sigma = self.config.score.pixel_sigma
+        image = _whitened(fitted["image_mean"], fitted["image_precision"])
+        pixel = _whitened(fitted["pixel_mean"], fitted["pixel_precision"])
+
+        def distance(x, mean, factor):
+            y = jnp.matmul(x - mean, factor, precision=jax.lax.Precision.HIGHEST)
+            return jnp.sqrt(jnp.sum(jnp.square(y), axis=-1))
+
+        def fn(images):
+            out = nnx.merge(graphdef, state, copy=True)(images, train=False)
+            scores = distance(out[embedding].astype(jnp.float32), *image)
+            dist = distance(out[layer].astype(jnp.float32), *pixel)  # [B, h, w]
+            size = images.shape[1]
+            up = jax.vmap(lambda m: jax.image.resize(m, (size, size), "bilinear"))(dist)
+            return scores, gaussian_blur(up, sigma=sigma) if sigma > 0 else up
+
+        return fn
 
     def score(
         self, model: CutPasteNet, fitted: Fitted, images: np.ndarray, *, step: int

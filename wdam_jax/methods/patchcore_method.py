@@ -123,6 +123,30 @@ def load_member(
     return model
 
 
+def _reweighted_score(bank, feats, dist, index, num_neighbors: int):
+    """:func:`patchcore.reweighted_image_scores` for one image, ``N_b(m*)`` by a full sort.
+
+    Args:
+      bank: ``[M, D]``.
+      feats: ``[L, D]`` the image's patch features.
+      dist: ``[L]`` each patch's distance to its nearest bank row.
+      index: ``[L]`` that row.
+      num_neighbors: ``b``.
+
+    Returns:
+      The scalar image score ``w s*``.
+    """
+    worst = jnp.argmax(dist)
+    s_star = dist[worst]  # s* in the paper
+    b = min(num_neighbors, bank.shape[0])
+    if b == 1:
+        return s_star
+    m_test, m_star = feats[worst], bank[index[worst]]  # m_test,* and m*
+    support = jnp.argsort(jnp.sum(jnp.square(bank - m_star), axis=1))[:b]  # N_b(m*)
+    d_support = jnp.linalg.norm(m_test - bank[support], axis=-1)
+    return (1.0 - jnp.exp(s_star - jax.nn.logsumexp(d_support))) * s_star
+
+
 class PatchCore(Method):
     """PatchCore and its ensemble (see the module docstring)."""
 
@@ -281,6 +305,55 @@ class PatchCore(Method):
         stats = [{k: float(fitted[f"{n}.{k}"]) for k in STAT_KEYS} for n in self.names]
         scores, maps = pc.ensemble_scores(members, stats)
         return ImageScores(np.asarray(scores), np.asarray(maps))
+
+    def inference_fn(self, model: PatchCoreNet, fitted: Fitted, *, step: int):
+        """:meth:`score` as one pure function (for export): each member's features on the
+        batch, then the kNN scoring image by image (``lax.map``, so the batch size can be
+        symbolic: the kNN's query chunks need a static count), then the ensemble combination.
+        The image score's reweighting finds ``N_b(m*)`` by a sort instead of ``lax.top_k``
+        (:func:`_reweighted_score`): ``top_k`` serialises as a StableHLO composite that
+        TensorFlow's older StableHLO cannot read."""
+        del step
+        cfg = self.config.patchcore
+        members = []
+        for name in self.names:
+            graphdef, state = nnx.split(model.member(name))
+            members.append((graphdef, state, jnp.asarray(fitted[f"{name}.bank"], jnp.float32)))
+        stats = (
+            [{k: float(fitted[f"{n}.{k}"]) for k in STAT_KEYS} for n in self.names]
+            if len(self.names) > 1
+            else None
+        )
+
+        def fn(images):
+            size = tuple(images.shape[1:3])
+            outputs = []
+            for graphdef, state, bank in members:
+                out = nnx.merge(graphdef, state, copy=True)(images, train=False)
+                feats = jax.vmap(
+                    lambda l2, l3: pc.patch_features(
+                        l2[None], l3[None], patch_size=cfg.patch_size,
+                        pretrain_dim=cfg.pretrain_dim, target_dim=cfg.target_dim,
+                    )[0]
+                )(out["layer2"], out["layer3"])  # fmt: skip
+
+                def one(f, bank=bank):
+                    h, w, d = f.shape
+                    dist, index = pc.knn_search(bank, f.reshape(h * w, d), k=1)
+                    score = _reweighted_score(
+                        bank, f.reshape(h * w, d), dist[:, 0], index[:, 0], cfg.num_neighbors
+                    )
+                    maps = pc.anomaly_maps(
+                        dist[:, 0].reshape(1, h, w), image_size=size, sigma=cfg.sigma
+                    )
+                    return score, maps[0]
+
+                outputs.append(jax.lax.map(one, feats))
+            if stats is None:
+                return outputs[0]
+            return pc.ensemble_scores(outputs, stats)
+
+        return fn
 
     def backbone(self, model: PatchCoreNet, *, step: int):
         del step

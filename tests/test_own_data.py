@@ -1,0 +1,220 @@
+"""Bring your own images: a user's MVTec-layout folder with the usual surprises, commands run from
+another directory, every input problem reported at once, nothing stale reused."""
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wdam_jax import checkpoints, evaluate, train
+from wdam_jax.data import datasets, sources
+from wdam_jax.data import summary as data_summary
+from wdam_jax.methods import registry
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = [
+    "--config.model.depths=(1,1,1,1)",
+    "--config.model.base_width=8",
+    "--config.model.head_dims=(16,)",
+    "--config.data.image_size=32",
+    "--config.train.batch_size=2",
+    "--config.train.stage1_steps=2",
+    "--config.train.stage2_steps=1",
+    "--config.train.stage3_steps=2",
+    "--config.score.eval_batch_size=8",
+]
+
+
+@pytest.fixture
+def user_folder(demo_data_root, tmp_path) -> pathlib.Path:
+    """``<root>/widget`` in the MVTec layout from the demo washer, plus a grayscale image, an
+    RGBA image, a non-square image and a text file among the training images."""
+    source = sources.dataset_root(
+        _data(dataset="demo", root=str(demo_data_root), category="washer")
+    )
+    root = tmp_path / "my_images"
+    shutil.copytree(source / "washer", root / "widget")
+    good = root / "widget" / "train" / "good"
+    for extra in sorted(good.iterdir())[12:]:
+        extra.unlink()  # 12 training images are enough
+    rgb = lambda name: Image.open(good / name).convert("RGB")
+    rgb("000.png").convert("L").save(good / "000.png")
+    rgb("001.png").convert("RGBA").save(good / "001.png")
+    rgb("002.png").resize((48, 32)).save(good / "002.png")
+    (good / "notes.txt").write_text("taken on line 3")
+    return root
+
+
+def _data(**fields):
+    import ml_collections
+
+    base = {"dataset": "mvtec", "root": "", "category": "", "image_size": 32, "crop_size": 0}
+    return ml_collections.ConfigDict({**base, **fields})
+
+
+def _run(args, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=900
+    )
+
+
+def test_custom_config_trains_and_evaluates_from_another_directory(user_folder, tmp_path):
+    workdir = tmp_path / "run"
+    out = _run(
+        [
+            "launch.train",
+            "--config=configs/cutpaste_wdam.py:custom",  # resolved against the package
+            f"--workdir={workdir}",
+            f"--config.data.root={user_folder}",
+            "--config.data.category=widget",
+            *TINY,
+        ],
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "train: 12 images (good 12)" in out.stdout
+    for warning in ("grayscale", "RGBA", "not square", "notes.txt"):
+        assert warning in out.stderr, warning
+    summary = json.loads((workdir / "data_summary.json").read_text())
+    assert summary["modes"] == {"RGB": 40, "L": 1, "RGBA": 1}  # 12 train + 30 test images
+    assert [i["path"] for i in summary["ignored"]] == ["train/good/notes.txt"]
+    outdir = workdir / "eval" / "step_5"
+    assert (outdir / "heatmaps.png").is_file() and (outdir / "metrics.md").is_file()
+    assert "cutpaste+wdam1" in out.stdout  # the run's real name labels the results
+
+
+def test_every_input_problem_is_listed_at_once(user_folder, tmp_path):
+    workdir = tmp_path / "run"
+    out = _run(
+        [
+            "launch.train",
+            "--config=configs/cutpaste_wdam.py",  # the paper config: weights, FMAS and FM needed
+            f"--workdir={workdir}",
+            f"--config.data.root={user_folder}",
+            "--config.data.category=widget",
+            "--config.data.image_size=0",
+        ],
+        cwd=tmp_path,
+    )
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    assert "4 problem(s)" in out.stderr
+    for field in (
+        "config.data.image_size=0",
+        "config.model.pretrained=",
+        "config.data.fmas_records=",
+        "--config.augment.foreground_mask=False",
+    ):
+        assert field in out.stderr, field
+    assert not workdir.exists()  # nothing written
+
+
+def test_unknown_and_mistyped_overrides_are_one_readable_message(tmp_path):
+    out = _run(
+        [
+            "launch.train",
+            "--config=configs/cutpaste.py:demo",
+            f"--workdir={tmp_path / 'run'}",
+            "--config.train.stage1_step=40",
+            "--config.train.batch_size=abc",
+        ],
+        cwd=tmp_path,
+    )
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and "\\n" not in out.stderr
+    assert "Did you mean train.stage1_steps?" in out.stderr
+    assert "--config.train.batch_size=abc: expected int" in out.stderr
+    missing = _run(["launch.train", "--config=configs/nope.py", "--workdir=w"], cwd=tmp_path)
+    assert missing.returncode == 2 and "Known configs:" in missing.stderr
+
+
+def test_summary_warns_on_what_the_loader_converts(tmp_path):
+    base = tmp_path / "root" / "cat"
+    good, bad, gt = base / "train/good", base / "test/dent", base / "ground_truth/dent"
+    for d in (good, bad, gt, base / "test/good"):
+        d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    pixels = lambda: rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(pixels()).save(good / "a.png")
+    Image.fromarray(pixels()).save(good / "b.jpg")
+    shutil.copy(good / "a.png", base / "test/good/a_copy.png")
+    Image.fromarray((rng.integers(0, 65535, (16, 16))).astype(np.uint16)).save(good / "c.png")
+    Image.fromarray(pixels()).save(bad / "000.png")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(gt / "000_mask.png")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(gt / "007_mask.png")  # no image 007
+    summary = data_summary.summarize(_data(root=str(tmp_path / "root"), category="cat"))
+    text = " ".join(summary["warnings"])
+    assert summary["masks_without_image"] == ["ground_truth/dent/007_mask.png"]
+    assert "16-bit grey: scaled to 8 bits" in text
+    assert "Mixed image formats" in text
+    assert "defect mask(s) are empty" in text
+    assert "byte-identical" in text
+    assert summary["images"] == {"test": {"dent": 1, "good": 1}, "train": {"good": 3}}
+
+
+def test_huge_and_non_finite_images_are_clear_errors(tmp_path, monkeypatch):
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64 x 64 > 2 x 100: a "bomb"
+    with pytest.raises(datasets.DatasetError, match=r"big\.png.*too large to decode safely"):
+        datasets.read_rgb(tmp_path / "big.png")
+    monkeypatch.undo()
+    Image.fromarray(np.array([[0.5, np.nan]], np.float32), mode="F").save(tmp_path / "nan.tif")
+    with pytest.raises(datasets.DatasetError, match=r"nan\.tif.*NaN or infinite"):
+        datasets.read_rgb(tmp_path / "nan.tif")
+
+
+def test_undecodable_fmas_record_names_its_source():
+    from wdam_jax.data import fmas_records
+
+    with pytest.raises(datasets.DatasetError, match=r"FMAS record for a/train/good/0\.png"):
+        fmas_records._decode(b"not a png", b"", b"a/train/good/0.png", 8, None)
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    grey = np.array([[0, 257 * 100, 65535]], np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    rgb = datasets.read_rgb(tmp_path / "g.png")
+    np.testing.assert_array_equal(rgb[..., 0], [[0, 100, 255]])
+    assert rgb.shape == (1, 3, 3)
+
+
+def test_stale_patchcore_bank_is_refitted(demo_data_root, tmp_path):
+    from tests.test_contract import tiny_config
+
+    data = tmp_path / "data"
+    shutil.copytree(sources.dataset_root(tiny_config("patchcore", demo_data_root).data), data)
+    config = tiny_config("patchcore", demo_data_root)
+    config.data.dataset = "mvtec"
+    config.data.root = str(data)
+    train.train(config, tmp_path / "run")
+    first = train.restore(tmp_path / "run")
+    # Replace one training image: the bank no longer describes the training set.
+    image = data / "washer" / "train" / "good" / "000.png"
+    Image.fromarray(255 - np.asarray(Image.open(image).convert("RGB"))).save(image)
+    assert train.stale(registry.get_method(config), first.fitted)
+    train.train(config, tmp_path / "run")
+    second = train.restore(tmp_path / "run")
+    assert not train.stale(second.method, second.fitted)
+    assert not np.array_equal(first.fitted["plain.bank"], second.fitted["plain.bank"])
+    # The same command again reuses it (nothing changed).
+    train.train(config, tmp_path / "run")
+    third = train.restore(tmp_path / "run")
+    np.testing.assert_array_equal(third.fitted["plain.bank"], second.fitted["plain.bank"])
+    assert evaluate.evaluate(None, tmp_path / "run")["washer"]
+
+
+def test_resume_with_another_image_size_is_refused(demo_data_root, tmp_path):
+    from tests.test_contract import tiny_config
+
+    config = tiny_config("cutpaste", demo_data_root)
+    train.train(config, tmp_path / "run", stop_at=1)
+    saved = (tmp_path / "run" / checkpoints.CONFIG_FILE).read_text()
+    config.data.image_size = 48
+    with pytest.raises(checkpoints.ConfigMismatchError, match=r"data\.image_size: 32 -> 48"):
+        train.train(config, tmp_path / "run")
+    assert (tmp_path / "run" / checkpoints.CONFIG_FILE).read_text() == saved
