@@ -730,8 +730,12 @@ class CutPaste(Method):
 
         set_wdam_gate(model, step > self.wdam_start)
         graphdef, state = nnx.split(model)
-        embedding, layer = self.config.score.embedding, self.config.score.pixel_layer
-        sigma = self.config.score.pixel_sigma
+        s = self.config.score
+        if s.image_score not in IMAGE_SCORES:
+            raise ValueError(
+                f"config.score.image_score={s.image_score!r}; use one of {IMAGE_SCORES}."
+            )
+        layers = tuple(s.pixel_layers)
         image = _whitened(fitted["image_mean"], fitted["image_precision"])
         pixel = _whitened(fitted["pixel_mean"], fitted["pixel_precision"])
 
@@ -739,13 +743,31 @@ class CutPaste(Method):
             y = jnp.matmul(x - mean, factor, precision=jax.lax.Precision.HIGHEST)
             return jnp.sqrt(jnp.sum(jnp.square(y), axis=-1))
 
+        def normalized(x):
+            if not s.normalize:
+                return x
+            return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
         def fn(images):
             out = nnx.merge(graphdef, state, copy=True)(images, train=False)
-            scores = distance(out[embedding].astype(jnp.float32), *image)
-            dist = distance(out[layer].astype(jnp.float32), *pixel)  # [B, h, w]
+            first = out[layers[0]].astype(jnp.float32)
+            n, h, w, _ = first.shape
+            maps = (
+                [first]
+                + [  # as pixel_features: later layers upsampled to the first's grid
+                    jax.image.resize(
+                        out[k].astype(jnp.float32), (n, h, w, out[k].shape[-1]), "bilinear"
+                    )
+                    for k in layers[1:]
+                ]
+            )
+            dist = distance(normalized(jnp.concatenate(maps, axis=-1)), *pixel)  # [B, h, w]
             size = images.shape[1]
             up = jax.vmap(lambda m: jax.image.resize(m, (size, size), "bilinear"))(dist)
-            return scores, gaussian_blur(up, sigma=sigma) if sigma > 0 else up
+            smooth = gaussian_blur(up, sigma=s.pixel_sigma) if s.pixel_sigma > 0 else up
+            if s.image_score == "map_max":
+                return jnp.max(smooth.reshape(n, -1), axis=1), smooth
+            return distance(normalized(out[s.embedding].astype(jnp.float32)), *image), smooth
 
         return fn
 
