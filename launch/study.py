@@ -27,8 +27,11 @@ from wdam_jax import checkpoints, evaluate, reporting
 _OUT = flags.DEFINE_string("out", "docs/study_cutpaste_demo.md", "Markdown file to write.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/study", "Folder of the runs.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds per row.")
-_STAGES = flags.DEFINE_list("stages", ["15", "10", "10"], "Steps of stages 1, 2, 3.")
-_CATEGORY = flags.DEFINE_string("category", "washer", "Demo category.")
+_STAGES = flags.DEFINE_list(
+    "stages", [], "Steps of stages 1, 2, 3 (default: the demo config's, as `make demo`)."
+)
+_CATEGORIES = flags.DEFINE_list("categories", ["washer"], "Demo categories.")
+_ROOT = flags.DEFINE_string("data_root", "workdirs/demo_data", "Where the demo data is generated.")
 _FMAS = flags.DEFINE_bool("fmas", False, "Use the demo FMAS records (+FMAS row).")
 _KEEP = flags.DEFINE_bool("keep_checkpoints", False, "Keep each run's ~1 GB checkpoint.")
 
@@ -40,26 +43,35 @@ def _rows(fmas: bool):
     return [*rows, ("+FM", cutpaste_fm), ("+WDAM", cutpaste_wdam)]
 
 
-def _config(module, seed: int):
+def _config(module, seed: int, category: str):
     config = module.get_config("demo")
     config.seed = seed
-    config.data.category = _CATEGORY.value
+    config.data.category = category
+    config.data.root = _ROOT.value
+    config.data.foreground_root = f"{_ROOT.value}/foreground_masks"
     if not _FMAS.value:
         config.data.anomaly_source = "cutpaste"
     elif module is not cutpaste:
         config.data.anomaly_source = "fmas"
-    stages = [int(s) for s in _STAGES.value]
-    config.train.stage1_steps, config.train.stage2_steps, config.train.stage3_steps = stages
-    config.train.checkpoint_every = sum(stages)
+    t = config.train
+    if _STAGES.value:
+        t.stage1_steps, t.stage2_steps, t.stage3_steps = (int(s) for s in _STAGES.value)
+    t.checkpoint_every = t.stage1_steps + t.stage2_steps + t.stage3_steps
+    t.eval_every = 0  # learning curves are not part of the table (they change no number)
     return config
 
 
-def _run(name: str, module, seed: int) -> dict[str, float]:
-    workdir = pathlib.Path(_WORKDIR.value) / f"{name.strip('+').lower()}_seed{seed}"
+def _stages(config) -> str:
+    t = config.train
+    return f"{t.stage1_steps}/{t.stage2_steps}/{t.stage3_steps}"
+
+
+def _run(name: str, module, seed: int, category: str) -> dict[str, float]:
+    workdir = pathlib.Path(_WORKDIR.value) / f"{category}_{name.strip('+').lower()}_seed{seed}"
     done = workdir / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
-    config = _config(module, seed)
+    config = _config(module, seed, category)
     start = time.perf_counter()
     results = evaluate.train_and_evaluate(config, workdir)[config.data.category]
     results["wall_s"] = time.perf_counter() - start
@@ -80,30 +92,29 @@ def main(argv):
     jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(_WORKDIR.value) / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     seeds = [int(s) for s in _SEEDS.value]
-    table = {}
-    for name, module in _rows(_FMAS.value):
-        table[name] = [_run(name, module, s) for s in seeds]
-        logging.info("%s: %s", name, table[name])
     metrics = reporting.METRICS
-    stages = "/".join(_STAGES.value)
     lines = [
-        "| Row | " + " | ".join(reporting.METRIC_TITLES[m] for m in metrics) + " | per seed "
-        "(I-AUROC) | wall s / run |",
-        "|---|" + "---:|" * len(metrics) + "---|---:|",
+        "| Category | Row | " + " | ".join(reporting.METRIC_TITLES[m] for m in metrics) + " | per "
+        "seed (I-AUROC) | wall s / run |",
+        "|---|---|" + "---:|" * len(metrics) + "---|---:|",
     ]
-    for name, runs in table.items():
-        cells = [_cell([r[m] for r in runs]) for m in metrics]
-        per_seed = ", ".join(f"{100 * r['i_auroc']:.1f}" for r in runs)
-        wall = np.mean([r["wall_s"] for r in runs])
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {per_seed} | {wall:.0f} |")
+    for category in _CATEGORIES.value:
+        for name, module in _rows(_FMAS.value):
+            runs = [_run(name, module, s, category) for s in seeds]
+            logging.info("%s %s: %s", category, name, runs)
+            cells = [_cell([r[m] for r in runs]) for m in metrics]
+            per_seed = ", ".join(f"{100 * r['i_auroc']:.1f}" for r in runs)
+            wall = np.mean([r["wall_s"] for r in runs])
+            lines.append(
+                f"| {category} | {name} | " + " | ".join(cells) + f" | {per_seed} | {wall:.0f} |"
+            )
+    stages = _stages(_config(cutpaste, seeds[0], _CATEGORIES.value[0]))
     out = pathlib.Path(_OUT.value)
     header = out.read_text().split("<!-- table -->")[0] if out.is_file() else ""
     body = (
-        f"<!-- table -->\nCategory `{_CATEGORY.value}`, seeds {seeds}, stages {stages} steps, "
-        f"mean ± sample std over seeds, in %. Generated by `python -m launch.study "
-        f"--out={out} --seeds={','.join(_SEEDS.value)} --stages={','.join(_STAGES.value)}`.\n\n"
-        + "\n".join(lines)
-        + "\n"
+        f"<!-- table -->\nSeeds {seeds}, stages {stages} steps, mean ± sample std over seeds, "
+        f"in %. Generated by `python -m launch.study --out={out} --seeds={','.join(_SEEDS.value)} "
+        f"--categories={','.join(_CATEGORIES.value)}`.\n\n" + "\n".join(lines) + "\n"
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(header + body)

@@ -216,3 +216,20 @@ def test_anomaly_source_augmentation_in_range(image):
         out = augment.augment_anomaly_source(np.random.default_rng(seed), image)
         assert out.shape == image.shape and out.dtype == np.float32
         assert 0.0 <= out.min() and out.max() <= 1.0
+
+
+@pytest.mark.parametrize("width", [1, 2, 3])
+def test_thin_rotated_scar_keeps_its_area(image, width):
+    # Scars scaled down to small inputs are 1-3 pixels wide; a nearest-neighbour rotation that
+    # puts the input's edges at pixel centres dropped most of them (a 1 x 7 scar at 5 degrees
+    # kept 0 pixels, i.e. a "scar" example identical to its normal image).
+    for seed in range(40):
+        length = 3 + seed % 8
+        _, mask = augment.cutpaste_scar_with_mask(
+            np.random.default_rng(seed),
+            image,
+            width=(width, width),
+            length=(length, length),
+            rotation=(-45, 45),
+        )
+        assert 0.5 * width * length <= mask.sum() <= 1.8 * width * length + 2, (seed, length)

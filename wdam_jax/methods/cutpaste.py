@@ -24,10 +24,13 @@ the ablated component (the paper does not give stage lengths; they are config).
 Scoring (Sec. 4.2): the image score is the Mahalanobis distance of an image's embedding
 (``score.embedding``: the pooled backbone features, or the head's output) to a Gaussian fitted to
 the normal training embeddings with Ledoit-Wolf shrinkage, as CutPaste. The pixel map is the
-per-location Mahalanobis distance of the ``score.pixel_layer`` (layer4) features to the normal
-training features at that location (per-location mean, one shrinkage covariance pooled over
-locations: a [D, D] matrix per location would not fit for D = 2048), bilinearly upsampled to the
-input and Gaussian-smoothed (``score.pixel_sigma``).
+per-location Mahalanobis distance of the ``score.pixel_layers`` features (the paper: layer4;
+several layers are concatenated at the first one's resolution) to the normal training features
+at that location (per-location mean, one shrinkage covariance pooled over locations: a [D, D]
+matrix per location would not fit for D = 2048), bilinearly upsampled to the input and
+Gaussian-smoothed (``score.pixel_sigma``). ``score.normalize`` L2-normalises features before both
+fits (CutPaste's reference code); ``score.image_score = "map_max"`` scores an image by its map's
+maximum instead (PaDiM, PatchCore). ``docs/cutpaste_demo_diagnosis.md`` measures these choices.
 """
 
 from __future__ import annotations
@@ -300,6 +303,127 @@ def smooth_maps(maps: np.ndarray, *, size: int, sigma: float) -> np.ndarray:
     if sigma > 0:
         up = scipy.ndimage.gaussian_filter(up, sigma=(0, sigma, sigma), mode="reflect")
     return up
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """``x / ||x||`` over the last axis (``[..., D] -> [..., D]``), as CutPaste's reference code
+    does to embeddings before the Gaussian fit."""
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def pixel_features(features: Mapping[str, np.ndarray], layers: Sequence[str]) -> np.ndarray:
+    """The feature maps of ``layers`` concatenated at the resolution of the first one.
+
+    Args:
+      features: name -> ``[N, h_i, w_i, D_i]`` maps (the backbone's named features).
+      layers: e.g. ``("layer2", "layer3")``; later layers are bilinearly upsampled to the first's
+        ``[h, w]`` (PaDiM's choice of combining scales).
+
+    Returns:
+      ``[N, h, w, sum D_i]`` float32.
+    """
+    first = np.asarray(features[layers[0]], np.float32)
+    n, h, w, _ = first.shape
+    maps = [first]
+    for name in layers[1:]:
+        x = np.asarray(features[name], np.float32)
+        shape = (n, h, w, x.shape[-1])
+        maps.append(np.asarray(jax.image.resize(jnp.asarray(x), shape, "bilinear"), np.float32))
+    return np.concatenate(maps, axis=-1)
+
+
+IMAGE_SCORES = ("gde", "map_max")
+
+
+def fit_densities(
+    embeddings: np.ndarray, pixel_feats: np.ndarray, *, normalize: bool
+) -> dict[str, np.ndarray]:
+    """The Gaussians of the image score and of the pixel map, fitted to normal training images.
+
+    Args:
+      embeddings: ``[N, E]`` image embeddings (``score.embedding``).
+      pixel_feats: ``[N, h, w, D]`` (:func:`pixel_features`).
+      normalize: L2-normalise embeddings and per-location features first (``score.normalize``).
+
+    Returns:
+      ``image_mean`` ``[E]``, ``image_precision`` ``[E, E]``, ``pixel_mean`` ``[h, w, D]``,
+      ``pixel_precision`` ``[D, D]`` (the method contract's ``Fitted``).
+    """
+    if normalize:
+        embeddings, pixel_feats = l2_normalize(embeddings), l2_normalize(pixel_feats)
+    image = fit_gaussian(embeddings)
+    pixel = fit_gaussian(pixel_feats, location_axes=(1, 2))
+    return {
+        "image_mean": image.mean,
+        "image_precision": image.precision,
+        "pixel_mean": pixel.mean,
+        "pixel_precision": pixel.precision,
+    }
+
+
+def score_features(
+    fitted: Mapping[str, np.ndarray],
+    embeddings: np.ndarray,
+    pixel_feats: np.ndarray,
+    *,
+    normalize: bool,
+    image_score: str,
+    size: int,
+    sigma: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image scores and anomaly maps from features and :func:`fit_densities`' Gaussians.
+
+    Args:
+      fitted: what :func:`fit_densities` returned.
+      embeddings: ``[N, E]``; pixel_feats: ``[N, h, w, D]``.
+      normalize: as for the fit.
+      image_score: ``"gde"``: Mahalanobis distance of the embedding (CutPaste, the paper);
+        ``"map_max"``: maximum of the anomaly map (PaDiM / PatchCore's image score).
+      size: side of the input images; sigma: Gaussian smoothing of the map, in pixels.
+
+    Returns:
+      ``image_scores`` ``[N]`` and ``maps`` ``[N, size, size]``.
+    """
+    if image_score not in IMAGE_SCORES:
+        raise ValueError(f"config.score.image_score={image_score!r}; use one of {IMAGE_SCORES}.")
+    if normalize:
+        embeddings, pixel_feats = l2_normalize(embeddings), l2_normalize(pixel_feats)
+    pixel = Gaussian(fitted["pixel_mean"], fitted["pixel_precision"])
+    maps = smooth_maps(pixel.mahalanobis(pixel_feats), size=size, sigma=sigma)
+    if image_score == "map_max":
+        return maps.reshape(len(maps), -1).max(axis=1), maps
+    image = Gaussian(fitted["image_mean"], fitted["image_precision"])
+    return image.mahalanobis(embeddings), maps
+
+
+@functools.lru_cache(maxsize=8)
+def _forward(graphdef, names: tuple[str, ...]):
+    """One compiled inference forward per (network structure, feature names)."""
+
+    @jax.jit
+    def forward(state, x):
+        out = nnx.merge(graphdef, state, copy=True)(x, train=False)
+        return {k: out[k].astype(jnp.float32) for k in names}
+
+    return forward
+
+
+def extract_features(
+    model: nnx.Module, images: np.ndarray, *, names: Sequence[str], batch_size: int
+) -> dict[str, np.ndarray]:
+    """The named features of ``images`` ``[N, S, S, 3]`` in inference mode (BatchNorm running
+    statistics), in padded batches of ``batch_size`` (one compile per shape)."""
+    graphdef, state = nnx.split(model)
+    forward = _forward(graphdef, tuple(names))
+    out: dict[str, list[np.ndarray]] = {k: [] for k in names}
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        pad = np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)
+        values = jax.device_get(forward(state, np.concatenate([chunk, pad])))
+        for k in names:
+            out[k].append(values[k][: len(chunk)])
+    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -575,31 +699,19 @@ class CutPaste(Method):
         return backbone
 
     def _features(self, model: CutPasteNet, images: np.ndarray, *, step: int):
-        """``(embeddings [N, E], maps [N, h, w, D])`` of ``images`` in inference mode."""
+        """``(embeddings [N, E], pixel features [N, h, w, D])`` of ``images``, inference mode."""
+        s = self.config.score
         set_wdam_gate(model, step > self.wdam_start)
-        graphdef, state = nnx.split(model)
-        embedding, layer = self.config.score.embedding, self.config.score.pixel_layer
-
-        @jax.jit
-        def forward(state, x):
-            out = nnx.merge(graphdef, state, copy=True)(x, train=False)
-            return out[embedding].astype(jnp.float32), out[layer].astype(jnp.float32)
-
-        return pipeline.map_batches(
-            lambda x: forward(state, x), images, batch_size=self.config.score.eval_batch_size
-        )
+        layers = tuple(s.pixel_layers)
+        names = tuple(dict.fromkeys((s.embedding, *layers)))
+        features = extract_features(model, images, names=names, batch_size=s.eval_batch_size)
+        return features[s.embedding], pixel_features(features, layers)
 
     def fit(self, model: CutPasteNet, train_images: np.ndarray, *, step: int) -> Fitted:
-        """The Gaussian densities of the normal training images: of the embeddings (image score)
-        and of the ``score.pixel_layer`` features per location (pixel map)."""
-        embeddings, maps = self._features(model, train_images, step=step)
-        image, pixel = fit_gaussian(embeddings), fit_gaussian(maps, location_axes=(1, 2))
-        return {
-            "image_mean": image.mean,
-            "image_precision": image.precision,
-            "pixel_mean": pixel.mean,
-            "pixel_precision": pixel.precision,
-        }
+        """The Gaussians of :func:`fit_densities` on the normal training images: of the
+        embeddings (image score) and of the ``score.pixel_layers`` features per location."""
+        embed, pixel = self._features(model, train_images, step=step)
+        return fit_densities(embed, pixel, normalize=self.config.score.normalize)
 
     def inference_fn(self, model: CutPasteNet, fitted: Fitted, *, step: int):
         """:meth:`score` in ``jax.numpy`` (for export): the same forward, the Mahalanobis
@@ -611,8 +723,12 @@ class CutPaste(Method):
 
         set_wdam_gate(model, step > self.wdam_start)
         graphdef, state = nnx.split(model)
-        embedding, layer = self.config.score.embedding, self.config.score.pixel_layer
-        sigma = self.config.score.pixel_sigma
+        s = self.config.score
+        if s.image_score not in IMAGE_SCORES:
+            raise ValueError(
+                f"config.score.image_score={s.image_score!r}; use one of {IMAGE_SCORES}."
+            )
+        layers = tuple(s.pixel_layers)
         image = _whitened(fitted["image_mean"], fitted["image_precision"])
         pixel = _whitened(fitted["pixel_mean"], fitted["pixel_precision"])
 
@@ -620,24 +736,98 @@ class CutPaste(Method):
             y = jnp.matmul(x - mean, factor, precision=jax.lax.Precision.HIGHEST)
             return jnp.sqrt(jnp.sum(jnp.square(y), axis=-1))
 
+        def normalized(x):
+            if not s.normalize:
+                return x
+            return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
         def fn(images):
             out = nnx.merge(graphdef, state, copy=True)(images, train=False)
-            scores = distance(out[embedding].astype(jnp.float32), *image)
-            dist = distance(out[layer].astype(jnp.float32), *pixel)  # [B, h, w]
+            first = out[layers[0]].astype(jnp.float32)
+            n, h, w, _ = first.shape
+            maps = (
+                [first]
+                + [  # as pixel_features: later layers upsampled to the first's grid
+                    jax.image.resize(
+                        out[k].astype(jnp.float32), (n, h, w, out[k].shape[-1]), "bilinear"
+                    )
+                    for k in layers[1:]
+                ]
+            )
+            dist = distance(normalized(jnp.concatenate(maps, axis=-1)), *pixel)  # [B, h, w]
             size = images.shape[1]
             up = jax.vmap(lambda m: jax.image.resize(m, (size, size), "bilinear"))(dist)
-            return scores, gaussian_blur(up, sigma=sigma) if sigma > 0 else up
+            smooth = gaussian_blur(up, sigma=s.pixel_sigma) if s.pixel_sigma > 0 else up
+            if s.image_score == "map_max":
+                return jnp.max(smooth.reshape(n, -1), axis=1), smooth
+            return distance(normalized(out[s.embedding].astype(jnp.float32)), *image), smooth
 
         return fn
 
     def score(
         self, model: CutPasteNet, fitted: Fitted, images: np.ndarray, *, step: int
     ) -> ImageScores:
-        """Mahalanobis image scores and smoothed per-location Mahalanobis maps (see the module)."""
-        image = Gaussian(fitted["image_mean"], fitted["image_precision"])
-        pixel = Gaussian(fitted["pixel_mean"], fitted["pixel_precision"])
-        embeddings, maps = self._features(model, images, step=step)
-        maps = smooth_maps(
-            pixel.mahalanobis(maps), size=images.shape[1], sigma=self.config.score.pixel_sigma
+        """Image scores and smoothed per-location Mahalanobis maps (see the module docstring)."""
+        s = self.config.score
+        embed, pixel = self._features(model, images, step=step)
+        image_scores, maps = score_features(
+            fitted,
+            embed,
+            pixel,
+            normalize=s.normalize,
+            image_score=s.image_score,
+            size=images.shape[1],
+            sigma=s.pixel_sigma,
         )
-        return ImageScores(image.mahalanobis(embeddings), maps)
+        return ImageScores(image_scores, maps)
+
+    @functools.cached_property
+    def test_split(self) -> datasets.Split:
+        return load_split(self.config.data, split="test")
+
+    def validate(self, model: CutPasteNet, *, step: int) -> dict[str, float]:
+        """Learning-curve scalars, logged every ``train.eval_every`` steps.
+
+        ``test/*`` are computed on the TEST split: a diagnostic curve (does training help
+        detection?), never used to select a checkpoint or a hyperparameter. ``test/gde_i_auroc``
+        is CutPaste's image score (Gaussian on ``score.embedding``) whatever
+        ``score.image_score`` is; ``test/i_auroc`` is the configured image score and
+        ``test/p_auroc`` the pixel AUROC at the model's input resolution. ``val/accuracy_*``
+        is the per-class 3-way accuracy in inference mode (BatchNorm running statistics) on a
+        fixed batch of fresh augmentations of the training images (seed ``config.seed + 1``),
+        so a gap to the training accuracy shows BatchNorm statistics lagging the weights.
+        """
+        from wdam_jax import metrics
+
+        s = self.config.score
+        test = self.test_split
+        train_embed, train_pixel = self._features(model, self.train_data.images, step=step)
+        fitted = fit_densities(train_embed, train_pixel, normalize=s.normalize)
+        embed, pixel = self._features(model, test.images, step=step)
+        kwargs = dict(normalize=s.normalize, size=test.images.shape[1], sigma=s.pixel_sigma)
+        gde_scores, _ = score_features(fitted, embed, pixel, image_score="gde", **kwargs)
+        image_scores, maps = score_features(
+            fitted, embed, pixel, image_score=s.image_score, **kwargs
+        )
+        out = {
+            "test/gde_i_auroc": metrics.auroc(gde_scores, test.labels),
+            "test/i_auroc": metrics.auroc(image_scores, test.labels),
+            "test/p_auroc": metrics.pixel_auroc(maps, test.masks),
+        }
+        batch = make_batch(
+            self.train_data,
+            0,
+            batch_size=self.config.train.batch_size,
+            seed=self.config.seed + 1,
+            source=self.anomaly_source(step),
+            augment_config=self.config.augment,
+        )
+        set_wdam_gate(model, step > self.wdam_start)
+        logits = extract_features(
+            model, batch["image"], names=("logits",), batch_size=s.eval_batch_size
+        )["logits"]
+        predicted = logits.argmax(-1)
+        for label, name in zip((NORMAL, ANOMALY, SCAR), ("normal", "anomaly", "scar"), strict=True):
+            chosen = batch["label"] == label
+            out[f"val/accuracy_{name}"] = float(np.mean(predicted[chosen] == label))
+        return out
