@@ -140,7 +140,7 @@ def test_gate_off_is_the_plain_bottleneck_and_on_adds_wdam():
 
 
 def test_stage_schedule_sgd_then_adam_then_lower_adam():
-    config = cutpaste_config.get_config("demo")
+    config = cutpaste_config.get_config()  # the paper's rates: 0.03 SGD, Adam 0.01 then 0.001
     config.train.stage1_steps, config.train.stage2_steps, config.train.stage3_steps = 3, 2, 2
     config.train.weight_decay = 0.0
     method = cutpaste.CutPaste(config)
@@ -173,7 +173,7 @@ def test_stage_schedule_sgd_then_adam_then_lower_adam():
 def test_wdam_parameters_do_not_change_before_wdam_enters():
     # With weight decay > 0 and zero gradients (the gate is 0 before stage 3), the old optimiser
     # shrank WDAM's weights by Adam's lr per step (0.40 -> 0.005 in 100 steps).
-    config = cutpaste_wdam_config.get_config("demo")
+    config = cutpaste_wdam_config.get_config()  # Adam 0.01, then 0.001 when WDAM enters
     config.train.stage1_steps, config.train.stage2_steps, config.train.stage3_steps = 3, 4, 3
     config.train.weight_decay = 3e-5
     method = cutpaste.CutPaste(config)
