@@ -286,14 +286,28 @@ NUM_SOURCE_AUGMENTERS = 10
 
 
 def _equalize(channel: np.ndarray) -> np.ndarray:
-    """PIL ``ImageOps.equalize`` of one [H, W] channel in [0, 1] (256 levels)."""
+    """PIL ``ImageOps.equalize`` of one [H, W] channel in [0, 1] at 256 levels: level ``i`` maps
+    to ``(step // 2 + #pixels below i) // step``, ``step = (N - #pixels at the top level) // 255``.
+    """
     levels = np.clip(np.rint(channel * 255.0), 0, 255).astype(np.int64)
     hist = np.bincount(levels.ravel(), minlength=256)
-    cdf = np.cumsum(hist)
-    lo = cdf[hist > 0][0]
-    if cdf[-1] == lo:
-        return channel
-    return ((cdf[levels] - lo) / (cdf[-1] - lo)).astype(np.float32)
+    nonzero = hist[hist > 0]
+    step = (int(nonzero.sum()) - int(nonzero[-1])) // 255
+    if len(nonzero) <= 1 or step == 0:
+        return levels.astype(np.float32) / 255.0
+    below = np.concatenate([[0], np.cumsum(hist)[:-1]])
+    lut = np.minimum((step // 2 + below) // step, 255)
+    return lut[levels].astype(np.float32) / 255.0
+
+
+def _enhance_sharpness(image: np.ndarray, factor: float) -> np.ndarray:
+    """PIL ``ImageEnhance.Sharpness``: blend with the SMOOTH-filtered image (border pixels kept);
+    factor 0 is the smoothed image, 1 the image, 2 sharpened."""
+    smooth = scipy.ndimage.correlate(image, _SMOOTH[..., None], mode="nearest")
+    smooth[0], smooth[-1], smooth[:, 0], smooth[:, -1] = (
+        image[0], image[-1], image[:, 0], image[:, -1]
+    )  # fmt: skip
+    return smooth + factor * (image - smooth)
 
 
 def augment_anomaly_source(rng: np.random.Generator, source: np.ndarray) -> np.ndarray:
@@ -323,14 +337,7 @@ def augment_anomaly_source(rng: np.random.Generator, source: np.ndarray) -> np.n
             new = luma * rng.uniform(0.8, 1.2) + rng.uniform(-30, 30) / 255.0
             out = out + (new - luma)[..., None]  # Cr, Cb unchanged: every channel moves by dY
         elif op == 2:
-            smooth = scipy.ndimage.correlate(out, _SMOOTH[..., None], mode="nearest")
-            smooth[0], smooth[-1], smooth[:, 0], smooth[:, -1] = (
-                out[0],
-                out[-1],
-                out[:, 0],
-                out[:, -1],
-            )
-            out = smooth + rng.uniform(0.0, 2.0) * (out - smooth)
+            out = _enhance_sharpness(out, rng.uniform(0.0, 2.0))
         elif op == 3:
             hsv = skimage.color.rgb2hsv(out)
             hsv[..., 0] = (hsv[..., 0] + rng.uniform(-50, 50) / 255.0) % 1.0
