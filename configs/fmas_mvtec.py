@@ -66,7 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.prompts.llm_model = "gpt-4o"
     config.prompts.api_key_env = "OPENAI_API_KEY"  # the variable's name, never the key
     config.prompts.cache_dir = "workdirs/fmas_prompts"
-    config.prompts.timeout_s = 60.0
+    config.prompts.timeout_s = 60.0  # the whole exchange with the LLM, retries included
 
     config.inpaint = ml_collections.ConfigDict()
     config.inpaint.model_dir = "weights/stable-diffusion-inpainting"

@@ -1,41 +1,53 @@
-"""PatchCore with an ImageNet WideResNet50-2 (Sec. 4.2; Table 6, "PatchCore" column).
+r"""PatchCore with an ImageNet WideResNet50-2 (Sec. 4.2; Table 6, "PatchCore" column).
 
-  python -m launch.patchcore --config=configs/patchcore.py --workdir=workdirs/patchcore \
-      --config.data.root=/data/mvtec_ad --config.members.plain.weights=weights/wrn50_2_imagenet
-  python -m launch.patchcore --config=configs/patchcore.py:demo --workdir=workdirs/patchcore_demo
+  python -m launch.train --config=configs/patchcore.py --workdir=workdirs/patchcore_bottle \
+      --config.data.root=data/mvtec_ad --config.data.category=bottle \
+      --config.members.plain.weights=weights/wrn50_2_imagenet
+  python -m launch.train --config=configs/patchcore.py:demo --workdir=workdirs/patchcore_demo
+  python -m launch.evaluate --workdir=workdirs/patchcore_demo
 
-The weights folder is made by ``python -m launch.convert_weights`` from torchvision's
-``wide_resnet50_2`` IMAGENET1K_V1 file. ``:demo`` runs on the built-in demo data (128x128) and,
-without weights, on a randomly initialised backbone (its scores are meaningless; a warning says so).
+PatchCore has no gradient steps: ``launch.train`` fits the memory bank (checkpointed with orbax in
+the workdir, like any run) and evaluates; ``launch.evaluate`` re-scores from the checkpoint. The
+weights folder is made by ``python -m launch.convert_weights`` from torchvision's
+``wide_resnet50_2`` IMAGENET1K_V1 file. ``:demo`` runs on the built-in demo data (128 x 128)
+with a randomly initialised backbone (no weights exist here; a warning says so).
 """
 
 import ml_collections
 
-from wdam_jax.data.datasets import MVTEC_CATEGORIES
-from wdam_jax.data.demo import DEMO_CATEGORIES
+WRN50_2 = {"depths": (3, 4, 6, 3), "base_width": 64}
 
 
 def member(kind: str, *, wdam_layers: tuple[int, ...] = ()) -> ml_collections.ConfigDict:
     """One ensemble member: where its backbone comes from."""
     return ml_collections.ConfigDict(
         {
-            "kind": kind,  # "imagenet" (weights folder) or "cutpaste" (a launch.train workdir)
+            "kind": kind,  # "imagenet" (weights folder) or "run" (a launch.train run directory)
             "weights": "",  # converted ImageNet weights (kind "imagenet")
-            "workdir": "",  # CutPaste+WDAM run (kind "cutpaste")
+            "workdir": "",  # run directory (kind "run"); "{category}" is replaced per category
             "wdam_layers": wdam_layers,  # used to build the network when loading it
-            "allow_random_init": False,  # demo only: random weights when none are given
+            "allow_random_init": False,  # demo/tests only: random weights when none are given
             "seed": 0,  # random-init seed (demo only)
+            # Architecture of a randomly initialised member (a run's comes from its config).
+            **WRN50_2,
         }
     )
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The PatchCore config; ``arg="demo"`` for the demo data on a CPU."""
     config = ml_collections.ConfigDict()
+    config.method = "patchcore"
     config.seed = 0
-    config.demo = False
     config.data = ml_collections.ConfigDict(
-        # The official PatchCore baseline: resize to 256, centre crop 224.
-        {"root": "", "categories": MVTEC_CATEGORIES, "image_size": 256, "crop_size": 224}
+        {
+            "dataset": "mvtec",  # "mvtec", "visa", "demo" or "folder"
+            "root": "data/mvtec_ad",
+            "category": "bottle",
+            # The official PatchCore baseline: resize to 256, centre crop 224.
+            "image_size": 256,
+            "crop_size": 224,
+        }
     )
     config.patchcore = ml_collections.ConfigDict(
         {
@@ -46,11 +58,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "proj_dim": 128,  # random projection of the coreset selection
             "num_neighbors": 9,  # b of the image-score reweighting
             "sigma": 4.0,  # Gaussian smoothing of the maps (input pixels)
-            "batch_size": 8,
-            "figure_images": 8,
+            "calibration_images": 16,  # ensemble: normal images giving each member's statistics
         }
     )
     config.members = ml_collections.ConfigDict({"plain": member("imagenet")})
+    # Fields the shared loop reads; PatchCore has no gradient steps.
+    config.train = ml_collections.ConfigDict(
+        {"log_every": 1, "checkpoint_every": 1, "keep_checkpoints": 1, "eval_every": 0}
+    )
+    config.score = ml_collections.ConfigDict({"eval_batch_size": 8, "num_figures": 8})
     if arg == "demo":
         apply_demo(config)
     elif arg:
@@ -60,11 +76,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def apply_demo(config: ml_collections.ConfigDict) -> None:
     """Demo data, small images, a small bank, random weights allowed (with a loud warning)."""
-    config.demo = True
-    config.data.categories = DEMO_CATEGORIES
+    config.data.dataset = "demo"
+    config.data.root = "workdirs/demo_data"
+    config.data.category = "washer"
     config.data.image_size = 128
     config.data.crop_size = 0  # no crop
     config.patchcore.coreset_ratio = 0.02
-    config.patchcore.figure_images = 4
+    config.patchcore.calibration_images = 8
     for m in config.members.values():
         m.allow_random_init = True

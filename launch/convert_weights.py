@@ -21,7 +21,11 @@ _OUT = flags.DEFINE_string("out", None, "Output folder for the orbax checkpoint.
 
 
 def convert(torchvision_path: str | pathlib.Path, out: str | pathlib.Path) -> pathlib.Path:
-    """Reads a torchvision state_dict, checks it maps onto the Flax model, writes the checkpoint."""
+    """Reads a torchvision state_dict, checks it maps onto the Flax model, writes the checkpoint.
+
+    ``out`` must be new, empty, or a previous conversion (replaced once the new one is complete);
+    any other folder is refused untouched (see ``wide_resnet.save_pretrained``).
+    """
     import torch  # The torch side of the conversion lives here, never in wdam_jax.
 
     path = pathlib.Path(torchvision_path)
@@ -31,6 +35,7 @@ def convert(torchvision_path: str | pathlib.Path, out: str | pathlib.Path) -> pa
             "(e.g. https://download.pytorch.org/models/wide_resnet50_2-32ee1156.pth) on a machine "
             "with internet access and pass its path with --torchvision."
         )
+    wide_resnet.check_output_folder(out)  # Before the slow part, so a wrong --out fails at once.
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or non-tensor files.

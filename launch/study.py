@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from configs import cutpaste, cutpaste_fm, cutpaste_fmas, cutpaste_wdam
-from wdam_jax import reporting, train
+from wdam_jax import checkpoints, evaluate, reporting
 
 _OUT = flags.DEFINE_string("out", "docs/study_cutpaste_demo.md", "Markdown file to write.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdirs/study", "Folder of the runs.")
@@ -61,10 +61,10 @@ def _run(name: str, module, seed: int) -> dict[str, float]:
         return json.loads(done.read_text())
     config = _config(module, seed)
     start = time.perf_counter()
-    results = train.train_and_evaluate(config, workdir)[config.data.category]
+    results = evaluate.train_and_evaluate(config, workdir)[config.data.category]
     results["wall_s"] = time.perf_counter() - start
     if not _KEEP.value:
-        shutil.rmtree(workdir / train.CHECKPOINT_DIR)
+        shutil.rmtree(workdir / checkpoints.CHECKPOINT_DIR)
     done.write_text(json.dumps(results))
     return results
 
@@ -75,7 +75,7 @@ def _cell(values: list[float]) -> str:
 
 def main(argv):
     del argv
-    train.quiet_orbax()
+    checkpoints.quiet_orbax()
     # Runs of one row (and rows with the same model) compile the same programs: cache them.
     jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(_WORKDIR.value) / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

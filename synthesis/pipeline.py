@@ -10,7 +10,6 @@ where a run was interrupted.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import json
 import logging
@@ -27,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from synthesis import inpainting, masks, prompts, selector, writer
+from synthesis.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -175,33 +175,6 @@ def model_identities(config: ml_collections.ConfigDict, *, sam_used: bool) -> di
     }
 
 
-class Progress:
-    """Logs ``done/total``, rate and ETA after each item."""
-
-    def __init__(self, total: int, *, label: str) -> None:
-        self.total = total
-        self.label = label
-        self.done = 0
-        self.start = time.perf_counter()
-
-    def step(self, note: str = "") -> None:
-        self.done += 1
-        elapsed = time.perf_counter() - self.start
-        rate = self.done / max(elapsed, 1e-9)
-        eta = datetime.timedelta(seconds=round((self.total - self.done) / rate))
-        log.info(
-            "%s %d/%d images, %.3f img/s (%.2f s/img), elapsed %s, ETA %s %s",
-            self.label,
-            self.done,
-            self.total,
-            rate,
-            1.0 / rate,
-            datetime.timedelta(seconds=round(elapsed)),
-            eta,
-            note,
-        )
-
-
 def synthesize_one(
     item: WorkItem,
     *,
@@ -331,7 +304,18 @@ def _run_fmas(
         min_fraction=config.masks.min_foreground_fraction,
         device=device,
     )
-    prompt_pairs: dict[str, prompts.PromptPair] = {}
+    # Before the models: a wrong endpoint or key fails in seconds, not after minutes of loading.
+    prompt_pairs = {
+        category: prompts.get_prompts(
+            category,
+            llm_base_url=config.prompts.llm_base_url,
+            llm_model=config.prompts.llm_model,
+            api_key_env=config.prompts.api_key_env,
+            cache_dir=config.prompts.cache_dir,
+            timeout_s=config.prompts.timeout_s,
+        )
+        for category in sorted({item.category for item in todo})
+    }
     written_per_category: Counter[str] = Counter()
     files: list[str] = []
     t_models = 0.0
@@ -347,23 +331,14 @@ def _run_fmas(
             config.inpaint.model_dir, device=device, half_precision=config.inpaint.half_precision
         )
         t_models = time.perf_counter() - t
-        progress = Progress(len(todo), label=label)
+        progress = Progress(label, len(todo), unit="images", every=0, log=log.info)
         with writer.ShardedRecordWriter(
             output_dir,
             shard_index=shard_index,
             num_shards=num_shards,
             records_per_file=config.output.records_per_file,
         ) as out:
-            for item in todo:
-                if item.category not in prompt_pairs:
-                    prompt_pairs[item.category] = prompts.get_prompts(
-                        item.category,
-                        llm_base_url=config.prompts.llm_base_url,
-                        llm_model=config.prompts.llm_model,
-                        api_key_env=config.prompts.api_key_env,
-                        cache_dir=config.prompts.cache_dir,
-                        timeout_s=config.prompts.timeout_s,
-                    )
+            for count, item in enumerate(todo, start=1):
                 out.add(
                     synthesize_one(
                         item,
@@ -375,7 +350,7 @@ def _run_fmas(
                     )
                 )
                 written_per_category[item.category] += 1
-                progress.step(item.source)
+                progress.update(count, item.source)
         files = out.files_written
     seconds = time.perf_counter() - t0
     manifest = {

@@ -4,7 +4,7 @@ For a pair (normal ``I_N``, synthesised ``I_A``), both RGB in [0, 1], the one-le
 Haar DWT (pywt, ``mode="symmetric"``) of each channel gives four sub-bands; the change of a
 sub-band is the mean absolute difference of its coefficients over all positions and channels.
 Per class the changes are averaged over pairs and normalised across the four sub-bands to sum to
-one, which is what Table 1 reports. Naming follows DESIGN.md: LH = pywt cH, HL = pywt cV,
+one, which is what Table 1 reports. Naming follows docs/design.md: LH = pywt cH, HL = pywt cV,
 HH = pywt cD.
 """
 

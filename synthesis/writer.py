@@ -1,4 +1,4 @@
-"""FMAS output: ``tf.train.Example`` TFRecord shards (schema of DESIGN.md), written resumably.
+"""FMAS output: ``tf.train.Example`` TFRecord shards (schema: docs/design.md), written resumably.
 
 Schema (one record per source image):
 

@@ -1,13 +1,16 @@
 """CutPaste method: Gaussian density vs scikit-learn / numpy, batches, FM, the WDAM gate, the
 stage schedule and data errors."""
 
+import jax
 import numpy as np
+import optax
 import pytest
 import sklearn.covariance
 from flax import nnx
 from jax import numpy as jnp
 
 from configs import cutpaste as cutpaste_config
+from configs import cutpaste_wdam as cutpaste_wdam_config
 from wdam_jax.data import pipeline, sources
 from wdam_jax.data.datasets import DatasetError
 from wdam_jax.methods import cutpaste
@@ -165,6 +168,36 @@ def test_stage_schedule_sgd_then_adam_then_lower_adam():
     # Stage 3: the same Adam at 0.001.
     for k in (5, 6):
         np.testing.assert_allclose(steps[k], -0.001 * np.sign(grads["w"]), rtol=1e-4)
+
+
+def test_wdam_parameters_do_not_change_before_wdam_enters():
+    # With weight decay > 0 and zero gradients (the gate is 0 before stage 3), the old optimiser
+    # shrank WDAM's weights by Adam's lr per step (0.40 -> 0.005 in 100 steps).
+    config = cutpaste_wdam_config.get_config("demo")
+    config.train.stage1_steps, config.train.stage2_steps, config.train.stage3_steps = 3, 4, 3
+    config.train.weight_decay = 3e-5
+    method = cutpaste.CutPaste(config)
+    tx = method.optimizer()
+    params = {
+        "backbone": {"layer1": {"wdam": {"kernel": jnp.full(3, 0.4)}}, "conv": jnp.full(3, 0.4)},
+    }
+    assert cutpaste.wdam_labels(params) == {
+        "backbone": {"layer1": {"wdam": {"kernel": "wdam"}}, "conv": "network"}
+    }
+    state = tx.init(params)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    history = []
+    for _ in range(method.total_steps):
+        updates, state = tx.update(zero, state, params)
+        params = optax.apply_updates(params, updates)
+        history.append(jax.tree.map(np.asarray, params))
+    wdam = [h["backbone"]["layer1"]["wdam"]["kernel"] for h in history]
+    conv = [h["backbone"]["conv"] for h in history]
+    for k in range(method.wdam_start):  # stages 1-2: WDAM untouched, the rest decays
+        np.testing.assert_array_equal(wdam[k], np.full(3, 0.4, np.float32))
+    assert conv[method.wdam_start - 1][0] < 0.4
+    # Stage 3: WDAM trains, with a fresh Adam at stage3_lr: its first step is -lr * sign(g).
+    np.testing.assert_allclose(wdam[method.wdam_start], 0.4 - 0.001, rtol=1e-5)
 
 
 def test_wdam_needs_stage_three():

@@ -262,6 +262,31 @@ def test_tfds_builder_builds_and_reads_back(mvtec_root, tmp_path):
     assert "prepare_data.py" in tfds_builder.Visa.MANUAL_DOWNLOAD_INSTRUCTIONS
 
 
+def test_tfds_source_equals_the_folder_reader(mvtec_root, tmp_path):
+    import ml_collections
+
+    from wdam_jax.data import sources
+
+    data = ml_collections.ConfigDict(
+        {"dataset": "tfds", "root": str(tmp_path / "tfds"), "category": "bottle",
+         "image_size": SIZE, "crop_size": 0, "tfds_name": "mvtec_ad", "tfds_manual_dir": ""}
+    )  # fmt: skip
+    with pytest.raises(DatasetError, match=r"not prepared .*tfds_manual_dir"):
+        sources.load_split(data, split="test")
+    data.tfds_manual_dir = str(mvtec_root)  # built on first use
+    for split in ("train", "test"):
+        got = sources.load_split(data, split=split)
+        ref = datasets.load_mvtec(mvtec_root, "bottle", split=split, image_size=SIZE)
+        order = np.argsort(got.paths)
+        ref_order = np.argsort(ref.paths)
+        assert [got.paths[i] for i in order] == [ref.paths[i] for i in ref_order]
+        np.testing.assert_array_equal(got.images[order], ref.images[ref_order])
+        np.testing.assert_array_equal(got.masks[order], ref.masks[ref_order])
+        np.testing.assert_array_equal(got.labels[order], ref.labels[ref_order])
+        for i, j in zip(order, ref_order, strict=True):
+            np.testing.assert_array_equal(got.original_masks[i], ref.original_masks[j])
+
+
 def test_tfds_builder_reports_bad_data(mvtec_root, tmp_path):
     from wdam_jax.data import tfds_builder
 

@@ -113,68 +113,36 @@ def test_tensorflow_sees_no_gpu():
     assert tf.config.get_visible_devices("GPU") == []
 
 
-# ---------------------------------------------------------------------------- pipelines
+# ---------------------------------------------------------------------------- batching
 
 
-@pytest.fixture
-def arrays():
-    n = 10
-    return {
-        "image": np.arange(n * 4, dtype=np.float32).reshape(n, 2, 2),
-        "label": np.arange(n, dtype=np.int32),
-    }
-
-
-def _take(it, k):
-    return [next(it) for _ in range(k)]
-
-
-def test_batches_are_deterministic_and_cover_each_epoch(arrays):
-    a = _take(pipeline.numpy_batches(arrays, 5, seed=3), 6)
-    b = _take(pipeline.numpy_batches(arrays, 5, seed=3), 6)
-    c = _take(pipeline.numpy_batches(arrays, 5, seed=4), 6)
+def test_batch_indices_are_deterministic_and_cover_each_epoch():
+    a = [pipeline.batch_indices(s, num_examples=10, batch_size=5, seed=3) for s in range(6)]
+    b = [pipeline.batch_indices(s, num_examples=10, batch_size=5, seed=3) for s in range(6)]
+    c = [pipeline.batch_indices(s, num_examples=10, batch_size=5, seed=4) for s in range(6)]
     for x, y in zip(a, b, strict=True):
-        np.testing.assert_array_equal(x["label"], y["label"])
-    assert any(not np.array_equal(x["label"], y["label"]) for x, y in zip(a, c, strict=True))
+        np.testing.assert_array_equal(x, y)
+    assert any(not np.array_equal(x, y) for x, y in zip(a, c, strict=True))
     for e in range(3):  # every epoch is a permutation
-        labels = np.concatenate([a[2 * e]["label"], a[2 * e + 1]["label"]])
-        assert sorted(labels.tolist()) == list(range(10))
-    assert a[0]["image"].shape == (5, 2, 2) and a[0]["label"].dtype == np.int32
-    np.testing.assert_array_equal(a[0]["image"], arrays["image"][a[0]["label"]])
+        assert sorted(np.concatenate(a[2 * e : 2 * e + 2]).tolist()) == list(range(10))
+    # A batch that crosses an epoch boundary takes the end of one permutation, then the next's.
+    crossing = pipeline.batch_indices(1, num_examples=10, batch_size=7, seed=0)
+    first = np.random.default_rng([0, 0]).permutation(10)
+    second = np.random.default_rng([0, 1]).permutation(10)
+    np.testing.assert_array_equal(crossing, np.concatenate([first[7:], second[:4]]))
 
 
-def test_resume_from_step_gives_the_same_batches(arrays):
-    full = _take(pipeline.numpy_batches(arrays, 4, seed=0), 7)
-    resumed = _take(pipeline.numpy_batches(arrays, 4, seed=0, start_step=4), 3)
-    for x, y in zip(full[4:], resumed, strict=True):
-        np.testing.assert_array_equal(x["label"], y["label"])
+def test_map_batches_pads_once_and_drops_the_padding():
+    images = np.arange(7 * 2, dtype=np.float32).reshape(7, 2)
+    shapes = []
 
+    def fn(x):
+        shapes.append(x.shape)
+        return x.sum(axis=1), x * 2
 
-def test_one_epoch_in_order(arrays):
-    batches = list(
-        pipeline.numpy_batches(arrays, 4, seed=0, shuffle=False, repeat=False, drop_remainder=False)
-    )
-    assert [b["label"].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    dropped = list(pipeline.numpy_batches(arrays, 4, seed=0, shuffle=False, repeat=False))
-    assert len(dropped) == 2
-
-
-def test_map_fn_is_seeded_per_example_and_parallel_safe(arrays):
-    def add_noise(rng, ex):
-        return {
-            "image": ex["image"] + rng.random(ex["image"].shape).astype(np.float32),
-            **{"label": ex["label"]},
-        }
-
-    serial = _take(
-        pipeline.numpy_batches(arrays, 4, seed=1, map_fn=add_noise, num_parallel_calls=1), 5
-    )
-    parallel = _take(
-        pipeline.numpy_batches(arrays, 4, seed=1, map_fn=add_noise, num_parallel_calls=4), 5
-    )
-    for x, y in zip(serial, parallel, strict=True):
-        np.testing.assert_array_equal(x["image"], y["image"])
-    noise = serial[0]["image"] - arrays["image"][serial[0]["label"]]
-    assert noise.min() >= 0 and noise.max() < 1 and noise.std() > 0
-    direct = pipeline.make_batch(arrays, 3, batch_size=4, seed=1, map_fn=add_noise)
-    np.testing.assert_array_equal(direct["image"], serial[3]["image"])
+    sums, doubled = pipeline.map_batches(fn, images, batch_size=3)
+    assert shapes == [(3, 2)] * 3  # every call sees the full batch size (one compile)
+    np.testing.assert_array_equal(sums, images.sum(axis=1))
+    np.testing.assert_array_equal(doubled, images * 2)
+    with pytest.raises(ValueError, match="no images"):
+        pipeline.map_batches(fn, images[:0], batch_size=3)

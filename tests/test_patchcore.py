@@ -1,5 +1,7 @@
 """Tests of the PatchCore functions against numpy / scipy references and their properties."""
 
+import json
+import pathlib
 import sys
 from types import SimpleNamespace
 
@@ -15,9 +17,9 @@ from flax import nnx
 import wdam_jax
 from configs import patchcore as patchcore_config
 from configs import patchcore_wdam as patchcore_wdam_config
-from wdam_jax import metrics, patchcore_run
-from wdam_jax.data import datasets
+from wdam_jax import metrics
 from wdam_jax.methods import patchcore as pc
+from wdam_jax.methods import patchcore_method
 
 
 def _brute_knn(bank, queries, k):
@@ -236,22 +238,16 @@ class _TinyBackbone(nnx.Module):
         return {"layer2": layer2, "layer3": jax.nn.relu(self.conv3(layer2))}
 
 
-def _split(images, labels, masks):
-    return datasets.Split(
-        images=images,
-        masks=masks,
-        labels=labels,
-        defect_types=["good" if lab == 0 else "x" for lab in labels],
-        paths=[f"{i}.png" for i in range(len(labels))],
-        original_masks=list(masks),
-    )
+def _tiny_method(**patchcore):
+    config = patchcore_config.get_config("demo")
+    config.patchcore.update(patchcore)
+    return patchcore_method.PatchCore(config)
 
 
 def test_end_to_end_fit_and_score_tiny_model():
     rng = np.random.default_rng(0)
-    cfg = patchcore_config.get_config("demo").patchcore
-    cfg.unlock()
-    cfg.pretrain_dim, cfg.target_dim, cfg.coreset_ratio, cfg.batch_size = 16, 16, 0.25, 4
+    method = _tiny_method(pretrain_dim=16, target_dim=16, coreset_ratio=0.25)
+    method.config.score.eval_batch_size = 4
     base = rng.random((1, 32, 32, 3)).astype(np.float32)
     train_images = np.clip(base + 0.01 * rng.standard_normal((6, 32, 32, 3)), 0, 1).astype(
         np.float32
@@ -260,14 +256,15 @@ def test_end_to_end_fit_and_score_tiny_model():
     masks = np.zeros((4, 32, 32), bool)
     test_images[2:, 8:16, 8:16] = 1.0 - test_images[2:, 8:16, 8:16]  # a defect
     masks[2:, 8:16, 8:16] = True
-    fn = patchcore_run.make_feature_fn(_TinyBackbone(rngs=nnx.Rngs(0)), cfg)
-    train = _split(train_images, np.zeros(6, np.int32), np.zeros((6, 32, 32), bool))
-    bank = patchcore_run.fit_member(jax.random.key(0), fn, train, cfg, what="test")
-    chex.assert_shape(bank, (round(0.25 * 6 * 4 * 4), 16))
-    scores, maps = patchcore_run.score_images(bank, fn, test_images, cfg, what="test")
-    chex.assert_shape(maps, (4, 32, 32))
-    assert scores[2:].min() > scores[:2].max()
-    result = metrics.evaluate_category(scores, maps, list(masks), np.array([0, 0, 1, 1]))
+    model = patchcore_method.PatchCoreNet({"plain": _TinyBackbone(rngs=nnx.Rngs(0))})
+    fitted = method.fit(model, train_images, step=0)
+    chex.assert_shape(fitted["plain.bank"], (round(0.25 * 6 * 4 * 4), 16))
+    scores = method.score(model, fitted, test_images, step=0)
+    chex.assert_shape(scores.maps, (4, 32, 32))
+    assert scores.image_scores[2:].min() > scores.image_scores[:2].max()
+    result = metrics.evaluate_category(
+        scores.image_scores, scores.maps, list(masks), np.array([0, 0, 1, 1])
+    )
     assert result["i_auroc"] == 1.0
 
 
@@ -275,28 +272,54 @@ def test_configs_build_and_backbone_errors():
     for module in (patchcore_config, patchcore_wdam_config):
         for arg in (None, "demo"):
             config = module.get_config(arg)
-            assert set(config.members) >= {"plain"}
+            assert set(config.members) >= {"plain"} and config.method == "patchcore"
     wdam = patchcore_wdam_config.get_config()
-    assert wdam.members.wdam.kind == "cutpaste" and tuple(wdam.members.wdam.wdam_layers) == (1,)
+    assert wdam.members.wdam.kind == "run" and tuple(wdam.members.wdam.wdam_layers) == (1,)
     assert wdam.data.image_size == 256 and not wdam.data.crop_size
     with pytest.raises(ValueError, match=r"members\.plain\.weights"):
-        patchcore_run.load_backbone("plain", patchcore_config.get_config().members.plain)
+        patchcore_method.load_member("plain", patchcore_config.get_config().members.plain, "a")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         member = wdam.members.wdam
         member.workdir = "/nonexistent/cutpaste_run"
-        patchcore_run.load_backbone("wdam", member)
+        patchcore_method.load_member("wdam", member, "bottle")
 
 
-def test_cutpaste_member_wdam_layers_must_match(tmp_path, monkeypatch):
-    # A stand-in for wdam_jax.train (the real one imports TensorFlow).
-    fake = SimpleNamespace(
-        quiet_orbax=lambda: None, restore_backbone=lambda workdir: SimpleNamespace(wdam_layers=())
-    )
+def _fake_runs(tmp_path, monkeypatch, categories):
+    """Run directories with a recorded config, and a stand-in for the loop's restore_backbone
+    (the real one needs a trained checkpoint) that records which run it restored."""
+    restored = []
+
+    def restore_backbone(workdir):
+        restored.append(pathlib.Path(workdir).name)
+        return SimpleNamespace(wdam_layers=(), name=pathlib.Path(workdir).name)
+
+    for category in categories:
+        run = tmp_path / f"run_{category}"
+        run.mkdir()
+        (run / "config.json").write_text(
+            json.dumps({"model": {"depths": [1, 1, 1, 1], "base_width": 8}})
+        )
+    fake = SimpleNamespace(restore_backbone=restore_backbone)
     monkeypatch.setitem(sys.modules, "wdam_jax.train", fake)
     monkeypatch.setattr(wdam_jax, "train", fake, raising=False)
+    return restored
+
+
+def test_run_member_wdam_layers_must_match(tmp_path, monkeypatch):
+    _fake_runs(tmp_path, monkeypatch, ["bottle"])
     member = patchcore_wdam_config.get_config().members.wdam
-    member.workdir = str(tmp_path)
+    member.workdir = str(tmp_path / "run_{category}")
     with pytest.raises(ValueError, match=r"WDAM in layers \(\), the config says \(1,\)"):
-        patchcore_run.load_backbone("wdam", member)
+        patchcore_method.load_member("wdam", member, "bottle")
     member.wdam_layers = ()
-    assert patchcore_run.load_backbone("wdam", member).wdam_layers == ()
+    assert patchcore_method.load_member("wdam", member, "bottle").wdam_layers == ()
+
+
+def test_each_category_uses_its_own_finetuned_run(tmp_path, monkeypatch):
+    restored = _fake_runs(tmp_path, monkeypatch, ["bottle", "cable"])
+    member = patchcore_wdam_config.get_config().members.wdam
+    member.workdir = str(tmp_path / "run_{category}")
+    member.wdam_layers = ()
+    a = patchcore_method.load_member("wdam", member, "bottle")
+    b = patchcore_method.load_member("wdam", member, "cable")
+    assert restored == ["run_bottle", "run_cable"] and a.name != b.name

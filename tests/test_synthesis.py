@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import pywt
 import synthesis_fixtures as sf
+from fake_llm import completion, send, serve
 from PIL import Image
 
 from configs import fmas_mvtec, fmas_visa
@@ -25,7 +26,7 @@ PER_CATEGORY = 2
 
 
 def parse(raw: bytes) -> dict:
-    """Decodes one record with plain ``tf.io.parse_single_example`` (the schema of DESIGN.md)."""
+    """Decodes one record with plain ``tf.io.parse_single_example`` (schema: docs/design.md)."""
     tf = writer._tf()
     spec = {
         "image/encoded": tf.io.FixedLenFeature([], tf.string),
@@ -208,6 +209,52 @@ def test_llm_prompts_are_asked_once_cached_and_key_never_logged(tmp_path, monkey
     monkeypatch.delenv("FMAS_TEST_KEY")
     with pytest.raises(RuntimeError, match="FMAS_TEST_KEY"):
         prompts.get_prompts("screw", **kwargs)
+
+
+def test_prompts_are_fetched_before_the_models_load(env, tmp_path, monkeypatch):
+    loaded = []
+
+    def load(*args, **kwargs):
+        loaded.append(args)
+        raise AssertionError("a model was loaded before the prompts were fetched")
+
+    monkeypatch.setattr(selector, "load_lpips", load)
+    monkeypatch.setattr(inpainting, "load_inpaint_pipeline", load)
+    monkeypatch.setenv("FMAS_TEST_KEY", "sk-test-wrong")
+    config = sf.make_config(tmp_path, data_root=env["data"], models=env["models"], output="out")
+    with serve(lambda h: send(h, 401, b'{"error": "invalid key"}')) as (base_url, seen):
+        config.prompts.llm_base_url = base_url
+        config.prompts.api_key_env = "FMAS_TEST_KEY"
+        with pytest.raises(RuntimeError, match="HTTP 401 after 1 attempt"):
+            pipeline.run_fmas(config)
+    assert len(seen) == 1 and loaded == []
+    assert not writer.record_files(tmp_path / "out")
+
+
+def test_fmas_run_with_an_llm_writes_the_key_nowhere(env, tmp_path, monkeypatch, caplog, capfd):
+    key = "sk-test-SECRET-5a6b7c"
+    answer = {"prompt": "deep scratch on tile", "negative_prompt": "blurry, clean tile"}
+    monkeypatch.setenv("FMAS_TEST_KEY", key)
+    config = sf.make_config(tmp_path, data_root=env["data"], models=env["models"], output="out")
+    config.data.categories = (sf.TEXTURE,)  # whole-image foreground: no SAM
+    config.data.limit_per_category = 1
+    with serve(lambda h: send(h, 200, completion(json.dumps(answer)))) as (base_url, seen):
+        config.prompts.llm_base_url = base_url
+        config.prompts.api_key_env = "FMAS_TEST_KEY"
+        with caplog.at_level(logging.DEBUG):
+            manifest = pipeline.run_fmas(config)
+    assert [r["authorization"] for r in seen] == [f"Bearer {key}"]  # the key was really used
+    assert manifest["prompts"][sf.TEXTURE]["source"] == "llm"
+    [record] = read_records(Path(config.output_dir))
+    assert record["fmas/prompt"] == answer["prompt"]
+    files = [p for p in Path(config.output_dir).rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert f"{sf.TEXTURE}.json" in names and any(n.startswith("manifest-") for n in names)
+    for path in files:
+        assert key.encode() not in path.read_bytes(), path
+    out, err = capfd.readouterr()
+    assert key not in caplog.text and key not in out + err
+    assert key not in json.dumps(manifest, default=str) and key not in str(config)
 
 
 def test_missing_model_errors_say_what_to_download(tmp_path, monkeypatch):

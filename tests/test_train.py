@@ -17,7 +17,8 @@ import optax
 import pytest
 from flax import nnx
 
-from wdam_jax import train
+from wdam_jax import checkpoints, optim, train
+from wdam_jax.methods.base import ImageScores, Method
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -35,21 +36,27 @@ class ToyNet(nnx.Module):
         return self.fc(h.mean(axis=(1, 2)))
 
 
-class ToyMethod:
-    """A small method that uses every hook of :class:`wdam_jax.train.Method`."""
+class ToyMethod(Method):
+    """A small method that uses every hook of :class:`wdam_jax.methods.base.Method`."""
+
+    name = "toy"
 
     def __init__(self, config, *, nan_at: int | None = None):
-        self.config = config
-        self.total_steps = config.train.steps
+        super().__init__(config)
         self.nan_at = nan_at
         self.traces = 0
+        self.validated: list[int] = []
+
+    @property
+    def total_steps(self):
+        return self.config.train.steps
 
     def create_model(self, *, abstract: bool = False):
         build = lambda: ToyNet(rngs=nnx.Rngs(self.config.seed))
         return nnx.eval_shape(build) if abstract else build()
 
     def optimizer(self):
-        return train.staged([optax.sgd(0.1, momentum=0.9), optax.adam(0.01)], [3])
+        return optim.staged([optax.sgd(0.1, momentum=0.9), optax.adam(0.01)], [3])
 
     def batch(self, step: int):
         rng = np.random.default_rng([self.config.seed, step])
@@ -68,6 +75,21 @@ class ToyMethod:
             loss = jnp.where(step == self.nan_at, jnp.nan, loss)
         return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
 
+    def validate(self, model, *, step):
+        self.validated.append(step)
+        return {"val/score": float(step)}
+
+    def train_images(self):
+        return np.random.default_rng(0).random((5, 8, 8, 3), dtype=np.float32)
+
+    def fit(self, model, train_images, *, step):
+        return {"mean_logit": np.asarray(model(jnp.asarray(train_images), train=False)).mean(0)}
+
+    def score(self, model, fitted, images, *, step):
+        logits = np.asarray(model(jnp.asarray(images), train=False))
+        maps = np.broadcast_to(logits[:, :1, None], (len(images), *images.shape[1:3]))
+        return ImageScores(np.abs(logits - fitted["mean_logit"]).sum(-1), maps)
+
 
 def toy_config(steps: int = 6) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -78,6 +100,7 @@ def toy_config(steps: int = 6) -> ml_collections.ConfigDict:
     config.train.log_every = 2
     config.train.checkpoint_every = 2
     config.train.keep_checkpoints = 2
+    config.train.eval_every = 0
     return config
 
 
@@ -86,7 +109,7 @@ def _params(state) -> list[np.ndarray]:
 
 
 def test_staged_switches_transforms_and_counts_per_stage():
-    tx = train.staged([optax.sgd(1.0), optax.scale(-10.0), optax.sgd(0.5)], [2, 2])
+    tx = optim.staged([optax.sgd(1.0), optax.scale(-10.0), optax.sgd(0.5)], [2, 2])
     params = {"w": jnp.ones(2)}
     state = tx.init(params)
     grads = {"w": jnp.full(2, 0.5)}
@@ -100,7 +123,7 @@ def test_staged_switches_transforms_and_counts_per_stage():
 
 
 def test_staged_adam_starts_fresh_after_sgd():
-    tx = train.staged([optax.sgd(0.1), optax.adam(0.01)], [3])
+    tx = optim.staged([optax.sgd(0.1), optax.adam(0.01)], [3])
     params = {"w": jnp.zeros(3)}
     state = tx.init(params)
     grads = {"w": jnp.asarray([1.0, -2.0, 0.5])}
@@ -116,7 +139,7 @@ def test_resume_is_exact(tmp_path):
     # Killed during step 4 (checkpoints every 2 steps: the newest is step 2, step 3 is lost),
     # then the same call again.
     train.train(config, tmp_path / "resumed", method=ToyMethod(config), stop_at=3)
-    manager = train.checkpoint_manager(tmp_path / "resumed")
+    manager = checkpoints.checkpoint_manager(tmp_path / "resumed")
     assert sorted(manager.all_steps()) == [2, 3]
     manager.delete(3)
     assert manager.latest_step() == 2
@@ -136,7 +159,7 @@ def test_step_is_traced_once_and_logs_are_written(tmp_path):
     method = ToyMethod(config)
     train.train(config, tmp_path, method=method)
     assert method.traces == 1
-    assert json.loads((tmp_path / train.CONFIG_FILE).read_text())["train"]["steps"] == 4
+    assert json.loads((tmp_path / checkpoints.CONFIG_FILE).read_text())["train"]["steps"] == 4
     from wdam_jax.data.tf_setup import import_tensorflow
 
     tf = import_tensorflow()
@@ -153,9 +176,74 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
         train.train(config, tmp_path, method=ToyMethod(config, nan_at=3))
 
 
-def test_restore_model_needs_a_workdir(tmp_path):
+def test_restore_needs_a_workdir(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"launch\.train"):
-        train.restore_model(tmp_path)
+        train.restore(tmp_path)
+
+
+def test_fitted_statistics_are_checkpointed_with_the_final_state(tmp_path):
+    config = toy_config(steps=4)
+    model, _ = train.train(config, tmp_path, method=ToyMethod(config))
+    run = train.restore(tmp_path, config=config, method=ToyMethod(config))
+    assert run.step == 4
+    expected = ToyMethod(config).fit(model, ToyMethod(config).train_images(), step=4)
+    np.testing.assert_allclose(run.fitted["mean_logit"], expected["mean_logit"], rtol=1e-6)
+    # An earlier checkpoint holds no fitted item: restore fits from its model instead.
+    early = train.restore(tmp_path, step=2, config=config, method=ToyMethod(config))
+    assert early.step == 2 and set(early.fitted) == {"mean_logit"}
+    assert not np.allclose(early.fitted["mean_logit"], run.fitted["mean_logit"])
+
+
+def test_validate_runs_every_eval_every_steps_and_at_step_0(tmp_path):
+    config = toy_config(steps=5)
+    config.train.eval_every = 2
+    method = ToyMethod(config)
+    train.train(config, tmp_path, method=method)
+    assert method.validated == [0, 2, 4, 5]
+    log = train.read_train_log(tmp_path)
+    assert [s for s, _ in log["val/score"]] == [0, 2, 4, 5]
+    assert [s for s, _ in log["loss"]] == [1, 2, 4, 5]
+
+
+def test_changed_config_is_refused_naming_the_fields(tmp_path):
+    config = toy_config(steps=4)
+    train.train(config, tmp_path, method=ToyMethod(config), stop_at=2)
+    changed = toy_config(steps=4)
+    changed.seed = 4
+    changed.train.log_every = 1  # harmless: allowed without a flag
+    with pytest.raises(checkpoints.ConfigMismatchError, match=r"seed: 3 -> 4") as e:
+        train.train(changed, tmp_path, method=ToyMethod(changed))
+    assert "log_every" not in str(e.value)
+    saved = json.loads((tmp_path / checkpoints.CONFIG_FILE).read_text())
+    assert saved["seed"] == 3  # the recorded config is untouched
+    harmless = toy_config(steps=4)
+    harmless.train.log_every = 1
+    train.train(harmless, tmp_path, method=ToyMethod(harmless))
+    assert json.loads((tmp_path / checkpoints.CONFIG_FILE).read_text())["train"]["log_every"] == 1
+    train.train(changed, tmp_path, method=ToyMethod(changed), allow_config_change=True)
+    assert json.loads((tmp_path / checkpoints.CONFIG_FILE).read_text())["seed"] == 4
+    assert json.loads((tmp_path / "config.1.json").read_text())["seed"] == 3
+
+
+def test_truncated_config_is_a_clear_error(tmp_path):
+    config = toy_config(steps=2)
+    train.train(config, tmp_path, method=ToyMethod(config))
+    (tmp_path / checkpoints.CONFIG_FILE).write_text('{"seed": ')
+    with pytest.raises(checkpoints.ConfigMismatchError, match=r"config\.json is unreadable"):
+        train.train(config, tmp_path, method=ToyMethod(config))
+
+
+def test_atomic_write_leaves_the_old_file_on_failure(tmp_path, monkeypatch):
+    path = checkpoints.atomic_write_text(tmp_path / "a.json", "old")
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoints.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoints.atomic_write_text(path, "new")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temporary file left
 
 
 def test_unknown_method_is_a_clear_error():
@@ -170,7 +258,8 @@ import json, sys
 import jax, numpy as np
 sys.path.insert(0, {tests!r})
 from test_train import ToyMethod, toy_config, _params
-from wdam_jax import train
+from wdam_jax import checkpoints, optim, train
+from wdam_jax.methods.base import ImageScores, Method
 config = toy_config(steps=3)
 _, state = train.train(config, {workdir!r}, method=ToyMethod(config))
 leaf = jax.tree.leaves(state["params"])[0]

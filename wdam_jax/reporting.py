@@ -178,3 +178,49 @@ def save_heatmap_figure(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=100)
     return path
+
+
+def save_curves_figure(
+    curves: Mapping[str, list[tuple[int, float]]],
+    path: str | os.PathLike,
+    *,
+    names: tuple[str, ...] | None = None,
+) -> pathlib.Path:
+    """Draws logged scalars against the training step, one panel per scalar.
+
+    Args:
+      curves: name -> [(step, value), ...] (``wdam_jax.train.read_train_log``).
+      path: output PNG path.
+      names: which scalars, in order (default: every one except the gradient norm and flags,
+        validation and test scalars first).
+
+    Returns:
+      The written path.
+    """
+    if names is None:
+        hidden = ("grad_norm", "wdam_on")
+        shown = [k for k in curves if k not in hidden]
+        names = tuple(sorted(shown, key=lambda k: ("/" not in k, k)))
+    names = tuple(n for n in names if curves.get(n))
+    if not names:
+        raise ValueError("save_curves_figure: no scalars to draw.")
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig = Figure(figsize=(4.0 * cols, 2.8 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, name in zip(axes.ravel(), names, strict=False):
+        steps, values = zip(*curves[name], strict=True)
+        ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+        if "auroc" in name:  # chance level dashed
+            ax.set_ylim(-0.02, 1.02)
+            ax.axhline(0.5, color="gray", lw=0.8, ls="--")
+    for ax in axes.ravel()[len(names) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100)
+    return path

@@ -1,7 +1,7 @@
 """Single-level orthonormal 2-D Haar wavelet transform (paper Sec. 3.2, eq. 4-5).
 
-Conventions (DESIGN.md "Haar DWT"): inputs are NHWC, the transform runs over H and W, and the
-sub-bands equal ``pywt.dwt2(x, "haar", mode="symmetric")`` over those axes with
+Conventions (docs/design.md, sub-band naming): inputs are NHWC, the transform runs over H and W,
+and the sub-bands equal ``pywt.dwt2(x, "haar", mode="symmetric")`` over those axes with
 
     ll = pywt cA,   lh = pywt cH,   hl = pywt cV,   hh = pywt cD.
 

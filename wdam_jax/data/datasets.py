@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -257,6 +257,53 @@ def list_mvtec_items(root: PathLike, category: str, *, split: str, dataset: str 
     return items
 
 
+def split_from_arrays(
+    examples: Iterable[tuple[np.ndarray, np.ndarray | None, str, str]],
+    *,
+    root: str,
+    image_size: int,
+    crop_size: int | None,
+) -> Split:
+    """A :class:`Split` from ``(rgb uint8/float [H, W, 3], mask bool [H, W] or None, defect type,
+    path)`` examples at their original resolution: resize (and crop) as every reader does."""
+    side = crop_size if crop_size is not None else image_size
+    images, masks, labels, defect_types, paths, original_masks = [], [], [], [], [], []
+    for rgb, gt, defect_type, path in examples:
+        images.append(resize_image(rgb, image_size=image_size, crop_size=crop_size))
+        labels.append(int(defect_type != "good"))
+        if gt is None:
+            gt = np.zeros(rgb.shape[:2], bool)
+            masks.append(np.zeros((side, side), bool))
+        else:
+            masks.append(resize_mask(gt, image_size=image_size, crop_size=crop_size))
+        original_masks.append(crop_original(gt, image_size=image_size, crop_size=crop_size))
+        defect_types.append(defect_type)
+        paths.append(path)
+    return Split(
+        images=np.asarray(images, np.float32).reshape(-1, side, side, 3),
+        masks=np.asarray(masks, bool).reshape(-1, side, side),
+        labels=np.asarray(labels, np.int32),
+        defect_types=defect_types,
+        paths=paths,
+        original_masks=original_masks,
+        root=root,
+    )
+
+
+def _read_item(item: _Item, root: pathlib.Path):
+    rgb = read_rgb(item.image)
+    gt = None
+    if item.mask is not None:
+        gt = read_mask(item.mask)
+        if gt.shape != rgb.shape[:2]:
+            raise DatasetError(
+                f"Mask {item.mask} is {gt.shape[1]}x{gt.shape[0]} but its image {item.image} "
+                f"is {rgb.shape[1]}x{rgb.shape[0]} (W x H). Regenerate the mask at the "
+                "image's size."
+            )
+    return rgb, gt, item.defect_type, os.path.relpath(item.image, root)
+
+
 def _load_items(
     items: Sequence[_Item],
     *,
@@ -264,36 +311,11 @@ def _load_items(
     image_size: int,
     crop_size: int | None,
 ) -> Split:
-    side = crop_size if crop_size is not None else image_size
-    n = len(items)
-    images = np.empty((n, side, side, 3), np.float32)
-    masks = np.zeros((n, side, side), bool)
-    labels = np.empty((n,), np.int32)
-    original_masks = []
-    for i, item in enumerate(items):
-        rgb = read_rgb(item.image)
-        images[i] = resize_image(rgb, image_size=image_size, crop_size=crop_size)
-        labels[i] = int(item.defect_type != "good")
-        if item.mask is not None:
-            gt = read_mask(item.mask)
-            if gt.shape != rgb.shape[:2]:
-                raise DatasetError(
-                    f"Mask {item.mask} is {gt.shape[1]}x{gt.shape[0]} but its image {item.image} "
-                    f"is {rgb.shape[1]}x{rgb.shape[0]} (W x H). Regenerate the mask at the "
-                    "image's size."
-                )
-            masks[i] = resize_mask(gt, image_size=image_size, crop_size=crop_size)
-        else:
-            gt = np.zeros(rgb.shape[:2], bool)
-        original_masks.append(crop_original(gt, image_size=image_size, crop_size=crop_size))
-    return Split(
-        images=images,
-        masks=masks,
-        labels=labels,
-        defect_types=[it.defect_type for it in items],
-        paths=[os.path.relpath(it.image, root) for it in items],
-        original_masks=original_masks,
+    return split_from_arrays(
+        (_read_item(item, root) for item in items),
         root=str(root),
+        image_size=image_size,
+        crop_size=crop_size,
     )
 
 

@@ -1,4 +1,5 @@
-"""Reader of the FMAS TFRecord shards (the schema in DESIGN.md, "TFRecord schema").
+"""Reader of the FMAS TFRecord shards (the schema is in docs/design.md).
+
 
 Each record is a ``tf.train.Example`` with ``image/encoded`` (PNG, RGB), ``mask/encoded`` (PNG,
 single channel, 255 = anomalous), ``image/source`` (path relative to the dataset root),

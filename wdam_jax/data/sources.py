@@ -5,6 +5,9 @@
 - ``"mvtec"``: MVTec AD, ``<root>/<category>/{train/good, test/<defect>, ground_truth/...}``;
 - ``"visa"``: VisA converted to the 1cls MVTec-style layout (same tree);
 - ``"demo"``: the built-in demo data, generated on first use under ``root`` (MVTec layout);
+- ``"tfds"``: a TensorFlow Datasets copy prepared by :mod:`wdam_jax.data.tfds_builder` under
+  ``root`` (``data.tfds_name``: ``"mvtec_ad"`` or ``"visa"``; built on first use from
+  ``data.tfds_manual_dir`` when that is set);
 - ``"folder"``: a user's own product, ``<root>/<category>/{good, defect[, masks]}`` by default
   (the folder names are the ``data.folder_*`` fields, see :func:`folder_layout`).
 
@@ -24,7 +27,7 @@ from wdam_jax.data import datasets, demo
 # configs resize it to data.image_size.
 DEMO_SOURCE_SIZE = 128
 DEMO_SEED = 0
-DATASETS = ("mvtec", "visa", "demo", "folder")
+DATASETS = ("mvtec", "visa", "demo", "folder", "tfds")
 
 DATASET_HELP = (
     "MVTec AD: download it from https://www.mvtec.com/company/research/datasets/mvtec-ad, "
@@ -64,15 +67,32 @@ def load_split(data_config: ml_collections.ConfigDict, *, split: str) -> dataset
     kind = data_config.dataset
     if kind not in DATASETS:
         raise ValueError(f"config.data.dataset={kind!r}; use one of {', '.join(DATASETS)}.")
-    root = dataset_root(data_config)
     size = data_config.image_size
+    # Resize, then centre crop (the PatchCore protocol) when data.crop_size is set.
+    crop = data_config.get("crop_size", 0) or None
+    if kind == "tfds":
+        from wdam_jax.data import tfds_builder  # imports TensorFlow Datasets: only when used
+
+        return tfds_builder.load_split(
+            f"{data_config.get('tfds_name', 'mvtec_ad')}/{data_config.category}",
+            split=split,
+            data_dir=data_config.root,
+            image_size=size,
+            crop_size=crop,
+            manual_dir=data_config.get("tfds_manual_dir", "") or None,
+        )
+    root = dataset_root(data_config)
     if not (root / data_config.category).is_dir():
         raise datasets.DatasetError(
             f"No {kind} data for category {data_config.category!r} under config.data.root="
             f"{str(data_config.root)!r} ({root / data_config.category} does not exist). "
             f"{DATASET_HELP}"
         )
+    crop = (
+        data_config.get("crop_size", 0) or None
+    )  # resize, then centre crop (PatchCore's protocol)
     if kind == "folder":
-        return datasets.load_folder(**folder_layout(data_config), split=split, image_size=size)
+        layout = folder_layout(data_config)
+        return datasets.load_folder(**layout, split=split, image_size=size, crop_size=crop)
     loader = datasets.load_visa if kind == "visa" else datasets.load_mvtec
-    return loader(root, data_config.category, split=split, image_size=size)
+    return loader(root, data_config.category, split=split, image_size=size, crop_size=crop)

@@ -168,3 +168,53 @@ def build_dataset(
         download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
     )
     return builder
+
+
+def load_split(
+    name: str,
+    *,
+    split: str,
+    data_dir: str | pathlib.Path,
+    image_size: int,
+    crop_size: int | None = None,
+    manual_dir: str | pathlib.Path | None = None,
+) -> datasets.Split:
+    """One split of a prepared TFDS dataset (``"mvtec_ad/<category>"``, ``"visa/<category>"``)
+    as a :class:`datasets.Split`, resized as the folder readers do.
+
+    Args:
+      name: dataset and config.
+      split: ``"train"`` or ``"test"``.
+      data_dir: the TFDS data folder (``data.root``).
+      image_size, crop_size: resize target and optional centre crop.
+      manual_dir: the extracted dataset; when given and the dataset is not prepared in
+        ``data_dir`` yet, it is built first.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+    builders = {"mvtec_ad": MvtecAd, "visa": Visa}
+    dataset, _, config = name.partition("/")
+    if dataset not in builders or not config:
+        raise ValueError(f"name must be 'mvtec_ad/<category>' or 'visa/<category>', got {name!r}")
+    builder = builders[dataset](config=config, data_dir=str(data_dir))
+    if not pathlib.Path(builder.data_dir).is_dir():
+        if not manual_dir:
+            raise datasets.DatasetError(
+                f"TFDS dataset {name} is not prepared under {data_dir}. Build it with "
+                f"--config.data.tfds_manual_dir=<extracted dataset> (built on first use), or "
+                f"wdam_jax.data.tfds_builder.build_dataset({name!r}, manual_dir=..., "
+                f"data_dir={str(data_dir)!r})."
+            )
+        builder = build_dataset(name, manual_dir=manual_dir, data_dir=data_dir)
+    examples = (
+        (
+            ex["image"],
+            ex["mask"][..., 0] > 0 if ex["label"] else None,
+            ex["defect_type"].decode(),
+            ex["path"].decode(),
+        )
+        for ex in tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))
+    )
+    return datasets.split_from_arrays(
+        examples, root=str(data_dir), image_size=image_size, crop_size=crop_size
+    )

@@ -37,6 +37,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from wdam_jax.data import sources
+
 Batch = dict[str, np.ndarray]
 # Statistics fitted on normal training images after training (name -> array), e.g. PatchCore's
 # ``bank`` [M, D] or CutPaste's Gaussian ``mean`` [D] / ``precision`` [D, D].
@@ -119,6 +121,11 @@ class Method(abc.ABC):
         return {}
 
     # ---- scoring
+
+    def train_images(self) -> np.ndarray:
+        """The normal training images ``[N, S, S, 3]`` that :meth:`fit` sees (default: the train
+        split of ``config.data`` through the shared loader)."""
+        return sources.load_split(self.config.data, split="train").images
 
     def fit(self, model: nnx.Module, train_images: np.ndarray, *, step: int) -> Fitted:
         """Statistics of the normal training images ``[N, S, S, 3]`` that :meth:`score` needs.

@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import pathlib
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -47,10 +46,17 @@ import scipy.ndimage
 from absl import logging
 from flax import nnx
 
-from wdam_jax import train as train_lib
 from wdam_jax.data import augment, datasets, pipeline
 from wdam_jax.data.sources import load_split
-from wdam_jax.models.wide_resnet import BASE_WIDTH, DEPTHS, WideResNet50_2, load_pretrained
+from wdam_jax.methods.base import Fitted, ImageScores, Method
+from wdam_jax.models.wide_resnet import (
+    BASE_WIDTH,
+    DEPTHS,
+    WideResNet50_2,
+    fill_random,
+    load_pretrained,
+)
+from wdam_jax.optim import staged
 
 NUM_CLASSES = 3
 NORMAL, ANOMALY, SCAR = 0, 1, 2
@@ -74,6 +80,16 @@ class GatedWDAM(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.gate[...].astype(x.dtype) * self.wdam(x)
+
+
+def wdam_labels(params) -> object:
+    """``"wdam"`` for the parameters of a WDAM module, ``"network"`` for the others (same tree)."""
+
+    def label(path, _):
+        keys = [getattr(k, "key", None) for k in path]
+        return "wdam" if "wdam" in keys else "network"
+
+    return jax.tree_util.tree_map_with_path(label, params)
 
 
 def set_wdam_gate(model: nnx.Module, on: jax.Array | bool) -> None:
@@ -128,31 +144,6 @@ def _dtype(name: str):
     return dtypes[name]
 
 
-def _fill_random(model: nnx.Module, rng: np.random.Generator) -> None:
-    """Draws ``model``'s variables with numpy, from the distributions of its initialisers.
-
-    Convolutions: torchvision's kaiming normal (fan_out); linear layers: flax's lecun normal
-    (truncated at 2 std, fan_in); BatchNorm: scale 1, bias 0, mean 0, var 1. Drawing with numpy
-    avoids one XLA compile per parameter shape (15-60 s for WRN50-2 on a CPU).
-    """
-    for path, var in nnx.iter_graph(model):
-        if not isinstance(var, nnx.Variable):
-            continue
-        shape, dtype = var.get_value().shape, var.get_value().dtype
-        leaf = str(path[-1])
-        if leaf == "kernel" and len(shape) == 4:
-            std = np.sqrt(2.0 / (shape[0] * shape[1] * shape[3]))
-            value = rng.normal(0.0, std, shape)
-        elif leaf == "kernel" and len(shape) == 2:
-            std = np.sqrt(1.0 / shape[0]) / 0.87962566103423978
-            value = np.clip(rng.normal(0.0, 1.0, shape), -2.0, 2.0) * std
-        elif leaf in ("scale", "var"):
-            value = np.ones(shape)
-        else:  # biases, running means, diagnostics
-            value = np.zeros(shape)
-        var.set_value(jnp.asarray(value, dtype))
-
-
 def create_model(
     model_config: ml_collections.ConfigDict, *, seed: int, abstract: bool = False
 ) -> CutPasteNet:
@@ -186,7 +177,7 @@ def create_model(
         )
     model = nnx.eval_shape(build)
     if not abstract:
-        _fill_random(model, np.random.default_rng([seed, 7]))
+        fill_random(model, np.random.default_rng([seed, 7]))
         if model_config.pretrained:
             model.backbone = load_pretrained(
                 model_config.pretrained,
@@ -417,39 +408,39 @@ def make_batch(
 # The method.
 
 
-@dataclasses.dataclass(frozen=True)
-class Scores:
-    """Scores of a test split: ``image_scores`` ``[N]``, ``maps`` ``[N, S, S]``, the split."""
-
-    image_scores: np.ndarray
-    maps: np.ndarray
-    split: datasets.Split
-
-
-class CutPaste:
-    """The CutPaste method for :mod:`wdam_jax.train` (see the module docstring).
+class CutPaste(Method):
+    """The CutPaste method (see the module docstring).
 
     Args:
       config: the experiment config (``configs/cutpaste*.py``).
     """
 
+    name = "cutpaste"
+
     def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__(config)
         t = config.train
-        self.config = config
         self.stage_starts = (0, t.stage1_steps, t.stage1_steps + t.stage2_steps)
-        self.total_steps = t.stage1_steps + t.stage2_steps + t.stage3_steps
+        self._total_steps = t.stage1_steps + t.stage2_steps + t.stage3_steps
         self.wdam_start = self.stage_starts[2]
         if config.model.wdam_layers and t.stage3_steps <= 0:
             raise ValueError(
                 f"config.model.wdam_layers={tuple(config.model.wdam_layers)} but WDAM enters in "
                 "stage 3 and config.train.stage3_steps=0; set train.stage3_steps > 0."
             )
-        if self.total_steps <= 0:
+        if self._total_steps <= 0:
             raise ValueError("config.train.stage{1,2,3}_steps add up to 0; nothing to train.")
+
+    @property
+    def total_steps(self) -> int:
+        return self._total_steps
 
     @functools.cached_property
     def train_data(self) -> TrainData:
         return load_train_data(self.config)
+
+    def train_images(self) -> np.ndarray:
+        return self.train_data.images
 
     def create_model(self, *, abstract: bool = False) -> CutPasteNet:
         return create_model(self.config.model, seed=self.config.seed, abstract=abstract)
@@ -457,7 +448,12 @@ class CutPaste:
     def optimizer(self) -> optax.GradientTransformation:
         """Stage 1: SGD + momentum, cosine from ``stage1_lr``; stages 2-3: one Adam whose learning
         rate drops from ``stage2_lr`` to ``stage3_lr`` when WDAM enters. L2 weight decay
-        ``train.weight_decay`` (CutPaste's) in both."""
+        ``train.weight_decay`` (CutPaste's) in both.
+
+        WDAM's parameters are not part of the network before stage 3, so they get no update at
+        all there (no weight decay either: with decay, Adam would shrink them towards 0 from
+        their initialisation) and their own Adam starts fresh when WDAM enters.
+        """
         t = self.config.train
         sgd = optax.chain(
             optax.add_decayed_weights(t.weight_decay),
@@ -468,7 +464,12 @@ class CutPaste:
         )
         adam_lr = lambda count: jnp.where(count < t.stage2_steps, t.stage2_lr, t.stage3_lr)
         adam = optax.chain(optax.add_decayed_weights(t.weight_decay), optax.adam(adam_lr))
-        return train_lib.staged([sgd, adam], [t.stage1_steps])
+        network = staged([sgd, adam], [t.stage1_steps])
+        if not self.config.model.wdam_layers:
+            return network
+        wdam_adam = optax.chain(optax.add_decayed_weights(t.weight_decay), optax.adam(t.stage3_lr))
+        wdam = staged([optax.set_to_zero(), wdam_adam], [self.wdam_start])
+        return optax.multi_transform({"network": network, "wdam": wdam}, wdam_labels)
 
     def anomaly_source(self, step: int) -> str:
         """Stage 1 replicates CutPaste; later stages use ``data.anomaly_source``."""
@@ -499,7 +500,7 @@ class CutPaste:
 
     # ---- scoring
 
-    def backbone_at(self, model: CutPasteNet, step: int) -> WideResNet50_2:
+    def backbone(self, model: CutPasteNet, *, step: int) -> WideResNet50_2:
         """The backbone as trained at ``step``, with plain WDAM modules (or none before stage 3)."""
         backbone = model.backbone
         active = step > self.wdam_start
@@ -521,32 +522,30 @@ class CutPaste:
             out = nnx.merge(graphdef, state, copy=True)(x, train=False)
             return out[embedding].astype(jnp.float32), out[layer].astype(jnp.float32)
 
-        bs = self.config.score.eval_batch_size
-        embeddings, maps = [], []
-        for start in range(0, len(images), bs):
-            chunk = images[start : start + bs]
-            padded = np.concatenate([chunk, np.repeat(chunk[-1:], bs - len(chunk), axis=0)])
-            e, m = jax.device_get(forward(state, padded))
-            embeddings.append(e[: len(chunk)])
-            maps.append(m[: len(chunk)])
-        return np.concatenate(embeddings), np.concatenate(maps)
-
-    def score(self, model: CutPasteNet, *, step: int) -> Scores:
-        """Image scores and anomaly maps of the test split (see the module docstring).
-
-        Args:
-          model: the trained network.
-          step: the step it was trained to (decides whether its WDAMs are in).
-        """
-        s = self.config.score
-        train_embed, train_maps = self._features(model, self.train_data.images, step=step)
-        image_density = fit_gaussian(train_embed)
-        pixel_density = fit_gaussian(train_maps, location_axes=(1, 2))
-        test = load_split(self.config.data, split="test")
-        test_embed, test_maps = self._features(model, test.images, step=step)
-        maps = smooth_maps(
-            pixel_density.mahalanobis(test_maps),
-            size=test.images.shape[1],
-            sigma=s.pixel_sigma,
+        return pipeline.map_batches(
+            lambda x: forward(state, x), images, batch_size=self.config.score.eval_batch_size
         )
-        return Scores(image_density.mahalanobis(test_embed), maps, test)
+
+    def fit(self, model: CutPasteNet, train_images: np.ndarray, *, step: int) -> Fitted:
+        """The Gaussian densities of the normal training images: of the embeddings (image score)
+        and of the ``score.pixel_layer`` features per location (pixel map)."""
+        embeddings, maps = self._features(model, train_images, step=step)
+        image, pixel = fit_gaussian(embeddings), fit_gaussian(maps, location_axes=(1, 2))
+        return {
+            "image_mean": image.mean,
+            "image_precision": image.precision,
+            "pixel_mean": pixel.mean,
+            "pixel_precision": pixel.precision,
+        }
+
+    def score(
+        self, model: CutPasteNet, fitted: Fitted, images: np.ndarray, *, step: int
+    ) -> ImageScores:
+        """Mahalanobis image scores and smoothed per-location Mahalanobis maps (see the module)."""
+        image = Gaussian(fitted["image_mean"], fitted["image_precision"])
+        pixel = Gaussian(fitted["pixel_mean"], fitted["pixel_precision"])
+        embeddings, maps = self._features(model, images, step=step)
+        maps = smooth_maps(
+            pixel.mahalanobis(maps), size=images.shape[1], sigma=self.config.score.pixel_sigma
+        )
+        return ImageScores(image.mahalanobis(embeddings), maps)

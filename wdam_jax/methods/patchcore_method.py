@@ -1,0 +1,259 @@
+"""PatchCore as a method of the shared loop (Sec. 4.2, Table 6): gradient-free, one fit.
+
+The model is one WideResNet backbone per ensemble member (``config.members``); there are no
+gradient steps (``total_steps == 0``). ``fit`` extracts the patch features of the normal training
+images, selects each member's coreset memory bank and, with several members, each member's
+score statistics on ``patchcore.calibration_images`` normal training images; the loop saves them
+in the checkpoint (orbax item ``fitted``), so ``python -m launch.evaluate`` and prediction use
+exactly the fitted bank. ``score`` is the kNN patch score with the reweighted image score and the
+smoothed map; several members are combined by ``patchcore.ensemble_scores``.
+
+Members (``config.members.<name>``):
+
+- ``kind="imagenet"``: WideResNet50-2 from ``weights`` (``python -m launch.convert_weights``);
+- ``kind="run"``: the backbone of a training run (CutPaste + WDAM) in ``workdir``; a
+  ``{category}`` in the path is replaced by ``config.data.category``, so each category uses its
+  own fine-tuned network;
+- no weights and ``allow_random_init`` (demo and tests only): a randomly initialised member of
+  the WideResNet family (``depths``, ``base_width``), with a loud warning.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from wdam_jax import checkpoints
+from wdam_jax.data import pipeline
+from wdam_jax.methods import patchcore as pc
+from wdam_jax.methods.base import Fitted, ImageScores, Method
+from wdam_jax.models import wide_resnet
+from wdam_jax.progress import Progress
+
+RANDOM_INIT_WARNING = (
+    "\n" + "!" * 100 + "\n"
+    "PatchCore member {name!r} uses a RANDOMLY INITIALISED backbone: its scores say little about "
+    "PatchCore.\nPatchCore needs ImageNet weights: download torchvision's wide_resnet50_2 "
+    "IMAGENET1K_V1 .pth, run\n  python -m launch.convert_weights "
+    "--torchvision=wide_resnet50_2-<hash>.pth --out=weights/wrn50_2_imagenet\nand pass "
+    "--config.members.{name}.weights=weights/wrn50_2_imagenet.\n" + "!" * 100
+)
+STAT_KEYS = ("image_mean", "image_std", "pixel_mean", "pixel_std")
+
+
+class PatchCoreNet(nnx.Module):
+    """The ensemble's backbones by member name."""
+
+    def __init__(self, members: dict[str, wide_resnet.WideResNet50_2]):
+        self.names = tuple(members)
+        for name, backbone in members.items():
+            setattr(self, f"member_{name}", backbone)
+
+    def member(self, name: str) -> wide_resnet.WideResNet50_2:
+        return getattr(self, f"member_{name}")
+
+
+def member_workdir(member: ml_collections.ConfigDict, category: str) -> pathlib.Path:
+    """The run directory of a ``kind="run"`` member for ``category``."""
+    return pathlib.Path(member.workdir.format(category=category))
+
+
+def _member_shape(name: str, member: ml_collections.ConfigDict, category: str):
+    """``(depths, base_width)`` of a member's network."""
+    if member.kind == "run" and member.workdir:
+        run = member_workdir(member, category)
+        if not run.is_dir():
+            raise FileNotFoundError(
+                f"PatchCore member {name!r}: run directory {run} does not exist. Train it with "
+                f"python -m launch.train --config=configs/cutpaste_wdam.py --workdir={run}, or "
+                f"set --config.members.{name}.workdir."
+            )
+        model_config = checkpoints.read_config(run).model
+        return tuple(model_config.depths), model_config.base_width
+    return tuple(member.depths), member.base_width
+
+
+def load_member(
+    name: str, member: ml_collections.ConfigDict, category: str
+) -> wide_resnet.WideResNet50_2:
+    """One member's backbone, from its weights, its run, or (demo) a random initialisation."""
+    if member.kind not in ("imagenet", "run"):
+        raise ValueError(f"--config.members.{name}.kind={member.kind!r}: use 'imagenet' or 'run'.")
+    source = member.weights if member.kind == "imagenet" else member.workdir
+    wdam_layers = tuple(member.wdam_layers)
+    if not source:
+        if not member.allow_random_init:
+            field = "weights" if member.kind == "imagenet" else "workdir"
+            what = (
+                "ImageNet WideResNet50-2 weights converted by python -m launch.convert_weights"
+                if member.kind == "imagenet"
+                else "the run directory of a CutPaste+WDAM launch.train run; {category} allowed"
+            )
+            raise ValueError(f"PatchCore member {name!r} needs --config.members.{name}.{field} "
+                             f"({what}).")  # fmt: skip
+        logging.warning(RANDOM_INIT_WARNING.format(name=name))
+        depths, base_width = _member_shape(name, member, category)
+        return wide_resnet.create(
+            seed=member.seed,
+            wdam_layers=wdam_layers,
+            num_classes=None,
+            depths=depths,
+            base_width=base_width,
+        )
+    if member.kind == "imagenet":
+        return wide_resnet.load_pretrained(source, wdam_layers=wdam_layers)
+    from wdam_jax import train  # the loop's restore; imported here: train imports the registry
+
+    run = member_workdir(member, category)
+    _member_shape(name, member, category)  # a clear error for a missing run directory
+    model = train.restore_backbone(run)
+    if tuple(model.wdam_layers) != wdam_layers:
+        raise ValueError(
+            f"PatchCore member {name!r}: the backbone in {run} has WDAM in layers "
+            f"{tuple(model.wdam_layers)}, the config says {wdam_layers}; set "
+            f"--config.members.{name}.wdam_layers to match the run (a checkpoint taken before "
+            "WDAM entered training has none: use a later one)."
+        )
+    return model
+
+
+class PatchCore(Method):
+    """PatchCore and its ensemble (see the module docstring)."""
+
+    name = "patchcore"
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        super().__init__(config)
+        if not config.members:
+            raise ValueError("config.members is empty: PatchCore needs at least one backbone.")
+        self.names = tuple(config.members.keys())
+
+    @property
+    def total_steps(self) -> int:
+        return 0
+
+    def create_model(self, *, abstract: bool = False) -> PatchCoreNet:
+        category = self.config.data.category
+        if abstract:  # shapes only, to restore the checkpoint's copy of the backbones into
+
+            def build():
+                members = {}
+                for name in self.names:
+                    member = self.config.members[name]
+                    depths, base_width = _member_shape(name, member, category)
+                    members[name] = wide_resnet.WideResNet50_2(
+                        wdam_layers=tuple(member.wdam_layers),
+                        num_classes=None,
+                        depths=depths,
+                        base_width=base_width,
+                        rngs=nnx.Rngs(0),
+                    )
+                return PatchCoreNet(members)
+
+            model = nnx.eval_shape(build)
+            for _, var in nnx.iter_graph(model):  # diagnostics outside the state: concrete
+                if isinstance(var, nnx.Variable) and not isinstance(var, nnx.Param | nnx.BatchStat):
+                    var.set_value(jnp.zeros(var.get_value().shape, var.get_value().dtype))
+            return model
+        return PatchCoreNet(
+            {n: load_member(n, self.config.members[n], category) for n in self.names}
+        )
+
+    # ---- features, fit, score
+
+    def _feature_fn(self, backbone: wide_resnet.WideResNet50_2):
+        """A jit-compiled ``images [B, S, S, 3] -> patch features [B, S/8, S/8, D]``.
+
+        Only layer2 and layer3 are used, so XLA drops layer4."""
+        cfg = self.config.patchcore
+        graphdef, state = nnx.split(backbone)
+
+        @jax.jit
+        def features(state, images):
+            out = nnx.merge(graphdef, state, copy=True)(images, train=False)
+            return pc.patch_features(
+                out["layer2"],
+                out["layer3"],
+                patch_size=cfg.patch_size,
+                pretrain_dim=cfg.pretrain_dim,
+                target_dim=cfg.target_dim,
+            )
+
+        return lambda images: features(state, jnp.asarray(images))
+
+    def _features(self, backbone, images: np.ndarray, *, what: str) -> np.ndarray:
+        progress = Progress(what, len(images), unit="images")
+        (feats,) = pipeline.map_batches(
+            self._feature_fn(backbone),
+            images,
+            batch_size=self.config.score.eval_batch_size,
+            progress=progress,
+        )
+        return feats
+
+    def _score_member(self, bank: np.ndarray, feats: np.ndarray, size: tuple[int, int]):
+        cfg = self.config.patchcore
+        bank = jnp.asarray(bank)
+        return pipeline.map_batches(
+            lambda f: pc.score_patches(
+                bank, f, image_size=size, num_neighbors=cfg.num_neighbors, sigma=cfg.sigma
+            ),
+            feats,
+            batch_size=self.config.score.eval_batch_size,
+        )
+
+    def fit(self, model: PatchCoreNet, train_images: np.ndarray, *, step: int) -> Fitted:
+        """Each member's coreset bank ``<name>.bank`` [M, D] and, for an ensemble, its score
+        statistics on normal training images (``<name>.image_mean``, ...)."""
+        del step
+        cfg, category = self.config.patchcore, self.config.data.category
+        key = jax.random.key(self.config.seed)
+        fitted: Fitted = {}
+        for index, name in enumerate(self.names):
+            what = f"{category}/{name}"
+            feats = self._features(model.member(name), train_images, what=what + " features")
+            flat = feats.reshape(-1, feats.shape[-1])
+            n = max(1, min(len(flat), round(cfg.coreset_ratio * len(flat))))
+            logging.info("%s: coreset of %d of %d patch features", what, n, len(flat))
+            progress = Progress(what + " coreset", n, unit="picks")
+            idx = pc.greedy_coreset(
+                jax.random.fold_in(key, index),
+                flat,
+                n,
+                proj_dim=cfg.proj_dim,
+                on_progress=lambda done, total, p=progress: p.update(done),
+            )
+            bank = flat[np.asarray(idx)]
+            fitted[f"{name}.bank"] = bank
+            if len(self.names) > 1:
+                calib = feats[: cfg.calibration_images]
+                stats = pc.normalisation_stats(
+                    *self._score_member(bank, calib, train_images.shape[1:3])
+                )
+                fitted.update({f"{name}.{k}": np.float64(stats[k]) for k in STAT_KEYS})
+        return fitted
+
+    def score(
+        self, model: PatchCoreNet, fitted: Fitted, images: np.ndarray, *, step: int
+    ) -> ImageScores:
+        del step
+        category = self.config.data.category
+        members = []
+        for name in self.names:
+            feats = self._features(model.member(name), images, what=f"{category}/{name} scoring")
+            members.append(self._score_member(fitted[f"{name}.bank"], feats, images.shape[1:3]))
+        if len(members) == 1:
+            return ImageScores(*members[0])
+        stats = [{k: float(fitted[f"{n}.{k}"]) for k in STAT_KEYS} for n in self.names]
+        scores, maps = pc.ensemble_scores(members, stats)
+        return ImageScores(np.asarray(scores), np.asarray(maps))
+
+    def backbone(self, model: PatchCoreNet, *, step: int):
+        del step
+        return model.member(self.names[0])
