@@ -303,8 +303,9 @@ def test_train_step_validate_and_score(method):
     np.testing.assert_allclose(float(loss), sum(float(v) for v in aux.values()), rtol=1e-5)
     assert float(optax.global_norm(grads)) > 0
     val = method.validate(model, step=0)
-    assert set(val) == {"val/i_auroc", "val/p_auroc"}
+    assert set(val) == {"val/i_auroc", "val/p_auroc", "val/mean_auroc"}
     assert all(0.0 <= v <= 1.0 for v in val.values())
+    assert val["val/mean_auroc"] == pytest.approx((val["val/i_auroc"] + val["val/p_auroc"]) / 2)
     images, _ = method.validation_set
     scores = method.score(model, {}, images, step=0)
     maps = np.asarray(_forward(model, jnp.asarray(images))["anomaly"])

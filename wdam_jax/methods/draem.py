@@ -390,15 +390,20 @@ class Draem(Method):
         return np.stack(normals + anomalous), np.concatenate([zeros, np.stack(masks)])
 
     def validate(self, model: DraemNet, *, step: int) -> dict[str, float]:
-        """Image and pixel AUROC on the held-out images and their synthetic anomalies."""
+        """Image and pixel AUROC (and their mean) on the held-out images and their synthetic
+        anomalies."""
         if len(self.data.val_images) == 0:
             return {}
         images, masks = self.validation_set
         scores = self.score(model, {}, images, step=step)
         labels = masks.any(axis=(1, 2))
+        i_auroc = metrics.auroc(scores.image_scores, labels)
+        p_auroc = metrics.auroc(scores.maps.reshape(-1), masks.reshape(-1))
+        # One number to select a checkpoint by (the loop keeps the state with the highest).
         return {
-            "val/i_auroc": metrics.auroc(scores.image_scores, labels),
-            "val/p_auroc": metrics.auroc(scores.maps.reshape(-1), masks.reshape(-1)),
+            "val/i_auroc": i_auroc,
+            "val/p_auroc": p_auroc,
+            "val/mean_auroc": (i_auroc + p_auroc) / 2,
         }
 
     # ---- scoring
