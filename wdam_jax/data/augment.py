@@ -288,10 +288,48 @@ def perlin_noise_2d(
     return (np.sqrt(2) * (n0 + tx * (n1 - n0))).astype(np.float32)
 
 
+# DRAEM's PIL smoothing kernel (ImageFilter.SMOOTH), the "degenerate" image of EnhanceSharpness.
+_SMOOTH = np.asarray([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13.0
+# imgaug's YCrCb luma weights (MultiplyAndAddToBrightness changes Y and keeps Cr, Cb).
+_LUMA = np.asarray([0.299, 0.587, 0.114], np.float32)
+NUM_SOURCE_AUGMENTERS = 10
+
+
+def _equalize(channel: np.ndarray) -> np.ndarray:
+    """PIL ``ImageOps.equalize`` of one [H, W] channel in [0, 1] at 256 levels: level ``i`` maps
+    to ``(step // 2 + #pixels below i) // step``, ``step = (N - #pixels at the top level) // 255``.
+    """
+    levels = np.clip(np.rint(channel * 255.0), 0, 255).astype(np.int64)
+    hist = np.bincount(levels.ravel(), minlength=256)
+    nonzero = hist[hist > 0]
+    step = (int(nonzero.sum()) - int(nonzero[-1])) // 255
+    if len(nonzero) <= 1 or step == 0:
+        return levels.astype(np.float32) / 255.0
+    below = np.concatenate([[0], np.cumsum(hist)[:-1]])
+    lut = np.minimum((step // 2 + below) // step, 255)
+    return lut[levels].astype(np.float32) / 255.0
+
+
+def _enhance_sharpness(image: np.ndarray, factor: float) -> np.ndarray:
+    """PIL ``ImageEnhance.Sharpness``: blend with the SMOOTH-filtered image (border pixels kept);
+    factor 0 is the smoothed image, 1 the image, 2 sharpened."""
+    smooth = scipy.ndimage.correlate(image, _SMOOTH[..., None], mode="nearest")
+    smooth[0], smooth[-1], smooth[:, 0], smooth[:, -1] = (
+        image[0], image[-1], image[:, 0], image[:, -1]
+    )  # fmt: skip
+    return smooth + factor * (image - smooth)
+
+
 def augment_anomaly_source(rng: np.random.Generator, source: np.ndarray) -> np.ndarray:
-    """DRAEM's RandAugment of the anomaly source: three of gamma contrast, brightness multiply and
-    add, hue shift, solarize, posterize, invert, autocontrast and rotation, drawn without
-    replacement.
+    """DRAEM's RandAugment of the anomaly source: three of its ten imgaug augmenters, drawn
+    without replacement and applied in the drawn order.
+
+    The ten, with imgaug's default ranges where DRAEM gives none: GammaContrast((0.5, 2),
+    per_channel), MultiplyAndAddToBrightness(mul=(0.8, 1.2), add=(-30, 30)) on the luma,
+    pillike.EnhanceSharpness(factor (0, 2)), AddToHueAndSaturation((-50, 50), per_channel: hue
+    and saturation get separate values), Solarize(p=0.5, threshold=(32, 128)), Posterize(1..8
+    bits), Invert, pillike.Autocontrast(cutoff 0..20 %, per band as PIL), pillike.Equalize (per
+    band), Affine(rotate=(-45, 45)) with black fill.
 
     Args:
       rng: randomness.
@@ -301,31 +339,56 @@ def augment_anomaly_source(rng: np.random.Generator, source: np.ndarray) -> np.n
       [H, W, 3] float32 in [0, 1].
     """
     out = np.clip(np.asarray(source, np.float32), 0.0, 1.0)
-    for op in rng.choice(8, size=3, replace=False):
+    for op in rng.choice(NUM_SOURCE_AUGMENTERS, size=3, replace=False):
         if op == 0:
-            out = out ** rng.uniform(0.5, 2.0)
+            out = out ** rng.uniform(0.5, 2.0, size=3).astype(np.float32)
         elif op == 1:
-            out = out * rng.uniform(0.8, 1.2) + rng.uniform(-30, 30) / 255.0
+            luma = out @ _LUMA
+            new = luma * rng.uniform(0.8, 1.2) + rng.uniform(-30, 30) / 255.0
+            out = out + (new - luma)[..., None]  # Cr, Cb unchanged: every channel moves by dY
         elif op == 2:
+            out = _enhance_sharpness(out, rng.uniform(0.0, 2.0))
+        elif op == 3:
             hsv = skimage.color.rgb2hsv(out)
             hsv[..., 0] = (hsv[..., 0] + rng.uniform(-50, 50) / 255.0) % 1.0
             hsv[..., 1] = np.clip(hsv[..., 1] + rng.uniform(-50, 50) / 255.0, 0, 1)
             out = skimage.color.hsv2rgb(hsv)
-        elif op == 3:
-            thr = rng.uniform(32, 128) / 255.0
-            out = np.where(out >= thr, 1.0 - out, out)
         elif op == 4:
+            thr = rng.uniform(32, 128) / 255.0
+            if rng.random() < 0.5:
+                out = np.where(out >= thr, 1.0 - out, out)
+        elif op == 5:
             bits = int(rng.integers(1, 9))
             out = np.floor(out * 255.0 / 2 ** (8 - bits)) * 2 ** (8 - bits) / 255.0
-        elif op == 5:
-            out = 1.0 - out
         elif op == 6:
-            lo, hi = out.min(axis=(0, 1)), out.max(axis=(0, 1))
+            out = 1.0 - out
+        elif op == 7:
+            cut = rng.uniform(0, 20)
+            lo, hi = np.percentile(out, [cut, 100 - cut], axis=(0, 1))
             out = (out - lo) / np.maximum(hi - lo, 1e-6)
+        elif op == 8:
+            out = np.stack([_equalize(out[..., c]) for c in range(3)], axis=-1)
         else:
             out = scipy.ndimage.rotate(out, rng.uniform(-45, 45), reshape=False, order=1)
         out = np.clip(out, 0.0, 1.0).astype(np.float32)
     return out
+
+
+def rotate_normal(rng: np.random.Generator, image: np.ndarray, *, max_angle: float = 90.0):
+    """DRAEM's optional rotation of the normal image (imgaug ``Affine(rotate=(-90, 90))``,
+    bilinear, black fill), applied before the anomaly is synthesised.
+
+    Args:
+      rng: randomness.
+      image: [H, W, 3] float in [0, 1].
+      max_angle: the angle is ``U(-max_angle, max_angle)`` degrees.
+
+    Returns:
+      [H, W, 3] float32 in [0, 1].
+    """
+    angle = rng.uniform(-max_angle, max_angle)
+    out = scipy.ndimage.rotate(_check_image(image), angle, axes=(1, 0), reshape=False, order=1)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
 def draem_anomaly(

@@ -15,6 +15,7 @@ from wdam_jax.methods.base import Method
 METHODS: dict[str, str] = {
     "cutpaste": "wdam_jax.methods.cutpaste:CutPaste",
     "patchcore": "wdam_jax.methods.patchcore_method:PatchCore",
+    "draem": "wdam_jax.methods.draem:Draem",
 }
 
 
