@@ -180,7 +180,9 @@ class Method(abc.ABC):
 
 
 def describe(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """A short, human-readable identity of a run (method + WDAM layers), for tables and figures."""
-    wdam = tuple(config.model.get("wdam_layers", ())) if "model" in config else ()
+    """A short, human-readable identity of a run (method + where WDAM sits), for tables and
+    figures: ``cutpaste+wdam1``, ``draem+wdam123``, ``patchcore``."""
+    model = config.get("model", ml_collections.ConfigDict())
+    wdam = tuple(model.get("wdam_layers", ()) or model.get("wdam_blocks", ()) or ())
     label = config.method + (f"+wdam{''.join(map(str, wdam))}" if wdam else "")
     return {"method": config.method, "wdam_layers": wdam, "label": label}
