@@ -408,6 +408,13 @@ class Draem(Method):
 
     # ---- scoring
 
+    def inference_fn(self, model: DraemNet, fitted: Fitted, *, step: int):
+        """:meth:`score` as one pure JAX function (DRAEM scores with the network alone)."""
+        del fitted, step
+        graphdef, state = nnx.split(model)
+        pool_size = self.config.score.pool_size
+        return lambda images: _predict(graphdef, state, images, pool_size)
+
     def score(
         self, model: DraemNet, fitted: Fitted, images: np.ndarray, *, step: int
     ) -> ImageScores:
