@@ -113,6 +113,11 @@ def test_method_trains_resumes_checkpoints_and_evaluates(name, demo_data_root, t
     np.testing.assert_allclose(scores.image_scores, again.image_scores, rtol=1e-6)
     saved = np.load(outdir / "scores.npz")
     np.testing.assert_allclose(saved["image_scores"][:3], scores.image_scores, rtol=1e-5)
+    # Figures are optional: num_figures=0 evaluates without drawing (a harmless config change).
+    (outdir / "heatmaps.png").unlink()
+    config.score.num_figures = 0
+    assert evaluate.evaluate(config, tmp_path / "full", method=run.method)
+    assert not (outdir / "heatmaps.png").exists()
 
 
 def _to_visa(mvtec_category: pathlib.Path, out: pathlib.Path) -> pathlib.Path:

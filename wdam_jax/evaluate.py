@@ -85,21 +85,22 @@ def evaluate(
     store_thresholds(run, split, scores, maps, outdir=outdir, workdir=workdir)
     paths = reporting.write_metrics(results, outdir)
     _write_scores(outdir, split, scores.image_scores)
-    # Defective images and some normal ones, with file names and image scores.
-    order = reporting.figure_selection(split.labels, config.score.num_figures)
-    label = describe(config)["label"]
-    reporting.save_heatmap_figure(
-        split.images[order],
-        split.masks[order],
-        {label: scores.maps[order]},
-        outdir / "heatmaps.png",
-        max_images=config.score.num_figures,
-        titles=[
-            pathlib.Path(split.paths[i]).parent.name + "/" + pathlib.Path(split.paths[i]).name
-            for i in order
-        ],
-        scores={label: scores.image_scores[order]},
-    )
+    # Defective images and some normal ones, with file names and image scores (0: no figure).
+    if config.score.num_figures > 0:
+        order = reporting.figure_selection(split.labels, config.score.num_figures)
+        label = describe(config)["label"]
+        reporting.save_heatmap_figure(
+            split.images[order],
+            split.masks[order],
+            {label: scores.maps[order]},
+            outdir / "heatmaps.png",
+            max_images=config.score.num_figures,
+            titles=[
+                pathlib.Path(split.paths[i]).parent.name + "/" + pathlib.Path(split.paths[i]).name
+                for i in order
+            ],
+            scores={label: scores.image_scores[order]},
+        )
     curves = train_lib.read_train_log(workdir)
     if curves:
         reporting.save_curves_figure(curves, outdir / "learning_curves.png")
