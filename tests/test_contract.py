@@ -116,7 +116,7 @@ def test_method_trains_resumes_checkpoints_and_evaluates(name, demo_data_root, t
     # Figures are optional: num_figures=0 evaluates without drawing (a harmless config change).
     (outdir / "heatmaps.png").unlink()
     config.score.num_figures = 0
-    assert evaluate.evaluate(config, tmp_path / "full", method=run.method)
+    assert evaluate.evaluate(config, tmp_path / "full")
     assert not (outdir / "heatmaps.png").exists()
 
 
