@@ -15,6 +15,7 @@ import pathlib
 from absl import app, flags, logging
 
 from launch import cli
+from wdam_jax.errors import MissingFileError
 from wdam_jax.models import wide_resnet
 
 _TORCHVISION = flags.DEFINE_string("torchvision", None, "torchvision wide_resnet50_2 .pth file.")
@@ -31,7 +32,7 @@ def convert(torchvision_path: str | pathlib.Path, out: str | pathlib.Path) -> pa
 
     path = pathlib.Path(torchvision_path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path} does not exist. Download torchvision's wide_resnet50_2 ImageNet weights "
             "(e.g. https://download.pytorch.org/models/wide_resnet50_2-32ee1156.pth) on a machine "
             "with internet access and pass its path with --torchvision."

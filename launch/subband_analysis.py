@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from launch import cli
 from synthesis import tfrecord
 from synthesis.subband import SUBBANDS, class_table, markdown_table
+from wdam_jax.errors import MissingFileError
 
 _RECORDS = flags.DEFINE_string("records", None, "Glob of FMAS TFRecord files.", required=True)
 _DATA_ROOT = flags.DEFINE_string("data_root", None, "Dataset root of image/source.", required=True)
@@ -34,7 +35,7 @@ def read_pairs(records: str, data_root: str):
     """
     files = sorted(glob.glob(records))
     if not files:
-        raise FileNotFoundError(f"No TFRecord files match --records={records!r}.")
+        raise MissingFileError(f"No TFRecord files match --records={records!r}.")
     root = Path(data_root).resolve()
     names = ("image/encoded", "image/source", "image/category")
     for path in files:

@@ -37,7 +37,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from wdam_jax.errors import UserError
+from wdam_jax.errors import MissingFileError, UserError
 
 CHECKPOINT_DIR = "checkpoints"
 DAMAGED_DIR = "damaged_checkpoints"
@@ -341,7 +341,7 @@ def read_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
     """The config recorded in ``workdir`` (lists back as tuples)."""
     path = pathlib.Path(workdir) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path} not found: {workdir} is not a training workdir (run python -m launch.train "
             "--config=... --workdir=... first)."
         )

@@ -28,3 +28,8 @@ class InputsError(UserError):
             f"{len(self.problems)} problem(s) with the inputs of {what}; nothing was written:\n"
             f"{lines}"
         )
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named (or a run needs) is not there; the message says which and
+    how to make it."""

@@ -41,6 +41,7 @@ from PIL import Image, ImageDraw
 from wdam_jax import thresholds
 from wdam_jax import train as train_lib
 from wdam_jax.data import datasets
+from wdam_jax.errors import MissingFileError
 from wdam_jax.progress import Progress
 
 CSV_FILE, JSON_FILE, OVERLAY_DIR = "predictions.csv", "predictions.json", "overlays"
@@ -71,7 +72,7 @@ def list_inputs(images: str | pathlib.Path) -> list[pathlib.Path]:
         files = [pathlib.Path(p) for p in glob.glob(str(images), recursive=True)]
         files = [p for p in files if p.is_file()]
     if not files:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"--images={images}: no file there. Give a folder of images or a glob such as "
             "'line3/2026-11-24/*.png' (quoted, so that the shell does not expand it)."
         )

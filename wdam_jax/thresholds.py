@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from wdam_jax import checkpoints, metrics
+from wdam_jax.errors import MissingFileError
 
 THRESHOLDS_FILE = "thresholds.json"
 RULES = ("normal_fpr", "f1_max")
@@ -245,10 +246,10 @@ def read(workdir: str | pathlib.Path, *, step: int) -> dict[str, Threshold]:
     path = pathlib.Path(workdir) / THRESHOLDS_FILE
     fix = f"run python -m launch.evaluate --workdir={workdir} (it computes and stores them)"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the run has no stored thresholds; {fix}.")
+        raise MissingFileError(f"{path} not found: the run has no stored thresholds; {fix}.")
     document = json.loads(path.read_text())
     if document["step"] != step:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{path} holds the thresholds of step {document['step']}, the checkpoint is step "
             f"{step}; {fix}."
         )

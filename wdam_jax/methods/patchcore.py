@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from wdam_jax.errors import MissingFileError
+
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
 
@@ -541,7 +543,7 @@ def load_bank(path: str | pathlib.Path) -> tuple[np.ndarray, dict[str, Any]]:
     """
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"PatchCore memory bank {path} not found: fit first (python -m launch.patchcore "
             "--config=... --workdir=<the same workdir>)."
         )

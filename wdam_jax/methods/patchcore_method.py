@@ -39,7 +39,7 @@ from flax import nnx
 
 from wdam_jax import checkpoints
 from wdam_jax.data import pipeline
-from wdam_jax.errors import ConfigError
+from wdam_jax.errors import ConfigError, MissingFileError
 from wdam_jax.methods import patchcore as pc
 from wdam_jax.methods.base import Fitted, ImageScores, Method
 from wdam_jax.models import wide_resnet
@@ -84,7 +84,7 @@ def _member_shape(name: str, member: ml_collections.ConfigDict, category: str):
     if member.kind == "run" and member.workdir:
         run = member_workdir(member, category)
         if not run.is_dir():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"PatchCore member {name!r}: run directory {run} does not exist. Train it with "
                 f"python -m launch.train --config=configs/cutpaste_wdam.py --workdir={run}, or "
                 f"set --config.members.{name}.workdir."

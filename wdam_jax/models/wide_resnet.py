@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from wdam_jax.errors import MissingFileError
 from wdam_jax.wdam import WDAM
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -483,7 +484,7 @@ def load_pretrained(
 
     directory = pathlib.Path(directory).absolute()
     if not directory.is_dir():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"No converted WideResNet50-2 weights at {directory}. Create them with "
             "`python -m launch.convert_weights --torchvision=wide_resnet50_2-<hash>.pth "
             f"--out={directory}` (the .pth is torchvision's IMAGENET1K_V1/V2 file)."
