@@ -31,6 +31,7 @@ def _tiny_cutpaste(config):
     config.model.wdam_layers = (1,)
     config.model.head_dims = (16,)
     config.train.batch_size = 2
+    config.train.stage_epochs = ()
     config.train.stage1_steps, config.train.stage2_steps, config.train.stage3_steps = 2, 1, 2
     config.augment.foreground_mask = False
     return config

@@ -141,6 +141,7 @@ def test_gate_off_is_the_plain_bottleneck_and_on_adds_wdam():
 
 def test_stage_schedule_sgd_then_adam_then_lower_adam():
     config = cutpaste_config.get_config()  # the paper's rates: 0.03 SGD, Adam 0.01 then 0.001
+    config.train.stage_epochs = ()
     config.train.stage1_steps, config.train.stage2_steps, config.train.stage3_steps = 3, 2, 2
     config.train.weight_decay = 0.0
     method = cutpaste.CutPaste(config)
@@ -174,6 +175,7 @@ def test_wdam_parameters_do_not_change_before_wdam_enters():
     # With weight decay > 0 and zero gradients (the gate is 0 before stage 3), the old optimiser
     # shrank WDAM's weights by Adam's lr per step (0.40 -> 0.005 in 100 steps).
     config = cutpaste_wdam_config.get_config()  # Adam 0.01, then 0.001 when WDAM enters
+    config.train.stage_epochs = ()
     config.train.stage1_steps, config.train.stage2_steps, config.train.stage3_steps = 3, 4, 3
     config.train.weight_decay = 3e-5
     method = cutpaste.CutPaste(config)
@@ -206,6 +208,46 @@ def test_wdam_needs_stage_three():
     config.train.stage3_steps = 0
     with pytest.raises(ValueError, match="stage3_steps"):
         cutpaste.CutPaste(config)
+
+
+def _epoch_config(root, epochs):
+    config = cutpaste_wdam_config.get_config()
+    config.data.dataset, config.data.root, config.data.category = "demo", str(root), "washer"
+    config.data.anomaly_source, config.augment.foreground_mask = "cutpaste", False
+    config.model.pretrained = ""
+    config.train.batch_size = 7
+    config.train.stage_epochs = epochs
+    return config
+
+
+def test_stage_lengths_in_epochs_follow_the_training_set(demo_data_root):
+    config = _epoch_config(demo_data_root, (2.0, 1.0, 0.5))
+    method = cutpaste.CutPaste(config)
+    size = len(sources.load_split(config.data, split="train").images)
+    assert method.check_inputs() == []
+    # ceil(epochs * images / batch) per stage, written into the config the run saves.
+    expected = [int(np.ceil(e * size / 7)) for e in (2.0, 1.0, 0.5)]
+    t = config.train
+    assert [t.stage1_steps, t.stage2_steps, t.stage3_steps] == expected and t.epoch_size == size
+    assert method.total_steps == sum(expected)
+    assert method.wdam_start == expected[0] + expected[1]
+    # The saved (resolved) config rebuilds the same schedule without reading the data again.
+    config.data.root = "/nowhere"
+    assert cutpaste.CutPaste(config).total_steps == sum(expected)
+    # A holdout leaves fewer training images, so fewer steps per epoch.
+    held = _epoch_config(demo_data_root, (2.0, 1.0, 0.5))
+    held.data.holdout_fraction = 0.5
+    assert cutpaste.CutPaste(held).total_steps < sum(expected)
+
+
+def test_stage_lengths_in_epochs_and_steps_are_one_or_the_other(demo_data_root):
+    config = _epoch_config(demo_data_root, (2.0, 1.0, 0.5))
+    config.train.stage1_steps = 10
+    with pytest.raises(ValueError, match=r"stage_epochs=\(\)"):
+        cutpaste.CutPaste(config)
+    config = _epoch_config(demo_data_root, (2.0, 1.0, 0.0))  # WDAM without a stage 3
+    with pytest.raises(ValueError, match="stage 3"):
+        cutpaste.CutPaste(config).resolve_schedule()
 
 
 def test_missing_dataset_says_how_to_get_it(tmp_path):

@@ -37,12 +37,23 @@ def _docstring_numbers(text: str) -> dict[str, float]:
         "stage2_lr": float(adam[0]),
         "stage3_lr": float(adam[1]),
         "batch_size": int(re.search(r"batch (\d+) normal images", flat).group(1)),
+        "stage1_epochs": float(re.search(r'gives "(\d+) epochs"', flat).group(1)),
+        "stage23_epochs": tuple(
+            float(e) for e in re.search(r"(\d+) and (\d+) epochs", flat).groups()
+        ),
     }
 
 
 def test_docstring_numbers_are_parsed():
     numbers = _docstring_numbers(cutpaste.__doc__)
-    assert numbers == {"stage1_lr": 0.03, "stage2_lr": 0.01, "stage3_lr": 0.001, "batch_size": 32}
+    assert numbers == {
+        "stage1_lr": 0.03,
+        "stage2_lr": 0.01,
+        "stage3_lr": 0.001,
+        "batch_size": 32,
+        "stage1_epochs": 500.0,
+        "stage23_epochs": (333.0, 167.0),
+    }
 
 
 @pytest.mark.parametrize("module, arg, source, fm, wdam", CUTPASTE_ROWS, ids=IDS)
@@ -70,7 +81,9 @@ def test_cutpaste_paper_config(module, arg, source, fm, wdam):
     assert t.stage3_lr == stated["stage3_lr"]
     assert t.batch_size == stated["batch_size"]
     assert t.momentum == 0.9
-    assert min(t.stage1_steps, t.stage2_steps, t.stage3_steps) > 0
+    # Stage lengths in epochs of the category's training set (the paper: "500 epochs" of SGD).
+    assert tuple(t.stage_epochs) == (stated["stage1_epochs"], *stated["stage23_epochs"])
+    assert (t.stage1_steps, t.stage2_steps, t.stage3_steps, t.epoch_size) == (0, 0, 0, 0)
     # Scoring (Sec. 4.2): CutPaste's Gaussian density on the pooled features, pixel map from
     # layer4, features as they are.
     s = config.score
@@ -78,6 +91,19 @@ def test_cutpaste_paper_config(module, arg, source, fm, wdam):
     assert s.embedding == "pooled"
     assert tuple(s.pixel_layers) == ("layer4",)
     assert s.normalize is False
+
+
+def test_published_cutpaste_is_the_sgd_stage_alone():
+    """Table 3's first column: CutPaste's own schedule (see configs/cutpaste.py)."""
+    t = cutpaste.get_config("published").train
+    assert tuple(t.stage_epochs) == (500.0, 0.0, 0.0) and t.stage1_lr == 0.03
+    demo = cutpaste.get_config("published,demo").train
+    full = cutpaste.get_config("demo").train
+    assert (demo.stage1_steps, demo.stage2_steps, demo.stage3_steps) == (
+        full.stage1_steps + full.stage2_steps + full.stage3_steps,
+        0,
+        0,
+    )
 
 
 @pytest.mark.parametrize("module", [patchcore, patchcore_wdam])

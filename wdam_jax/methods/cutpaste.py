@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 import pathlib
 from collections.abc import Mapping, Sequence
 
@@ -52,6 +53,7 @@ from flax import nnx
 
 from wdam_jax.data import augment, datasets, pipeline
 from wdam_jax.data.sources import load_split
+from wdam_jax.errors import ConfigError
 from wdam_jax.methods.base import Fitted, ImageScores, Method
 from wdam_jax.models.wide_resnet import (
     BASE_WIDTH,
@@ -545,20 +547,76 @@ class CutPaste(Method):
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
         t = config.train
-        self.stage_starts = (0, t.stage1_steps, t.stage1_steps + t.stage2_steps)
-        self._total_steps = t.stage1_steps + t.stage2_steps + t.stage3_steps
-        self.wdam_start = self.stage_starts[2]
-        if config.model.wdam_layers and t.stage3_steps <= 0:
+        epochs = tuple(t.get("stage_epochs", ()))
+        if epochs and t.get("epoch_size", 0) == 0:
+            if len(epochs) != 3 or min(epochs) < 0:
+                raise ConfigError(
+                    f"config.train.stage_epochs={epochs}: give three lengths >= 0 (stages 1, 2, "
+                    "3), or () to use config.train.stage{1,2,3}_steps."
+                )
+            steps = (t.stage1_steps, t.stage2_steps, t.stage3_steps)
+            if any(steps):
+                raise ConfigError(
+                    f"config.train.stage_epochs={epochs} and config.train.stage{{1,2,3}}_steps="
+                    f"{steps} both set the stage lengths: clear one, e.g. "
+                    "--config.train.stage_epochs=() to count in steps."
+                )
+        elif config.model.wdam_layers and t.stage3_steps <= 0:
             raise ValueError(
                 f"config.model.wdam_layers={tuple(config.model.wdam_layers)} but WDAM enters in "
                 "stage 3 and config.train.stage3_steps=0; set train.stage3_steps > 0."
             )
-        if self._total_steps <= 0:
+        elif t.stage1_steps + t.stage2_steps + t.stage3_steps <= 0:
             raise ValueError("config.train.stage{1,2,3}_steps add up to 0; nothing to train.")
+
+    def resolve_schedule(self) -> None:
+        """Stage lengths given in epochs (``train.stage_epochs``) become steps of this category's
+        training set, written into ``train.stage{1,2,3}_steps`` with ``train.epoch_size`` (the
+        number of normal training images), so the run's saved config states the steps it ran and
+        a later ``evaluate`` or ``predict`` does not need the data to know them. One epoch is a
+        pass over the normal training images at ``train.batch_size`` per step:
+        ``steps = ceil(epochs * epoch_size / batch_size)``."""
+        t = self.config.train
+        if not tuple(t.get("stage_epochs", ())) or t.get("epoch_size", 0):
+            return
+        size = len(self.train_data.images)
+        steps = [math.ceil(e * size / t.batch_size) for e in t.stage_epochs]
+        with self.config.unlocked():
+            t.epoch_size = size
+            t.stage1_steps, t.stage2_steps, t.stage3_steps = steps
+        logging.info(
+            "Stage lengths %s epochs of %d training images at batch %d = %s steps.",
+            tuple(t.stage_epochs),
+            size,
+            t.batch_size,
+            steps,
+        )
+        if self.config.model.wdam_layers and steps[2] <= 0:
+            raise ConfigError(
+                f"config.model.wdam_layers={tuple(self.config.model.wdam_layers)} but WDAM enters "
+                f"in stage 3 and config.train.stage_epochs={tuple(t.stage_epochs)} gives it 0 "
+                "steps; give stage 3 a length > 0."
+            )
+        if sum(steps) <= 0:
+            raise ConfigError(
+                f"config.train.stage_epochs={tuple(t.stage_epochs)}: nothing to train."
+            )
+
+    @functools.cached_property
+    def stage_starts(self) -> tuple[int, int, int]:
+        """The first step of each stage (stage lengths in epochs are resolved first)."""
+        self.resolve_schedule()
+        t = self.config.train
+        return (0, t.stage1_steps, t.stage1_steps + t.stage2_steps)
+
+    @property
+    def wdam_start(self) -> int:
+        return self.stage_starts[2]
 
     @property
     def total_steps(self) -> int:
-        return self._total_steps
+        t = self.config.train
+        return self.stage_starts[2] + t.stage3_steps
 
     @functools.cached_property
     def train_data(self) -> TrainData:
@@ -597,6 +655,8 @@ class CutPaste(Method):
                 )
         if config.augment.foreground_mask:
             problems += self._check_foreground()
+        if not problems:
+            self.resolve_schedule()  # the saved config then states the steps of each stage
         return problems
 
     def _check_foreground(self) -> list[str]:
@@ -641,6 +701,7 @@ class CutPaste(Method):
         all there (no weight decay either: with decay, Adam would shrink them towards 0 from
         their initialisation) and their own Adam starts fresh when WDAM enters.
         """
+        self.resolve_schedule()
         t = self.config.train
         sgd = optax.chain(
             optax.add_decayed_weights(t.weight_decay),
