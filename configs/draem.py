@@ -65,6 +65,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.checkpoint_every = 2000
     config.train.keep_checkpoints = 2
     config.train.eval_every = 1000
+    # "Adding a validation phase": the state with the best validation score (held-out normal
+    # images with synthetic anomalies, never the test split) is kept beside the newest one;
+    # python -m launch.evaluate --checkpoint=best scores it.
+    config.train.select_metric = "val/mean_auroc"
 
     config.score = ml_collections.ConfigDict()
     config.score.pool_size = 21  # image score: max of the pool_size-averaged anomaly map

@@ -2,6 +2,7 @@
 
   python -m launch.evaluate --workdir=workdirs/cutpaste_wdam_demo
   python -m launch.evaluate --workdir=workdirs/cutpaste_wdam_demo --step=80
+  python -m launch.evaluate --workdir=workdirs/draem_wdam_demo --checkpoint=best
 
 Writes ``<workdir>/eval/step_<step>/`` (metrics JSON/CSV/markdown, per-image scores, heatmaps,
 learning curves) and prints the I-AUROC / P-AUROC / PRO table. The run's config is the one
@@ -15,6 +16,13 @@ from wdam_jax import checkpoints, evaluate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to evaluate.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+_CHECKPOINT = flags.DEFINE_enum(
+    "checkpoint",
+    "latest",
+    ["latest", "best"],
+    "latest: the newest checkpoint (or --step); best: the one with the best validation score "
+    "(runs with config.train.select_metric, e.g. DRAEM's).",
+)
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -22,7 +30,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     checkpoints.quiet_orbax()
-    evaluate.evaluate(None, _WORKDIR.value, step=_STEP.value)
+    best = _CHECKPOINT.value == "best"
+    if best and _STEP.value is not None:
+        raise app.UsageError("Give --step or --checkpoint=best, not both.")
+    evaluate.evaluate(None, _WORKDIR.value, step=_STEP.value, best=best)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,13 @@ _PIXEL_THRESHOLD = flags.DEFINE_float(
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Files read and scored at a time.")
 _OVERLAYS = flags.DEFINE_bool("overlays", True, "Write one overlay PNG per image.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+_CHECKPOINT = flags.DEFINE_enum(
+    "checkpoint",
+    "latest",
+    ["latest", "best"],
+    "latest: the newest checkpoint (or --step); best: the one with the best validation score "
+    "(runs with config.train.select_metric, e.g. DRAEM's).",
+)
 flags.mark_flags_as_required(["workdir", "images", "out"])
 
 
@@ -30,6 +37,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     checkpoints.quiet_orbax()
+    best = _CHECKPOINT.value == "best"
+    if best and _STEP.value is not None:
+        raise app.UsageError("Give --step or --checkpoint=best, not both.")
     predict.predict(
         _WORKDIR.value,
         _IMAGES.value,
@@ -39,6 +49,7 @@ def main(argv):
         batch_size=_BATCH_SIZE.value,
         overlays=_OVERLAYS.value,
         step=_STEP.value,
+        best=best,
     )
 
 

@@ -208,6 +208,40 @@ def test_validate_runs_every_eval_every_steps_and_at_step_0(tmp_path):
     assert [s for s, _ in log["loss"]] == [1, 2, 4, 5]
 
 
+class PeakMethod(ToyMethod):
+    """A validation score that peaks at step 4."""
+
+    def validate(self, model, *, step):
+        return {"val/score": -abs(step - 4.0), "val/other": float(step)}
+
+
+def test_best_checkpoint_is_kept_beside_the_newest_and_survives_a_resume(tmp_path):
+    config = toy_config(steps=8)
+    config.train.eval_every = 2
+    config.train.keep_checkpoints = 1
+    config.train.select_metric = "val/score"
+    workdir = tmp_path / "run"
+    train.train(config, workdir, method=PeakMethod(config), stop_at=6)
+    train.train(config, workdir, method=PeakMethod(config))  # resumed: steps 6, 8 score lower
+    record = json.loads((workdir / checkpoints.BEST_RECORD).read_text())
+    assert record == {"metric": "val/score", "value": 0.0, "step": 4}
+    best = train.restore(workdir, config=config, method=PeakMethod(config), best=True)
+    latest = train.restore(workdir, config=config, method=PeakMethod(config))
+    assert (best.step, latest.step) == (4, 8)
+    # The best checkpoint is the state at step 4, with its fitted statistics.
+    _, at4 = train.train(config, tmp_path / "to4", method=PeakMethod(config), stop_at=4)
+    best_params = [np.asarray(x) for x in jax.tree.leaves(nnx.state(best.model, nnx.Param))]
+    for a, b in zip(best_params, _params(at4), strict=True):
+        np.testing.assert_array_equal(a, b)
+    expected = PeakMethod(config).fit(best.model, PeakMethod(config).train_images(), step=4)
+    np.testing.assert_allclose(best.fitted["mean_logit"], expected["mean_logit"], rtol=1e-6)
+    # A run without select_metric keeps no best checkpoint, and says so when asked for one.
+    config.train.select_metric = ""
+    train.train(config, tmp_path / "plain", method=PeakMethod(config))
+    with pytest.raises(checkpoints.NoCheckpointError, match="select_metric"):
+        train.restore(tmp_path / "plain", config=config, method=PeakMethod(config), best=True)
+
+
 def test_changed_config_is_refused_naming_the_fields(tmp_path):
     config = toy_config(steps=4)
     train.train(config, tmp_path, method=ToyMethod(config), stop_at=2)

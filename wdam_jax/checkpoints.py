@@ -40,6 +40,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from wdam_jax.errors import MissingFileError, UserError
 
 CHECKPOINT_DIR = "checkpoints"
+# The state with the best validation score (``train.select_metric``) and its record.
+BEST_DIR = "best_checkpoint"
+BEST_RECORD = "best_checkpoint.json"
 DAMAGED_DIR = "damaged_checkpoints"
 CHECKSUMS = "wdam_sha256.json"
 CONFIG_FILE = "config.json"
@@ -98,14 +101,15 @@ def check_workdir(workdir: str | os.PathLike) -> list[str]:
 
 
 def checkpoint_manager(
-    workdir: str | pathlib.Path, *, max_to_keep: int | None = None
+    workdir: str | pathlib.Path, *, max_to_keep: int | None = None, best: bool = False
 ) -> ocp.CheckpointManager:
-    """The workdir's one CheckpointManager (synchronous: the state's buffers are donated)."""
+    """The workdir's CheckpointManager (synchronous: the state's buffers are donated): of the
+    newest checkpoints, or with ``best`` of the one with the best validation score."""
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
     )
     return ocp.CheckpointManager(
-        pathlib.Path(workdir).absolute() / CHECKPOINT_DIR,
+        pathlib.Path(workdir).absolute() / (BEST_DIR if best else CHECKPOINT_DIR),
         options=options,
         item_names=(STATE, FITTED),
     )

@@ -50,6 +50,7 @@ def evaluate(
     *,
     step: int | None = None,
     method: Method | None = None,
+    best: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Restores a checkpoint of ``workdir``, scores the test split and writes the report.
 
@@ -58,13 +59,15 @@ def evaluate(
       workdir: the run directory.
       step: checkpoint step (default: newest).
       method: an already built method (reuses its loaded training data).
+      best: the checkpoint with the best validation score (``train.select_metric``) instead of
+        the newest; its report goes to ``eval/step_<its step>/`` as any other step's.
 
     Returns:
       ``{category: {"i_auroc", "p_auroc", "pro", "i_f1_max", "i_aupr", "p_f1_max", "p_aupr"}}``
       as fractions.
     """
     workdir = pathlib.Path(workdir)
-    run = train_lib.restore(workdir, step=step, config=config, method=method)
+    run = train_lib.restore(workdir, step=step, config=config, method=method, best=best)
     config = run.config
     split = sources.load_split(config.data, split="test")
     if not split.has_pixel_labels:

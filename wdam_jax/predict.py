@@ -208,6 +208,7 @@ def predict(
     batch_size: int = 64,
     overlays: bool = True,
     step: int | None = None,
+    best: bool = False,
 ) -> list[dict[str, Any]]:
     """Scores every file of ``images`` with the run in ``workdir``; writes the outputs to ``out``.
 
@@ -220,13 +221,14 @@ def predict(
       batch_size: files read and scored at a time (bounds memory).
       overlays: write one overlay PNG per image.
       step: checkpoint step (default: newest).
+      best: the checkpoint with the best validation score instead (``train.select_metric``).
 
     Returns:
       The rows written (one per file).
     """
     workdir, out = pathlib.Path(workdir), pathlib.Path(out)
     paths = list_inputs(images)
-    run = train_lib.restore(workdir, step=step)
+    run = train_lib.restore(workdir, step=step, best=best)
     chosen = resolve_thresholds(run, workdir, threshold=threshold, pixel_threshold=pixel_threshold)
     image_t, pixel_t = chosen["image"], chosen["pixel"]
     assert image_t is not None  # resolve_thresholds raised otherwise

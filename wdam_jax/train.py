@@ -208,6 +208,7 @@ def restore(
     step: int | None = None,
     config: ml_collections.ConfigDict | None = None,
     method: Method | None = None,
+    best: bool = False,
 ) -> Restored:
     """The model (and fitted statistics) of a workdir's newest (or ``step``'s) checkpoint.
 
@@ -216,10 +217,18 @@ def restore(
       step: checkpoint step (default: newest).
       config: the run's config (default: the one recorded in the workdir).
       method: an already built method for ``config`` (reuses its loaded data).
+      best: the checkpoint with the best validation score (``train.select_metric``) instead.
     """
     config = checkpoints.read_config(workdir) if config is None else config
     method = get_method(config) if method is None else method
-    manager = checkpoints.checkpoint_manager(workdir)
+    manager = checkpoints.checkpoint_manager(workdir, best=best)
+    if best and manager.latest_step() is None:
+        manager.close()
+        raise checkpoints.NoCheckpointError(
+            f"{workdir} has no best checkpoint: runs keep one when config.train.select_metric "
+            "names a metric their validation reports (with config.train.eval_every > 0); "
+            "evaluate the newest checkpoint instead (without --checkpoint=best)."
+        )
     if manager.latest_step() is None:
         raise checkpoints.NoCheckpointError(
             f"{workdir} has no checkpoint yet: train it first, or finish an interrupted run by "
@@ -336,6 +345,42 @@ def _check_finite(metrics: Mapping[str, float], step: int, manager) -> None:
         )
 
 
+class _Best:
+    """Keeps the state with the highest ``config.train.select_metric`` among the validations
+    (with its fitted statistics) in ``<workdir>/best_checkpoint/``, and its step and score in
+    ``best_checkpoint.json``; model selection on validation data only, never on the test split
+    (the method's ``validate`` decides what it scores)."""
+
+    def __init__(self, workdir: pathlib.Path, metric: str):
+        self.metric = metric
+        self.record = workdir / checkpoints.BEST_RECORD
+        self.manager = None
+        self.value = -math.inf
+        if not metric:
+            return
+        self.manager = checkpoints.checkpoint_manager(workdir, max_to_keep=1, best=True)
+        if self.record.is_file() and self.manager.latest_step() is not None:
+            self.value = float(json.loads(self.record.read_text())["value"])
+
+    def offer(self, step: int, values: Mapping[str, float], state, fit: Callable[[], Fitted]):
+        if self.manager is None or not values.get(self.metric, -math.inf) > self.value:
+            return
+        self.value = float(values[self.metric])
+        checkpoints.save(self.manager, step, state, fit())
+        record = {"metric": self.metric, "value": self.value, "step": step}
+        checkpoints.atomic_write_text(self.record, json.dumps(record, indent=1))
+        logging.info(
+            "best %s so far (%.4f) at step %d: saved to %s.",
+            *record.values(),
+            self.manager.directory,
+        )
+
+    def close(self):
+        if self.manager is not None:
+            self.manager.wait_until_finished()
+            self.manager.close()
+
+
 def train(
     config: ml_collections.ConfigDict,
     workdir: str | pathlib.Path,
@@ -404,11 +449,18 @@ def train(
     last = total if stop_at is None else min(stop_at, total)
     log = _Log(workdir)
     eval_every = config.train.get("eval_every", 0)
-    if eval_every and first == 0 < last:  # the untrained network: the curve's baseline
-        values = method.validate(model_from_state(graphdef, rest, state), step=0)
+    best = _Best(workdir, config.train.get("select_metric", ""))
+
+    def validate(step: int) -> None:
+        model = model_from_state(graphdef, rest, state)
+        values = method.validate(model, step=step)
         if values:
-            log(0, values)
-            logging.info("validation at step 0: %s", values)
+            log(step, values)
+            logging.info("validation at step %d: %s", step, values)
+            best.offer(step, values, state, lambda: fit_statistics(method, model, step=step))
+
+    if eval_every and first == 0 < last:  # the untrained network: the curve's baseline
+        validate(0)
     if first < last:
         step_fn = compile_train_step(graphdef, rest, method.loss, tx, mesh)
         progress = Progress("train", total, unit="steps", every=0, done=first)
@@ -429,10 +481,7 @@ def train(
                     shown = " ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()))
                     progress.update(done, shown, force=True)
                 if eval_every and (done % eval_every == 0 or done == total):
-                    values = method.validate(model_from_state(graphdef, rest, state), step=done)
-                    if values:
-                        log(done, values)
-                        logging.info("validation at step %d: %s", done, values)
+                    validate(done)
                 if done == total:
                     break  # the final checkpoint is saved with the fitted statistics below
                 if done % config.train.checkpoint_every == 0 or done == last:
@@ -443,5 +492,6 @@ def train(
         checkpoints.save(manager, total, state, fitted)
     manager.wait_until_finished()
     manager.close()
+    best.close()
     log.close()
     return model_from_state(graphdef, rest, state), state
