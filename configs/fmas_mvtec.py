@@ -3,6 +3,9 @@
   python -m launch.synthesize --config=configs/fmas_mvtec.py
   python -m launch.synthesize --config=configs/fmas_mvtec.py --shard_index=0 --num_shards=8
   python -m launch.synthesize --config=configs/fmas_mvtec.py:demo   # tiny models, demo data, CPU
+  python -m launch.synthesize --config=configs/fmas_mvtec.py --config.distributed.engine=ray \
+      --config.distributed.address=auto --config.distributed.num_workers=8 \
+      --config.distributed.gpus_per_worker=1   # a Ray cluster, one GPU per worker
 
 The plain config expects real weights and data at the paths below (see synthesis/README.md);
 ``:demo`` expects ``python -m synthesis.tiny_models --out_dir=workdirs/tiny_models`` and the demo
@@ -91,6 +94,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.output = ml_collections.ConfigDict()
     config.output.records_per_file = 64
+
+    # Who runs the models (synthesis/distributed.py). "local": this process. "ray": a pool of
+    # Ray Data actors (pip install -e '.[distributed]'), each loading the models once; the
+    # records come back in order to this process's writer, so the output is the same.
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.engine = "local"
+    config.distributed.num_workers = 2  # actors in the pool ("ray")
+    config.distributed.address = ""  # "": start a Ray instance here; "auto" or "ray://h:10001"
+    config.distributed.cpus_per_worker = 1.0
+    config.distributed.gpus_per_worker = 0.0  # 1.0 on GPU workers: one GPU-resident model each
+    config.distributed.actor_start_timeout_s = 600  # waits for every actor's models to load
 
     if arg == "demo":
         config.output_dir = "workdirs/fmas_demo"

@@ -5,6 +5,12 @@ training images (``<data.root>/<category>/<data.pattern>``, sorted, every n-th f
 one record per image. Every random choice of an image comes from a generator seeded by
 ``(config.seed, hash of its source path)``, so a record does not depend on the sharding or on
 where a run was interrupted.
+
+The models of a worker live in a :class:`Synthesizer` (loaded once). ``config.distributed.engine``
+picks who runs them: ``"local"``, this process, one image after the other; ``"ray"``, a pool of
+``config.distributed.num_workers`` Ray Data actors, each loading its models once
+(:mod:`synthesis.distributed`). Either way the records come back to this process in the
+sequential order and go through the same atomic writer, so the output is the same.
 """
 
 from __future__ import annotations
@@ -14,9 +20,10 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -250,14 +257,113 @@ def synthesize_one(
     )
 
 
+class Synthesizer:
+    """The models of one FMAS worker, loaded once: SAM (on the first foreground cache miss),
+    Stable Diffusion inpainting and LPIPS.
+
+    Args:
+      config: an FMAS config.
+
+    Attributes:
+      device: the torch device the models run on (``config.device`` resolved here, on the worker).
+      load_seconds: how long loading took.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict) -> None:
+        t = time.perf_counter()
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.foreground = masks.ForegroundProvider(
+            config.masks.fg_root,
+            texture_categories=config.masks.texture_categories,
+            sam_checkpoint=config.sam.checkpoint,
+            sam_model_type=config.sam.model_type,
+            sam_prompt=config.sam.prompt,
+            min_fraction=config.masks.min_foreground_fraction,
+            device=self.device,
+            multi_object_categories=config.sam.multi_object_categories,
+            grid=masks.PointGrid(
+                points_per_side=config.sam.grid_points_per_side,
+                min_score=config.sam.grid_min_score,
+                max_fraction=config.sam.grid_max_fraction,
+            ),
+        )
+        self.lpips_model = selector.load_lpips(
+            net=config.selector.lpips_net,
+            backbone_weights=config.selector.backbone_weights,
+            device=self.device,
+            seed=config.seed,
+        )
+        self.pipe = inpainting.load_inpaint_pipeline(
+            config.inpaint.model_dir,
+            device=self.device,
+            half_precision=config.inpaint.half_precision,
+        )
+        self.load_seconds = time.perf_counter() - t
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def __call__(self, item: WorkItem, prompt_pair: prompts.PromptPair) -> Result:
+        """The record of one image, with how its foreground was obtained."""
+        before = dict(self.foreground.stats)
+        record = synthesize_one(
+            item,
+            config=self.config,
+            foreground=self.foreground,
+            pipe=self.pipe,
+            lpips_model=self.lpips_model,
+            prompt_pair=prompt_pair,
+        )
+        foreground = {k: v - before[k] for k, v in self.foreground.stats.items()}
+        return Result(item.source, record, foreground, self.worker)
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """What a worker returns for one image."""
+
+    source: str
+    record: bytes  # the serialised Example
+    foreground: dict[str, int]  # this image's increments of ``ForegroundProvider.stats``
+    worker: str  # "<host>:<pid>" of the process that made it
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One shard's work, decided before any model loads."""
+
+    all_items: list[WorkItem]
+    mine: list[WorkItem]
+    done: Counter[str]  # sources already in the output folder (any worker)
+    todo: list[WorkItem]
+    prompt_pairs: dict[str, prompts.PromptPair]
+    label: str
+
+
+ENGINES = ("local", "ray")
+
+
+def _check_distributed(config: ml_collections.ConfigDict) -> None:
+    d = config.distributed
+    problems = []
+    if d.engine not in ENGINES:
+        problems.append(f"distributed.engine={d.engine!r} must be one of {ENGINES}")
+    if d.num_workers < 1:
+        problems.append(f"distributed.num_workers={d.num_workers} must be >= 1")
+    if d.cpus_per_worker < 0 or d.gpus_per_worker < 0:
+        problems.append("distributed.cpus_per_worker and gpus_per_worker must be >= 0")
+    if problems:
+        raise ValueError("; ".join(problems) + ".")
+
+
 def run_fmas(
     config: ml_collections.ConfigDict, *, shard_index: int = 0, num_shards: int = 1
 ) -> dict[str, Any]:
-    """Runs FMAS for one worker and writes its records and manifest.
+    """Runs FMAS for one shard and writes its records and manifest.
 
     Args:
       config: an FMAS config (``configs/fmas_mvtec.py``).
-      shard_index, num_shards: this worker's share (``--shard_index/--num_shards``).
+      shard_index, num_shards: this shard (``--shard_index/--num_shards``); with
+        ``distributed.engine="ray"`` a shard is one Ray job.
 
     Returns:
       The manifest, also written to ``<output_dir>/manifest-<i>-of-<n>.json``.
@@ -265,6 +371,7 @@ def run_fmas(
     Raises:
       writer.ShardBusyError: another live worker has the same shard of the same output folder.
     """
+    _check_distributed(config)
     import torch
 
     threads = torch.get_num_threads()
@@ -280,10 +387,9 @@ def run_fmas(
         torch.set_num_threads(threads)
 
 
-def _run_fmas(
-    config: ml_collections.ConfigDict, *, shard_index: int, num_shards: int
-) -> dict[str, Any]:
-    t0 = time.perf_counter()
+def plan_shard(config: ml_collections.ConfigDict, *, shard_index: int, num_shards: int) -> Plan:
+    """The images of one shard still to do, with their prompts; checks SAM's checkpoint is
+    there if an object class needs it."""
     all_items = list_work(
         config.data.root,
         categories=config.data.categories,
@@ -306,7 +412,6 @@ def _run_fmas(
         len(mine) - len(todo),
         len(todo),
     )
-    device = resolve_device(config.device)
     texture = set(config.masks.texture_categories)
     needs_sam = any(
         it.category not in texture
@@ -320,21 +425,6 @@ def _run_fmas(
             "foreground of object classes. "
             + masks.SAM_CHECKPOINT_HELP.format(model_type=config.sam.model_type, path=sam_path)
         )
-    foreground = masks.ForegroundProvider(
-        config.masks.fg_root,
-        texture_categories=config.masks.texture_categories,
-        sam_checkpoint=config.sam.checkpoint,
-        sam_model_type=config.sam.model_type,
-        sam_prompt=config.sam.prompt,
-        min_fraction=config.masks.min_foreground_fraction,
-        device=device,
-        multi_object_categories=config.sam.multi_object_categories,
-        grid=masks.PointGrid(
-            points_per_side=config.sam.grid_points_per_side,
-            min_score=config.sam.grid_min_score,
-            max_fraction=config.sam.grid_max_fraction,
-        ),
-    )
     # Before the models: a wrong endpoint or key fails in seconds, not after minutes of loading.
     prompt_pairs = {
         category: prompts.get_prompts(
@@ -347,65 +437,87 @@ def _run_fmas(
         )
         for category in sorted({item.category for item in todo})
     }
+    return Plan(all_items, mine, done, todo, prompt_pairs, label)
+
+
+def synthesize_local(
+    config: ml_collections.ConfigDict, plan: Plan, workers: dict[str, dict[str, Any]]
+) -> Iterator[Result]:
+    """This process's results for ``plan.todo``, in order; records itself in ``workers``."""
+    synth = Synthesizer(config)
+    workers[synth.worker] = {"device": synth.device, "model_loading_s": synth.load_seconds}
+    for item in plan.todo:
+        yield synth(item, plan.prompt_pairs[item.category])
+
+
+def _run_fmas(
+    config: ml_collections.ConfigDict, *, shard_index: int, num_shards: int
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    plan = plan_shard(config, shard_index=shard_index, num_shards=num_shards)
+    engine = config.distributed.engine
     written_per_category: Counter[str] = Counter()
+    foreground = Counter(
+        dict.fromkeys(("cache_hits", "sam", "sam_fallback_whole_image", "texture"), 0)
+    )
+    workers: dict[str, dict[str, Any]] = {}  # "<host>:<pid>" -> device, model loading time
+    records_per_worker: Counter[str] = Counter()
     files: list[str] = []
-    t_models = 0.0
-    if todo:
-        t = time.perf_counter()
-        lpips_model = selector.load_lpips(
-            net=config.selector.lpips_net,
-            backbone_weights=config.selector.backbone_weights,
-            device=device,
-            seed=config.seed,
-        )
-        pipe = inpainting.load_inpaint_pipeline(
-            config.inpaint.model_dir, device=device, half_precision=config.inpaint.half_precision
-        )
-        t_models = time.perf_counter() - t
-        progress = Progress(label, len(todo), unit="images", every=0, log=log.info)
+    if plan.todo:
+        if engine == "ray":
+            from synthesis import distributed
+
+            results = distributed.synthesize_ray(config, plan, workers)
+        else:
+            results = synthesize_local(config, plan, workers)
+        category_of = {item.source: item.category for item in plan.todo}
+        progress = Progress(plan.label, len(plan.todo), unit="images", every=0, log=log.info)
         with writer.ShardedRecordWriter(
-            output_dir,
+            Path(config.output_dir).expanduser(),
             shard_index=shard_index,
             num_shards=num_shards,
             records_per_file=config.output.records_per_file,
         ) as out:
-            for count, item in enumerate(todo, start=1):
-                out.add(
-                    synthesize_one(
-                        item,
-                        config=config,
-                        foreground=foreground,
-                        pipe=pipe,
-                        lpips_model=lpips_model,
-                        prompt_pair=prompt_pairs[item.category],
-                    )
-                )
-                written_per_category[item.category] += 1
-                progress.update(count, item.source)
+            for count, result in enumerate(results, start=1):
+                out.add(result.record)
+                written_per_category[category_of[result.source]] += 1
+                foreground.update(result.foreground)
+                records_per_worker[result.worker] += 1
+                progress.update(count, result.source)
         files = out.files_written
+    for name, info in workers.items():
+        info["records"] = records_per_worker[name]
     seconds = time.perf_counter() - t0
+    # Workers load their models in parallel: the longest load is the time it cost.
+    t_models = max((w["model_loading_s"] for w in workers.values()), default=0.0)
+    todo, mine, done = plan.todo, plan.mine, plan.done
     manifest = {
         "shard_index": shard_index,
         "num_shards": num_shards,
         "config": config.to_dict(),
         "counts": {
-            "images_total": len(all_items),
+            "images_total": len(plan.all_items),
             "images_in_shard": len(mine),
             "already_done": len(mine) - len(todo),
             "written_this_run": sum(written_per_category.values()),
             "written_this_run_per_category": dict(sorted(written_per_category.items())),
             "records_in_output_dir": sum(done.values()) + sum(written_per_category.values()),
-            "foreground": foreground.stats,
+            "foreground": dict(foreground),
         },
         "files_written_this_run": files,
         "record_glob": writer.RECORD_GLOB,
-        "prompts": {c: dataclasses.asdict(p) for c, p in sorted(prompt_pairs.items())},
-        "models": model_identities(config, sam_used=foreground.stats["sam"] > 0),
-        "device": device,
+        "prompts": {c: dataclasses.asdict(p) for c, p in sorted(plan.prompt_pairs.items())},
+        "models": model_identities(config, sam_used=foreground["sam"] > 0),
+        "engine": {"name": engine, "workers": dict(sorted(workers.items()))},
+        "device": ",".join(sorted({w["device"] for w in workers.values()}))
+        or resolve_device(config.device),
         "seconds": {"total": seconds, "model_loading": t_models},
         "seconds_per_image": (seconds - t_models) / len(todo) if todo else None,
     }
-    path = output_dir / f"manifest-{shard_index:05d}-of-{num_shards:05d}.json"
+    path = (
+        Path(config.output_dir).expanduser()
+        / f"manifest-{shard_index:05d}-of-{num_shards:05d}.json"
+    )
     atomic_write_text(path, json.dumps(manifest, indent=2, default=list))
-    log.info("%s done: %s", label, json.dumps(manifest["counts"]))
+    log.info("%s done: %s", plan.label, json.dumps(manifest["counts"]))
     return manifest

@@ -9,7 +9,7 @@ import pywt
 from flax import nnx
 
 from wdam_jax.models.wide_resnet import Bottleneck
-from wdam_jax.wdam import WDAM, reweight_subbands
+from wdam_jax.wdam import WDAM, block_maps, reweight_blocks, reweight_subbands
 
 
 def _force_gate(wdam: WDAM, value: float) -> None:
@@ -46,10 +46,11 @@ def test_reweight_subbands_scales_each_band():
     np.testing.assert_allclose(y[1], only_details[1], atol=1e-5)
 
 
-def test_wdam_matches_numpy_reference():
+@pytest.mark.parametrize("impl", ["fused", "reference"])
+def test_wdam_matches_numpy_reference(impl):
     channels, reduction = 32, 8
     x = _features((3, 10, 12, channels), seed=2)
-    wdam = WDAM(channels, reduction=reduction, rngs=nnx.Rngs(3))
+    wdam = WDAM(channels, reduction=reduction, impl=impl, rngs=nnx.Rngs(3))
     y = wdam(x)
     # Reference: pywt sub-bands, CBAM-style pooled MLP with the module's weights, sigmoid gate.
     xn = np.asarray(x, np.float64)
@@ -100,3 +101,65 @@ def test_bottleneck_star_with_gate_zero_is_plain_and_with_one_doubles():
     _force_gate(star.wdam, 1.0)
     # Block output X is non-negative (after ReLU), so ReLU(X + X) = 2X.
     chex.assert_trees_all_close(star(x, train=False), 2.0 * reference, atol=1e-4)
+
+
+def test_block_maps_are_haar_transposed_times_weights_times_haar():
+    weights = jnp.asarray(np.random.default_rng(5).uniform(size=(3, 4)), jnp.float32)
+    haar = 0.5 * np.array([[1, 1, 1, 1], [1, 1, -1, -1], [1, -1, 1, -1], [1, -1, -1, 1]])
+    expected = np.stack([haar.T @ np.diag(w) @ haar for w in np.asarray(weights, np.float64)])
+    np.testing.assert_allclose(np.asarray(block_maps(weights)), expected, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(block_maps(jnp.ones((1, 4))))[0], np.eye(4), atol=1e-6)
+
+
+def _wdam_pair(channels, *, method="reshape"):
+    """The same WDAM weights in the fused and the reference formulation."""
+    fused = WDAM(channels, reduction=4, rngs=nnx.Rngs(7))
+    reference = WDAM(channels, reduction=4, impl="reference", method=method, rngs=nnx.Rngs(8))
+    nnx.update(reference, nnx.state(fused, nnx.Param))
+    return fused, reference
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 8), (2, 7, 5, 8), (1, 1, 3, 8)])
+@pytest.mark.parametrize("method", ["reshape", "conv"])
+def test_fused_wdam_equals_reference_values_and_gradients(shape, method):
+    fused, reference = _wdam_pair(shape[-1], method=method)
+    x = _features(shape, seed=6)
+    # Bottleneck*'s use, eq. 9, with a loss that weighs every output position differently.
+    probe = _features(shape, seed=9)
+    loss = lambda model, x: jnp.sum(probe * jax.nn.relu(x + model(x)))
+    grad = jax.jit(nnx.grad(loss, argnums=(0, 1)))
+    (g_model_f, g_x_f), (g_model_r, g_x_r) = grad(fused, x), grad(reference, x)
+    chex.assert_trees_all_close(fused(x), reference(x), atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(
+        fused.subband_weights.get_value(), reference.subband_weights.get_value(), atol=1e-6
+    )
+    chex.assert_trees_all_close(g_x_f, g_x_r, atol=1e-5, rtol=1e-5)
+    params = lambda g: nnx.state(g, nnx.Param)
+    chex.assert_trees_all_close(params(g_model_f), params(g_model_r), atol=1e-4, rtol=1e-4)
+    assert float(jnp.abs(g_model_f.fc1.kernel.get_value()).sum()) > 0
+
+
+def test_fused_wdam_in_bfloat16_is_close_to_float32_and_stays_bfloat16():
+    fused, reference = _wdam_pair(16)
+    x = _features((2, 9, 8, 16), seed=10)
+    y16 = fused(x.astype(jnp.bfloat16))
+    assert y16.dtype == jnp.bfloat16
+    assert bool(jnp.all(jnp.isfinite(y16)))
+    # bfloat16 keeps 8 significant bits: one rounding of the input and one of the output.
+    chex.assert_trees_all_close(y16.astype(jnp.float32), reference(x), atol=0.05, rtol=0.02)
+
+
+def test_reweight_blocks_equals_reweight_subbands_for_any_weights():
+    x = _features((3, 5, 6, 4), seed=11)
+    weights = jnp.asarray([[1.0, 0.0, 0.0, 0.0], [0.2, 0.5, 0.9, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    chex.assert_trees_all_close(
+        reweight_blocks(x, weights), reweight_subbands(x, weights), atol=1e-6
+    )
+    chex.assert_trees_all_close(reweight_blocks(x, weights)[2], x[2], atol=1e-6)
+
+
+def test_fused_wdam_refuses_a_wavelet_method():
+    with pytest.raises(ValueError, match="impl='reference'"):
+        WDAM(8, method="conv", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="Unknown WDAM impl"):
+        WDAM(8, impl="pallas", rngs=nnx.Rngs(0))

@@ -38,7 +38,7 @@ SubBands = tuple[jax.Array, jax.Array, jax.Array, jax.Array]
 
 # Rows: ll, lh, hl, hh. Columns: the block entries a, b, c, d = x[0,0], x[0,1], x[1,0], x[1,1].
 # The matrix is orthonormal, so its transpose is the synthesis (inverse) operator.
-_HAAR = 0.5 * np.array(
+HAAR = 0.5 * np.array(
     [
         [1.0, 1.0, 1.0, 1.0],
         [1.0, 1.0, -1.0, -1.0],
@@ -48,7 +48,7 @@ _HAAR = 0.5 * np.array(
     dtype=np.float32,
 )
 # The analysis filters as 2x2 kernels over (dh, dw): _KERNELS[k, dh, dw].
-_KERNELS = _HAAR.reshape(4, 2, 2)
+_KERNELS = HAAR.reshape(4, 2, 2)
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
