@@ -90,17 +90,18 @@ def test_two_processes_train_the_one_process_model(demo_data_root, tmp_path):
     assert sorted(int(p.name) for p in (tmp_path / "two" / "checkpoints").iterdir()) == [2, 3]
     # The same global batch (rows in another order): equal up to float summation order, which
     # Adam's normalised steps can amplify to ~lr on a parameter whose gradient is near zero. So
-    # each tensor's difference is measured against how far training moved it (a run that saw
+    # the difference is measured against how far training moved the parameters (a run that saw
     # only its own half of the batch differs by the order of the move itself).
     start = train.init_state(registry.get_method(config), config)[3]["params"]
     trees = [jax.device_get(one["params"]), nnx.state(two.model, nnx.Param), start]
-    for a, b, a0 in zip(*(map(np.asarray, jax.tree.leaves(t)) for t in trees), strict=True):
-        moved = np.linalg.norm(a - a0)
-        assert np.linalg.norm(b - a) <= 1e-2 * moved + 1e-7, (moved, np.abs(b - a).max())
-    # The fitted statistics (each process fits them, process 0's are saved) match too.
+    a, b, a0 = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)]) for t in trees)
+    moved, diff = np.linalg.norm(a - a0), np.linalg.norm(b - a)
+    assert moved > 0.1 and diff <= 1e-2 * moved, (moved, diff, np.abs(b - a).max())
+    # The fitted statistics (each process fits them, process 0's are saved) agree as closely
+    # (the Gaussian's precision matrix, an inverse, amplifies the parameters' rounding).
     fitted_one = train.restore(tmp_path / "one").fitted
     for k, v in fitted_one.items():
-        np.testing.assert_allclose(two.fitted[k], v, rtol=1e-3, atol=1e-4, err_msg=k)
+        assert np.linalg.norm(two.fitted[k] - v) <= 1e-2 * np.linalg.norm(v), k
 
 
 def test_batch_parts_hold_the_rows_of_the_whole_batch(demo_data_root):
