@@ -66,6 +66,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # Ensemble: "train_standardise" (deployable: statistics of normal training images)
             # or "minmax_over_evaluated_set" (the official ensemble's protocol, for Table 6).
             "normalisation": "train_standardise",
+            # Memory bank and coreset sharded by rows over this host's devices (a bank bounded
+            # by their total memory); the same results (wdam_jax/methods/patchcore_sharded.py).
+            "shard_bank": False,
         }
     )
     config.members = ml_collections.ConfigDict({"plain": member("imagenet")})

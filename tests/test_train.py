@@ -58,11 +58,12 @@ class ToyMethod(Method):
     def optimizer(self):
         return optim.staged([optax.sgd(0.1, momentum=0.9), optax.adam(0.01)], [3])
 
-    def batch(self, step: int):
+    def batch(self, step: int, *, part: int = 0, parts: int = 1):
         rng = np.random.default_rng([self.config.seed, step])
+        rows = slice(part * 4 // parts, (part + 1) * 4 // parts)
         return {
-            "image": rng.random((4, 8, 8, 3), dtype=np.float32),
-            "label": rng.integers(0, 3, 4).astype(np.int32),
+            "image": rng.random((4, 8, 8, 3), dtype=np.float32)[rows],
+            "label": rng.integers(0, 3, 4).astype(np.int32)[rows],
         }
 
     def loss(self, model, batch, *, step, key):

@@ -37,6 +37,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from wdam_jax import distributed
 from wdam_jax.errors import MissingFileError, UserError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -134,8 +135,10 @@ def save(
     previous = manager.latest_step()
     try:
         manager.save(step, args=ocp.args.Composite(**items), force=True)
-        step_dir = _step_dir(manager, step)
-        atomic_write_text(step_dir / CHECKSUMS, json.dumps(_digests(step_dir), indent=1))
+        if distributed.is_primary():  # orbax has finished every process's files by now
+            step_dir = _step_dir(manager, step)
+            atomic_write_text(step_dir / CHECKSUMS, json.dumps(_digests(step_dir), indent=1))
+        distributed.barrier(f"wdam_checksums_{step}")
     except Exception as e:  # orbax and tensorstore raise plain Exceptions for I/O failures
         kept = "no earlier checkpoint" if previous is None else f"the checkpoint at step {previous}"
         raise CheckpointError(
@@ -260,14 +263,16 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any):
 
 def set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
     """Moves damaged steps out of the manager's folder (kept for inspection, never deleted)."""
-    aside = pathlib.Path(manager.directory).parent / DAMAGED_DIR
-    aside.mkdir(exist_ok=True)
-    for step in steps:
-        target, n = aside / str(step), 1
-        while target.exists():
-            target, n = aside / f"{step}.{n}", n + 1
-        shutil.move(_step_dir(manager, step), target)
-        logging.warning("Moved damaged checkpoint %d to %s.", step, target)
+    if distributed.is_primary():
+        aside = pathlib.Path(manager.directory).parent / DAMAGED_DIR
+        aside.mkdir(exist_ok=True)
+        for step in steps:
+            target, n = aside / str(step), 1
+            while target.exists():
+                target, n = aside / f"{step}.{n}", n + 1
+            shutil.move(_step_dir(manager, step), target)
+            logging.warning("Moved damaged checkpoint %d to %s.", step, target)
+    distributed.barrier("wdam_set_aside")
     manager.reload()
 
 
@@ -303,14 +308,19 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 
 def write_config(
-    config: ml_collections.ConfigDict, workdir: pathlib.Path, *, allow_change: bool = False
+    config: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    *,
+    allow_change: bool = False,
+    write: bool = True,
 ) -> None:
     """Records the run's config in ``workdir`` (read back by :func:`read_config`).
 
     A workdir that already holds a config is resumed only with the same one, except for the
     fields in :data:`RESUMABLE_PREFIXES`; otherwise :class:`ConfigMismatchError` names the
     differing fields. ``allow_change`` accepts any change; the previous config is then kept as
-    ``config.<n>.json`` beside the new one.
+    ``config.<n>.json`` beside the new one. ``write=False`` only checks (the processes other
+    than the first of a multi-host run).
     """
     path = workdir / CONFIG_FILE
     new = json.loads(config.to_json())
@@ -331,6 +341,8 @@ def write_config(
                 "--workdir, restore those values, or pass --allow_config_change to continue "
                 "this run with the new values (the old config is kept beside it)."
             )
+        if not write:
+            return
         if blocking:
             n = 1
             while (workdir / f"config.{n}.json").exists():
@@ -338,7 +350,8 @@ def write_config(
             atomic_write_text(workdir / f"config.{n}.json", path.read_text())
             logging.warning("Config changed in %s (%s); previous kept as config.%d.json.",
                             workdir, ", ".join(blocking), n)  # fmt: skip
-    atomic_write_text(path, config.to_json(indent=2, sort_keys=True))
+    if write:
+        atomic_write_text(path, config.to_json(indent=2, sort_keys=True))
 
 
 def read_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:

@@ -5,9 +5,11 @@ fitted statistics. This module owns everything else:
 
 - the train state ``{"params", "batch_stats", "opt_state", "step", "rng"}``, a pytree of arrays;
 - a jit-compiled train step with the state donated and the step number folded into the RNG key;
-- data parallelism over all local devices with ``jax.sharding``: a 1-D ``Mesh`` named ``data``,
-  the batch sharded along its first axis, the state replicated. BatchNorm statistics are then
-  computed over the global batch, so 1 and N devices train the same model;
+- data parallelism over all devices with ``jax.sharding``: a 1-D ``Mesh`` named ``data``, the
+  batch sharded along its first axis, the state replicated. BatchNorm statistics are then
+  computed over the global batch, so 1 and N devices train the same model. With several
+  processes (hosts, :mod:`wdam_jax.distributed`) the mesh spans all of them and each process
+  builds only its part of the batch;
 - a non-finite loss stops the run with an error naming the step (the last checkpoint is kept);
 - checkpoints (:mod:`wdam_jax.checkpoints`): since batch ``s`` depends only on ``(seed, s)``, the
   data position is the step and a re-run of the same command resumes exactly. After the last
@@ -40,7 +42,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from wdam_jax import checkpoints
+from wdam_jax import checkpoints, distributed
 from wdam_jax.data import sources
 from wdam_jax.data import summary as data_summary
 from wdam_jax.errors import InputsError
@@ -61,8 +63,10 @@ DATA_AXIS = "data"
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh named ``data`` over ``devices`` (default: all local devices)."""
-    devices = jax.local_devices() if devices is None else list(devices)
+    """A 1-D mesh named ``data`` over ``devices`` (default: every device of every process,
+    ordered by process, so each process's devices hold one contiguous block of the batch)."""
+    if devices is None:
+        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
@@ -138,21 +142,31 @@ def compile_train_step(graphdef, rest, loss_fn, tx, mesh: Mesh) -> Callable:
 
 
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Places a host batch on the mesh, split along its first axis."""
-    n = mesh.devices.size
+    """Places this process's part of the batch on the mesh, split along its first axis.
+
+    With ``P`` processes each gives its own rows (part ``jax.process_index()`` of ``P``); the
+    global batch is their concatenation in process order.
+    """
+    n = mesh.devices.size // jax.process_count()  # this process's devices
     sizes = {k: v.shape[0] for k, v in batch.items()}
     bad = {k: s for k, s in sizes.items() if s % n}
     if bad:
         raise ValueError(
-            f"Batch sizes {bad} are not divisible by the {n} devices; change train.batch_size "
-            "or run on fewer devices."
+            f"Batch sizes {bad} are not divisible by the {n} devices of this process; change "
+            "train.batch_size or run on fewer devices."
         )
     sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-    return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    parts = jax.process_count()
+    return {
+        k: jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * parts, *v.shape[1:]))
+        for k, v in batch.items()
+    }
 
 
 def model_from_state(graphdef, rest, state: State) -> nnx.Module:
-    """The model holding ``state``'s parameters and batch statistics."""
+    """The model holding ``state``'s parameters and batch statistics (on this process's first
+    device in a multi-host run, for host-side work: validation, fitting, scoring)."""
+    state = distributed.local_copy(state)
     return nnx.merge(graphdef, state["params"], state["batch_stats"], rest, copy=True)
 
 
@@ -316,6 +330,16 @@ class _Log:
         self.summaries.close()
 
 
+class _NoLog:
+    """What the processes other than the first log in a multi-host run: nothing."""
+
+    def __call__(self, step: int, values: Mapping[str, float]) -> None:
+        del step, values
+
+    def close(self) -> None:
+        pass
+
+
 def read_train_log(workdir: str | pathlib.Path) -> dict[str, list[tuple[int, float]]]:
     """``train_log.jsonl`` as ``{name: [(step, value), ...]}`` (a resumed step's last value)."""
     path = pathlib.Path(workdir) / TRAIN_LOG
@@ -410,9 +434,10 @@ def train(
     problems = method.check_inputs() + checkpoints.check_workdir(workdir)
     if problems:
         raise InputsError(problems, what=f"{config.method} in {workdir}")
+    primary = distributed.is_primary()
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpoints.write_config(config, workdir, allow_change=allow_config_change)
-    if "data" in config:
+    checkpoints.write_config(config, workdir, allow_change=allow_config_change, write=primary)
+    if "data" in config and primary:
         summary = data_summary.summarize(config.data)
         data_summary.save(summary, workdir / DATA_SUMMARY)
         print(data_summary.format_summary(summary), flush=True)
@@ -444,10 +469,11 @@ def train(
         state, _ = checkpoints.restore(manager, state, mesh=mesh, set_aside_damaged=True)
         logging.info("Resuming from step %d of %s.", int(state["step"]), manager.directory)
     else:
-        state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+        # Through the host: a multi-host mesh takes host values (equal in every process).
+        state = jax.device_put(jax.device_get(state), NamedSharding(mesh, PartitionSpec()))
     first, total = int(state["step"]), method.total_steps
     last = total if stop_at is None else min(stop_at, total)
-    log = _Log(workdir)
+    log = _Log(workdir) if primary else _NoLog()
     eval_every = config.train.get("eval_every", 0)
     best = _Best(workdir, config.train.get("select_metric", ""))
 
@@ -466,10 +492,14 @@ def train(
         progress = Progress("train", total, unit="steps", every=0, done=first)
         # One batch is built ahead on a host thread while the device runs the current step.
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(method.batch, first)
+            # Each process builds only its part of the global batch (see shard_batch).
+            part = functools.partial(
+                method.batch, part=jax.process_index(), parts=jax.process_count()
+            )
+            pending = pool.submit(part, first)
             for step in range(first, last):
                 batch = pending.result()
-                pending = pool.submit(method.batch, step + 1) if step + 1 < last else None
+                pending = pool.submit(part, step + 1) if step + 1 < last else None
                 state, metrics = step_fn(state, shard_batch(batch, mesh))
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 done = step + 1

@@ -36,6 +36,26 @@ def batch_indices(
     return out
 
 
+def part_indices(
+    step: int, *, num_examples: int, batch_size: int, seed: int, part: int = 0, parts: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Part ``part`` of ``parts`` of batch ``step``: ``(positions in the batch, example indices)``,
+    both ``[batch_size / parts]`` int64 (the contiguous block ``part`` of :func:`batch_indices`).
+
+    Raises:
+      ValueError: ``batch_size`` is not divisible by ``parts`` (the number of processes).
+    """
+    if batch_size % parts or not 0 <= part < parts:
+        raise ValueError(
+            f"train.batch_size={batch_size} cannot be split into {parts} equal parts (one per "
+            f"process; this is part {part}): use a batch size divisible by the process count."
+        )
+    size = batch_size // parts
+    positions = np.arange(part * size, (part + 1) * size)
+    idx = batch_indices(step, num_examples=num_examples, batch_size=batch_size, seed=seed)
+    return positions, idx[positions]
+
+
 def map_batches(
     fn: Callable[[np.ndarray], Sequence[np.ndarray] | np.ndarray],
     images: np.ndarray,

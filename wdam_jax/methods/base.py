@@ -9,10 +9,11 @@ Life of a run, and which hook is called where:
 
 1. ``create_model()`` builds the network at step 0 (``abstract=True``: shapes only, to restore a
    checkpoint into). Its ``nnx.Param`` and ``nnx.BatchStat`` variables are the trained state.
-2. For ``step`` in ``[0, total_steps)``: ``batch(step)`` (host, numpy, a pure function of
-   ``(config.seed, step)``) and ``loss(model, batch, step=, key=)`` (traced, jit-compiled) with
-   ``optimizer()``. Every ``config.train.eval_every`` steps the loop calls ``validate(model,
-   step=)`` and logs what it returns. A gradient-free method has ``total_steps == 0``.
+2. For ``step`` in ``[0, total_steps)``: ``batch(step, part=, parts=)`` (host, numpy, a pure
+   function of ``(config.seed, step)``; ``parts > 1`` in a multi-host run) and ``loss(model,
+   batch, step=, key=)`` (traced, jit-compiled) with ``optimizer()``. Every
+   ``config.train.eval_every`` steps the loop calls ``validate(model, step=)`` and logs what it
+   returns. A gradient-free method has ``total_steps == 0``.
 3. After the last step, ``fit(model, train_images, step=)`` computes statistics of the normal
    training images that scoring needs (PatchCore's memory bank, CutPaste's Gaussian density);
    they are checkpointed with the final state (orbax item ``fitted``).
@@ -111,8 +112,16 @@ class Method(abc.ABC):
         gradient-free method, which has no steps)."""
         return optax.set_to_zero()
 
-    def batch(self, step: int) -> Batch:
-        """Batch ``step``: name -> ``[B, ...]`` numpy arrays, a pure function of (seed, step)."""
+    def batch(self, step: int, *, part: int = 0, parts: int = 1) -> Batch:
+        """Part ``part`` of ``parts`` of batch ``step``: name -> ``[rows, ...]`` numpy arrays.
+
+        The ``train.batch_size`` examples of the step are split into ``parts`` equal contiguous
+        blocks (:func:`wdam_jax.data.pipeline.part_indices`) and only block ``part``'s rows are
+        built: a multi-host run has each process build its own. Each example's rows are a pure
+        function of ``(seed, step, example index)``, so the parts together hold the rows of the
+        whole batch (``parts=1``) whatever ``parts`` is; a loss that is a mean over rows is
+        therefore the same (up to summation order).
+        """
         raise NotImplementedError(f"{type(self).__name__} has no training steps.")
 
     def loss(

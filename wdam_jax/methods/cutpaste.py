@@ -485,22 +485,31 @@ def make_batch(
     seed: int,
     source: str,
     augment_config: ml_collections.ConfigDict,
+    part: int = 0,
+    parts: int = 1,
 ) -> dict[str, np.ndarray]:
-    """Batch ``step`` of the 3-way task, a pure function of ``(seed, step)``.
+    """Part ``part`` of ``parts`` of batch ``step`` of the 3-way task, a pure function of
+    ``(seed, step)`` (see :meth:`wdam_jax.methods.base.Method.batch`).
 
-    Each of the ``batch_size`` normal images yields itself (class 0), an anomaly-source image
-    (class 1: CutPaste of it, or an FMAS sample drawn at random) and a scar of it (class 2).
+    Each of the part's ``b = batch_size / parts`` normal images yields itself (class 0), an
+    anomaly-source image (class 1: CutPaste of it, or an FMAS sample drawn at random) and a scar
+    of it (class 2).
 
     Returns:
-      ``image`` ``[3B, S, S, 3]`` float32 (normals, then anomalies, then scars) and ``label``
-      ``[3B]`` int32.
+      ``image`` ``[3b, S, S, 3]`` float32 (normals, then anomalies, then scars) and ``label``
+      ``[3b]`` int32.
     """
     a = augment_config
-    idx = pipeline.batch_indices(
-        step, num_examples=len(data.images), batch_size=batch_size, seed=seed
+    positions, idx = pipeline.part_indices(
+        step,
+        num_examples=len(data.images),
+        batch_size=batch_size,
+        seed=seed,
+        part=part,
+        parts=parts,
     )
     views: list[list[np.ndarray]] = [[], [], []]
-    for i, j in enumerate(idx):
+    for i, j in zip(positions, idx, strict=True):
         rng = np.random.default_rng([seed, step, i])
         image = data.images[j]
         fg = data.foreground[j] if data.foreground is not None else None
@@ -723,7 +732,7 @@ class CutPaste(Method):
         """Stage 1 replicates CutPaste; later stages use ``data.anomaly_source``."""
         return "cutpaste" if step < self.stage_starts[1] else self.config.data.anomaly_source
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
+    def batch(self, step: int, *, part: int = 0, parts: int = 1) -> dict[str, np.ndarray]:
         return make_batch(
             self.train_data,
             step,
@@ -731,6 +740,8 @@ class CutPaste(Method):
             seed=self.config.seed,
             source=self.anomaly_source(step),
             augment_config=self.config.augment,
+            part=part,
+            parts=parts,
         )
 
     def loss(

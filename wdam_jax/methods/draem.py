@@ -327,12 +327,18 @@ class Draem(Method):
         boundaries = {int(f * t.epochs) * self.steps_per_epoch: t.lr_decay for f in t.lr_milestones}
         return optax.adam(optax.piecewise_constant_schedule(t.lr, boundaries))
 
-    def batch(self, step: int) -> Batch:
-        """``image`` (targets), ``augmented`` (inputs) ``[B, S, S, 3]`` and ``mask``
-        ``[B, S, S]``; a pure function of ``(seed, step)``."""
+    def batch(self, step: int, *, part: int = 0, parts: int = 1) -> Batch:
+        """``image`` (targets), ``augmented`` (inputs) ``[b, S, S, 3]`` and ``mask``
+        ``[b, S, S]`` of part ``part`` of ``parts`` (``b = B / parts``); a pure function of
+        ``(seed, step)``."""
         t, data = self.config.train, self.data
-        idx = pipeline.batch_indices(
-            step, num_examples=len(data.images), batch_size=t.batch_size, seed=self.config.seed
+        positions, idx = pipeline.part_indices(
+            step,
+            num_examples=len(data.images),
+            batch_size=t.batch_size,
+            seed=self.config.seed,
+            part=part,
+            parts=parts,
         )
         samples = [
             synthesize(
@@ -344,7 +350,7 @@ class Draem(Method):
                 images=data.images,
                 no_anomaly_prob=self.config.augment.no_anomaly_prob,
             )
-            for i, j in enumerate(idx)
+            for i, j in zip(positions, idx, strict=True)
         ]
         image, augmented, mask = (
             np.stack(x).astype(np.float32) for x in zip(*samples, strict=True)

@@ -164,6 +164,41 @@ def _coreset_steps(
     return lax.fori_loop(start, stop, body, (min_dist, picks))
 
 
+def coreset_inputs(
+    key: Array,
+    features: ArrayLike,
+    n: int,
+    *,
+    proj_dim: int = 128,
+    dtype: jax.typing.DTypeLike = jnp.float16,
+) -> tuple[Array, Array, Array]:
+    """What :func:`greedy_coreset`'s pick loop starts from (see there for the arguments).
+
+    Returns:
+      ``(proj [N, p] dtype, sqnorm [N] float32, min_dist [N] float32)``: the centred, RMS-scaled
+      projection, its squared row norms, and each row's initial distance to the chosen set.
+    """
+    num_rows, dim = features.shape
+    if not 1 <= n <= num_rows:
+        raise ValueError(f"greedy_coreset: n={n} must be in [1, {num_rows}] (the number of rows)")
+    key_proj, key_start = jax.random.split(key)
+    if dim > proj_dim:
+        matrix = jax.random.normal(key_proj, (dim, proj_dim), jnp.float32) / math.sqrt(proj_dim)
+        proj = _project(features, matrix)
+    else:
+        proj = jnp.asarray(features, jnp.float32)
+    # Centring changes no distance but shrinks the norms, so the norm expansion cancels less.
+    proj = proj - jnp.mean(proj, axis=0)
+    rms = jnp.sqrt(jnp.mean(jnp.square(proj)))
+    proj = (proj / jnp.where(rms > 0, rms, 1.0)).astype(dtype)
+    sqnorm = jnp.sum(jnp.square(proj.astype(jnp.float32)), axis=1)
+    first = jax.random.randint(key_start, (), 0, num_rows, jnp.int32)
+    # Every row starts "infinitely far" from the empty set; the random first centre a bit farther,
+    # so that the first step (argmax) picks it.
+    min_dist = jnp.where(jnp.arange(num_rows) == first, jnp.inf, jnp.finfo(jnp.float32).max)
+    return proj, sqnorm, min_dist
+
+
 def greedy_coreset(
     key: Array,
     features: ArrayLike,
@@ -200,31 +235,21 @@ def greedy_coreset(
     Returns:
       ``[n]`` int32 unique row indices, in pick order.
     """
-    num_rows, dim = features.shape
-    if not 1 <= n <= num_rows:
-        raise ValueError(f"greedy_coreset: n={n} must be in [1, {num_rows}] (the number of rows)")
-    key_proj, key_start = jax.random.split(key)
-    if dim > proj_dim:
-        matrix = jax.random.normal(key_proj, (dim, proj_dim), jnp.float32) / math.sqrt(proj_dim)
-        proj = _project(features, matrix)
-    else:
-        proj = jnp.asarray(features, jnp.float32)
-    # Centring changes no distance but shrinks the norms, so the norm expansion cancels less.
-    proj = proj - jnp.mean(proj, axis=0)
-    rms = jnp.sqrt(jnp.mean(jnp.square(proj)))
-    proj = (proj / jnp.where(rms > 0, rms, 1.0)).astype(dtype)
-    sqnorm = jnp.sum(jnp.square(proj.astype(jnp.float32)), axis=1)
-    first = jax.random.randint(key_start, (), 0, num_rows, jnp.int32)
-    # Every row starts "infinitely far" from the empty set; the random first centre a bit farther,
-    # so that the first step (argmax) picks it.
-    min_dist = jnp.where(jnp.arange(num_rows) == first, jnp.inf, jnp.finfo(jnp.float32).max)
+    inputs = coreset_inputs(key, features, n, proj_dim=proj_dim, dtype=dtype)
+    return pick_in_calls(_coreset_steps, *inputs, n, steps_per_call, on_progress)
+
+
+def pick_in_calls(
+    steps: Callable, proj: Array, sqnorm: Array, min_dist: Array, n: int, steps_per_call: int,
+    on_progress: Callable[[int, int], None] | None,
+) -> Array:  # fmt: skip
+    """Runs the pick loop ``steps`` (:func:`_coreset_steps` or a sharded one) ``steps_per_call``
+    picks at a time, reporting progress between calls; returns the ``[n]`` picks."""
     picks = jnp.zeros((n,), jnp.int32)
     done = 0
     while done < n:
         stop = min(n, done + steps_per_call)
-        min_dist, picks = _coreset_steps(
-            proj, sqnorm, min_dist, picks, jnp.int32(done), jnp.int32(stop)
-        )
+        min_dist, picks = steps(proj, sqnorm, min_dist, picks, jnp.int32(done), jnp.int32(stop))
         done = stop
         if on_progress is not None:
             picks.block_until_ready()
@@ -379,6 +404,18 @@ def knn_scores(bank: ArrayLike, queries: ArrayLike, *, k: int = 1) -> Array:
 # --------------------------------------------------------------------------------------------
 
 
+def _bank_search(bank, queries: ArrayLike, *, k: int) -> tuple[Array, Array]:
+    """:func:`knn_search` on a bank array, or a sharded bank's own search."""
+    search = getattr(bank, "knn_search", None)
+    return search(queries, k=k) if search else knn_search(bank, queries, k=k)
+
+
+def _bank_rows(bank, index: Array) -> Array:
+    """``bank[index]`` (float32) of a bank array or a sharded bank."""
+    take_rows = getattr(bank, "take_rows", None)
+    return take_rows(index) if take_rows else jnp.asarray(bank, jnp.float32)[index]
+
+
 def reweighted_image_scores(
     bank: ArrayLike,
     patch_feats: ArrayLike,
@@ -398,7 +435,8 @@ def reweighted_image_scores(
     With ``b = 1`` the weight is degenerate (always 0) and ``s*`` is returned, as anomalib does.
 
     Args:
-      bank: ``[M, D]`` memory bank.
+      bank: ``[M, D]`` memory bank, or a row-sharded one
+        (:class:`wdam_jax.methods.patchcore_sharded.ShardedBank`).
       patch_feats: ``[B, L, D]`` test patch features.
       patch_dists: ``[B, L]`` distance of each patch to its nearest bank entry.
       nn_index: ``[B, L]`` index of that entry.
@@ -407,7 +445,6 @@ def reweighted_image_scores(
     Returns:
       ``[B]`` image scores.
     """
-    bank = jnp.asarray(bank, jnp.float32)
     patch_feats = jnp.asarray(patch_feats, jnp.float32)
     patch_dists = jnp.asarray(patch_dists, jnp.float32)
     nn_index = jnp.asarray(nn_index, jnp.int32)
@@ -418,9 +455,9 @@ def reweighted_image_scores(
     if b == 1:
         return s_star
     m_test = patch_feats[batch, worst]  # m_test,* in the paper, [B, D]
-    m_star = bank[nn_index[batch, worst]]  # m* in the paper, [B, D]
-    _, support = knn_search(bank, m_star, k=b)  # N_b(m*), [B, b]
-    d_support = jnp.linalg.norm(m_test[:, None, :] - bank[support], axis=-1)  # [B, b]
+    m_star = _bank_rows(bank, nn_index[batch, worst])  # m* in the paper, [B, D]
+    _, support = _bank_search(bank, m_star, k=b)  # N_b(m*), [B, b]
+    d_support = jnp.linalg.norm(m_test[:, None, :] - _bank_rows(bank, support), axis=-1)
     log_denominator = jax.nn.logsumexp(d_support, axis=1)
     weight = 1.0 - jnp.exp(s_star - log_denominator)
     return weight * s_star
@@ -485,7 +522,8 @@ def score_patches(
     """Image scores and anomaly maps of images given their patch features.
 
     Args:
-      bank: ``[M, D]`` memory bank.
+      bank: ``[M, D]`` memory bank, or a row-sharded one
+        (:class:`wdam_jax.methods.patchcore_sharded.ShardedBank`).
       feats: ``[B, h, w, D]`` patch features of the test images.
       image_size: ``(H, W)`` of the maps.
       num_neighbors: ``b`` of the reweighting.
@@ -497,7 +535,7 @@ def score_patches(
     feats = jnp.asarray(feats, jnp.float32)
     b, h, w, d = feats.shape
     flat = feats.reshape(b * h * w, d)
-    dist, index = knn_search(bank, flat, k=1)
+    dist, index = _bank_search(bank, flat, k=1)
     dist = dist[:, 0].reshape(b, h * w)
     index = index[:, 0].reshape(b, h * w)
     scores = reweighted_image_scores(

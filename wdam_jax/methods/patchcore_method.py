@@ -6,7 +6,9 @@ images, selects each member's coreset memory bank and, with several members, eac
 score statistics on ``patchcore.calibration_images`` normal training images; the loop saves them
 in the checkpoint (orbax item ``fitted``), so ``python -m launch.evaluate`` and prediction use
 exactly the fitted bank. ``score`` is the kNN patch score with the reweighted image score and the
-smoothed map. Several members are combined as ``patchcore.normalisation`` says:
+smoothed map; with ``patchcore.shard_bank`` the bank and the coreset are sharded by rows over
+this host's devices (:mod:`wdam_jax.methods.patchcore_sharded`). Several members are combined
+as ``patchcore.normalisation`` says:
 
 - ``"train_standardise"`` (default, deployable): each member standardised by its statistics on
   normal training images (``patchcore.ensemble_scores``); an image's score does not depend on
@@ -28,6 +30,7 @@ Members (``config.members.<name>``):
 
 from __future__ import annotations
 
+import functools
 import pathlib
 
 import jax
@@ -41,6 +44,7 @@ from wdam_jax import checkpoints
 from wdam_jax.data import pipeline
 from wdam_jax.errors import ConfigError, MissingFileError
 from wdam_jax.methods import patchcore as pc
+from wdam_jax.methods import patchcore_sharded as sharded
 from wdam_jax.methods.base import Fitted, ImageScores, Method
 from wdam_jax.models import wide_resnet
 from wdam_jax.progress import Progress
@@ -278,7 +282,9 @@ class PatchCore(Method):
 
     def _score_member(self, bank: np.ndarray, feats: np.ndarray, size: tuple[int, int]):
         cfg = self.config.patchcore
-        bank = jnp.asarray(bank)
+        bank = (
+            sharded.ShardedBank(bank, sharded.bank_mesh()) if cfg.shard_bank else jnp.asarray(bank)
+        )
         return pipeline.map_batches(
             lambda f: pc.score_patches(
                 bank, f, image_size=size, num_neighbors=cfg.num_neighbors, sigma=cfg.sigma
@@ -301,7 +307,12 @@ class PatchCore(Method):
             n = max(1, min(len(flat), round(cfg.coreset_ratio * len(flat))))
             logging.info("%s: coreset of %d of %d patch features", what, n, len(flat))
             progress = Progress(what + " coreset", n, unit="picks")
-            idx = pc.greedy_coreset(
+            coreset = (
+                functools.partial(sharded.greedy_coreset, mesh=sharded.bank_mesh())
+                if cfg.shard_bank
+                else pc.greedy_coreset
+            )
+            idx = coreset(
                 jax.random.fold_in(key, index),
                 flat,
                 n,
