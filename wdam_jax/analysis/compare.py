@@ -30,9 +30,8 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from wdam_jax import reporting
+from wdam_jax import checkpoints, reporting
 from wdam_jax import train as train_lib
-from wdam_jax.checkpoints import atomic_write_text
 from wdam_jax.data import sources
 from wdam_jax.errors import UserError
 from wdam_jax.methods.base import describe
@@ -48,47 +47,40 @@ class ScoredRun:
       workdir: the run directory.
       label: the row's name.
       step: the checkpoint step.
-      category: the test split's category.
-      paths: ``N`` test image paths (relative to the dataset root).
       image_scores: ``[N]``.
       maps: ``[N, S, S]`` at the run's input resolution.
-      crop: the centre crop as a fraction of the resized image (1.0: none).
     """
 
     workdir: str
     label: str
     step: int
-    category: str
-    paths: list[str]
     image_scores: np.ndarray
     maps: np.ndarray
-    crop: float
 
 
-def score_run(workdir: str | pathlib.Path, *, step: int | None = None):
-    """Restores ``workdir`` and scores its test split: ``(ScoredRun, split)``."""
-    run = train_lib.restore(workdir, step=step)
-    split = sources.load_split(run.config.data, split="test")
-    scores = run.method.score(run.model, run.fitted, split.images, step=run.step)
-    scored = ScoredRun(
-        workdir=str(workdir),
-        label=describe(run.config)["label"],
-        step=run.step,
-        category=run.config.data.category,
-        paths=list(split.paths),
-        image_scores=np.asarray(scores.image_scores),
-        maps=np.asarray(scores.maps, np.float32),
-        crop=(run.config.data.get("crop_size", 0) or run.config.data.image_size)
-        / run.config.data.image_size,
-    )
-    return scored, split
+@dataclasses.dataclass(frozen=True)
+class TestSet:
+    """What a run is scored on, read from its recorded config before anything is restored."""
+
+    workdir: str
+    category: str
+    paths: list[str]
+    crop: float  # the centre crop as a fraction of the resized image (1.0: none)
 
 
-def check_same_test_set(runs: Sequence[ScoredRun]) -> None:
-    """Raises a :class:`UserError` unless every run scored the same test files in one order,
-    under the same crop (the input sizes may differ: maps are resized to the first run's)."""
-    first = runs[0]
-    for other in runs[1:]:
+def test_set(workdir: str | pathlib.Path) -> tuple[TestSet, object]:
+    """``(TestSet, split)`` of a run: its config's test split."""
+    data = checkpoints.read_config(workdir).data
+    split = sources.load_split(data, split="test")
+    crop = (data.get("crop_size", 0) or data.image_size) / data.image_size
+    return TestSet(str(workdir), data.category, list(split.paths), crop), split
+
+
+def check_same_test_set(sets: Sequence[TestSet]) -> None:
+    """Raises a :class:`UserError` unless every run has the same test files in one order, under
+    the same crop (the input sizes may differ: maps are resized to the first run's)."""
+    first = sets[0]
+    for other in sets[1:]:
         if other.paths != first.paths:
             raise UserError(
                 f"The runs do not share a test set: {first.workdir} has category "
@@ -103,6 +95,20 @@ def check_same_test_set(runs: Sequence[ScoredRun]) -> None:
                 f"(data.crop_size / data.image_size = {first.crop:.3f} and {other.crop:.3f}): "
                 "their maps cover different regions and cannot be drawn on one image."
             )
+
+
+def score_run(workdir: str | pathlib.Path, *, step: int | None = None) -> ScoredRun:
+    """Restores ``workdir`` and scores its whole test split."""
+    run = train_lib.restore(workdir, step=step)
+    split = sources.load_split(run.config.data, split="test")
+    scores = run.method.score(run.model, run.fitted, split.images, step=run.step)
+    return ScoredRun(
+        workdir=str(workdir),
+        label=describe(run.config)["label"],
+        step=run.step,
+        image_scores=np.asarray(scores.image_scores),
+        maps=np.asarray(scores.maps, np.float32),
+    )
 
 
 def select(paths: Sequence[str], labels: np.ndarray, *, count: int, names: Sequence[str] = ()):
@@ -202,12 +208,10 @@ def compare(
     for w in workdirs:  # all problems before any (long) scoring
         if not pathlib.Path(w).is_dir():
             raise UserError(f"--workdirs: {w} is not a folder (a training run directory).")
-    scored, split = [], None
-    for w in workdirs:
-        run, run_split = score_run(w, step=step)
-        scored.append(run)
-        split = split or run_split
-        check_same_test_set(scored)
+    sets = [test_set(w) for w in workdirs]
+    check_same_test_set([s for s, _ in sets])
+    split = sets[0][1]
+    scored = [score_run(w, step=step) for w in workdirs]
     names = list(labels) or [r.label for r in scored]
     if len(set(names)) < len(names):  # same method twice: tell the rows apart by workdir
         names = [
@@ -241,7 +245,7 @@ def compare(
     paths = {"png": out / "compare.png", "json": out / "compare.json"}
     reporting.write_png(fig, paths["png"])
     document = {
-        "category": scored[0].category,
+        "category": sets[0][0].category,
         "normalize": normalize,
         "colour_scale": {"vmin": vmin, "vmax": vmax},
         "images": [split.paths[i] for i in order],
@@ -256,5 +260,5 @@ def compare(
             for name, run in zip(names, scored, strict=True)
         ],
     }
-    atomic_write_text(paths["json"], json.dumps(document, indent=2) + "\n")
+    checkpoints.atomic_write_text(paths["json"], json.dumps(document, indent=2) + "\n")
     return paths
