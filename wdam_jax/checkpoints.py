@@ -75,12 +75,17 @@ class CheckpointError(UserError, RuntimeError):
 def atomic_write_text(path: str | os.PathLike, text: str) -> pathlib.Path:
     """Writes ``text`` to ``path`` through a temporary file and a rename, so a reader sees the old
     file or the new one, never a truncated one."""
+    return atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> pathlib.Path:
+    """:func:`atomic_write_text` for bytes (a PNG, an ``.npz``)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from wdam_jax.checkpoints import atomic_write_text
+from wdam_jax.checkpoints import atomic_write_bytes, atomic_write_text
 
 METRICS = ("i_auroc", "p_auroc", "pro")
 # Written when the results hold them (``wdam_jax.evaluate`` adds them; the paper reports none).
@@ -145,7 +145,8 @@ def read_metrics_json(path: str | os.PathLike) -> dict[str, dict[str, float]]:
     }
 
 
-def _fit(array: np.ndarray, shape: tuple[int, int], *, nearest: bool) -> np.ndarray:
+def fit_to(array: np.ndarray, shape: tuple[int, int], *, nearest: bool) -> np.ndarray:
+    """``array`` [h, w] resized to ``shape`` (nearest or bilinear), as float32."""
     array = np.asarray(array, dtype=np.float32)
     if array.shape == shape:
         return array
@@ -204,11 +205,11 @@ def save_heatmap_figure(
         image = np.clip(np.asarray(images[j], np.float32), 0, 1)
         hw = image.shape[:2]
         axes[0, j].imshow(image)
-        axes[1, j].imshow(_fit(masks[j], hw, nearest=True), cmap="gray", vmin=0, vmax=1)
+        axes[1, j].imshow(fit_to(masks[j], hw, nearest=True), cmap="gray", vmin=0, vmax=1)
         if titles is not None:
             axes[0, j].set_title(titles[j], fontsize=7)
     for i, (name, m) in enumerate(rows.items(), start=2):
-        fitted = [_fit(m[j], images[j].shape[:2], nearest=False) for j in range(n)]
+        fitted = [fit_to(m[j], images[j].shape[:2], nearest=False) for j in range(n)]
         lo = min(float(f.min()) for f in fitted)
         hi = max(max(float(f.max()) for f in fitted), lo + 1e-12)
         shown = None
@@ -231,6 +232,13 @@ def save_heatmap_figure(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=100)
     return path
+
+
+def write_png(fig: Figure, path: str | os.PathLike, *, dpi: int = 100) -> pathlib.Path:
+    """Renders ``fig`` as a PNG and writes it atomically (never a truncated image)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def figure_selection(labels: np.ndarray, count: int) -> np.ndarray:

@@ -14,6 +14,7 @@ Two exact formulations of the same module (``WDAM(impl=...)``):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import jax
@@ -103,7 +104,10 @@ class WDAM(nnx.Module):
     sub-bands and inverse-transformed to ``[B, H, W, C]`` (eq. 8).
 
     The weights of the last call are kept in ``self.subband_weights`` (``[B, 4]``) without
-    changing the output.
+    changing the output. ``self.on_weights``, when set (a static attribute, so a merged copy inside
+    a jitted function keeps it), is called with each call's weights as a numpy ``[B, 4]`` through
+    ``jax.debug.callback``: how :mod:`wdam_jax.analysis.subband_weights` collects them from any
+    method's scoring function (Table 10).
 
     Args:
       channels: C of the features.
@@ -138,6 +142,7 @@ class WDAM(nnx.Module):
         self.fc1 = nnx.Linear(4 * channels, hidden, rngs=rngs)
         self.fc2 = nnx.Linear(hidden, len(SUBBANDS), rngs=rngs)
         self.subband_weights = SubbandWeights(jnp.zeros((0, len(SUBBANDS)), jnp.float32))
+        self.on_weights: Callable[[jax.Array], None] | None = None
 
     def attention(self, x_w: jax.Array) -> jax.Array:
         """Eq. 6-7: ``[B, h, w, 4C]`` joint wavelet features -> ``[B, 4]`` weights in (0, 1)."""
@@ -149,13 +154,14 @@ class WDAM(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Applies WDAM to ``[B, H, W, C]`` features; returns ``[B, H, W, C]``."""
-        if self.impl == "fused":
-            weights = self._gate(*_pool(dwt2(x, method="reshape")))
-            self.subband_weights.set_value(weights)
-            return reweight_blocks(x, weights)
-        bands = dwt2(x, method=self.method)
-        weights = self.attention(jnp.concatenate(bands, axis=-1))
+        fused = self.impl == "fused"
+        bands = dwt2(x, method="reshape" if fused else self.method)
+        weights = self._gate(*_pool(bands)) if fused else self.attention(jnp.concatenate(bands, -1))
         self.subband_weights.set_value(weights)
+        if self.on_weights is not None:
+            jax.debug.callback(self.on_weights, weights)
+        if fused:
+            return reweight_blocks(x, weights)
         return _scale_and_invert(bands, weights, x.shape[1:3], self.method)
 
 
