@@ -1,6 +1,15 @@
-"""The small Table 3 study on the demo data: rows x seeds, mean and spread, as a markdown file.
+"""The small Table 3 / Table 5 studies on the demo data: rows x categories x seeds, mean and
+spread, as a markdown file.
 
-  python -m launch.study --out=docs/study_cutpaste_demo.md
+  python -m launch.study --out=docs/study_cutpaste_demo.md \
+      --categories=washer,brick,grass,gravel --seeds=0,1,2
+  python -m launch.study --method=draem --out=docs/study_draem_demo.md \
+      --workdir=workdirs/study_draem --categories=washer,brick,grass,gravel --seeds=0,1,2
+
+``--method=cutpaste`` (Table 3): rows CutPaste / +FM / +WDAM. ``--method=draem`` (Table 5): rows
+DRAEM / +WDAM, each ``configs/draem*.py:demo`` as it is (its validation phase included).
+Runs go seed by seed (every row and category of seed 0 first), and the table is rewritten after
+each run, so a study stopped early still shows every finished run.
 
 Each run is ``python -m launch.train --config=configs/<row>.py:demo`` with ``--config.seed=<s>``
 and the stage lengths of ``--stages``, in ``<workdir>/<row>_seed<s>``; a finished run (metrics
@@ -21,7 +30,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from configs import cutpaste, cutpaste_fm, cutpaste_fmas, cutpaste_wdam
+from configs import cutpaste, cutpaste_fm, cutpaste_fmas, cutpaste_wdam, draem, draem_wdam
 from wdam_jax import checkpoints, evaluate, reporting
 
 _OUT = flags.DEFINE_string("out", "docs/study_cutpaste_demo.md", "Markdown file to write.")
@@ -33,10 +42,13 @@ _STAGES = flags.DEFINE_list(
 _CATEGORIES = flags.DEFINE_list("categories", ["washer"], "Demo categories.")
 _ROOT = flags.DEFINE_string("data_root", "workdirs/demo_data", "Where the demo data is generated.")
 _FMAS = flags.DEFINE_bool("fmas", False, "Use the demo FMAS records (+FMAS row).")
+_METHOD = flags.DEFINE_enum("method", "cutpaste", ["cutpaste", "draem"], "Table 3 or Table 5 rows.")
 _KEEP = flags.DEFINE_bool("keep_checkpoints", False, "Keep each run's ~1 GB checkpoint.")
 
 
 def _rows(fmas: bool):
+    if _METHOD.value == "draem":
+        return [("DRAEM", draem), ("+WDAM", draem_wdam)]
     rows = [("CutPaste", cutpaste)]
     if fmas:
         rows.append(("+FMAS", cutpaste_fmas))
@@ -48,6 +60,8 @@ def _config(module, seed: int, category: str):
     config.seed = seed
     config.data.category = category
     config.data.root = _ROOT.value
+    if _METHOD.value == "draem":
+        return config
     config.data.foreground_root = f"{_ROOT.value}/foreground_masks"
     if not _FMAS.value:
         config.data.anomaly_source = "cutpaste"
@@ -67,7 +81,7 @@ def _stages(config) -> str:
 
 
 def _run(name: str, module, seed: int, category: str) -> dict[str, float]:
-    workdir = pathlib.Path(_WORKDIR.value) / f"{category}_{name.strip('+').lower()}_seed{seed}"
+    workdir = pathlib.Path(_WORKDIR.value) / f"{category}_{_slug(name)}_seed{seed}"
     done = workdir / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -81,8 +95,75 @@ def _run(name: str, module, seed: int, category: str) -> dict[str, float]:
     return results
 
 
+def _slug(name: str) -> str:
+    return name.strip("+").lower()
+
+
+def _done(name: str, seed: int, category: str) -> dict[str, float] | None:
+    path = pathlib.Path(_WORKDIR.value) / f"{category}_{_slug(name)}_seed{seed}" / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _cell(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{100 * np.mean(values):.1f}" if values else "-"
     return f"{100 * np.mean(values):.1f} ± {100 * np.std(values, ddof=1):.1f}"
+
+
+def _table(seeds: list[int]) -> tuple[str, int]:
+    """The markdown table of the finished runs, and how many there are. The mean rows average
+    the categories within a seed first (seeds with every category finished), then give mean ±
+    std over those seeds."""
+    metrics = reporting.METRICS
+    lines = [
+        "| Category | Row | " + " | ".join(reporting.METRIC_TITLES[m] for m in metrics) + " | per "
+        "seed (I-AUROC) | wall s / run |",
+        "|---|---|" + "---:|" * len(metrics) + "---|---:|",
+    ]
+    finished = 0
+    categories = list(_CATEGORIES.value)
+    for category in [*categories, "mean"]:
+        for name, _ in _rows(_FMAS.value):
+            if category == "mean":
+                per_seed = [[_done(name, s, c) for c in categories] for s in seeds]
+                runs = [
+                    {m: np.mean([r[m] for r in rs]) for m in (*metrics, "wall_s")}
+                    for rs in per_seed
+                    if all(rs)
+                ]
+            else:
+                runs = [r for r in (_done(name, s, category) for s in seeds) if r]
+                finished += len(runs)
+            if not runs:
+                continue
+            cells = [_cell([r[m] for r in runs]) for m in metrics]
+            seeds_text = ", ".join(f"{100 * r['i_auroc']:.1f}" for r in runs)
+            wall = np.mean([r["wall_s"] for r in runs])
+            title = "**mean**" if category == "mean" else category
+            lines.append(
+                f"| {title} | {name} | " + " | ".join(cells) + f" | {seeds_text} | {wall:.0f} |"
+            )
+    return "\n".join(lines), finished
+
+
+def _write(seeds: list[int]) -> str:
+    table, finished = _table(seeds)
+    total = len(seeds) * len(_CATEGORIES.value) * len(_rows(_FMAS.value))
+    if _METHOD.value == "draem":
+        schedule = f"{draem.get_config('demo').train.epochs} epochs"
+    else:
+        schedule = f"stages {_stages(_config(cutpaste, seeds[0], _CATEGORIES.value[0]))} steps"
+    out = pathlib.Path(_OUT.value)
+    header = out.read_text().split("<!-- table -->")[0] if out.is_file() else ""
+    body = (
+        f"<!-- table -->\nSeeds {seeds}, {schedule}, mean ± sample std over seeds, in %; "
+        f"{finished} of {total} runs finished. Generated by `python -m launch.study "
+        f"--method={_METHOD.value} --out={out} --seeds={','.join(_SEEDS.value)} "
+        f"--categories={','.join(_CATEGORIES.value)}`.\n\n" + table + "\n"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    checkpoints.atomic_write_text(out, header + body)
+    return body
 
 
 def main(argv):
@@ -92,33 +173,13 @@ def main(argv):
     jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(_WORKDIR.value) / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     seeds = [int(s) for s in _SEEDS.value]
-    metrics = reporting.METRICS
-    lines = [
-        "| Category | Row | " + " | ".join(reporting.METRIC_TITLES[m] for m in metrics) + " | per "
-        "seed (I-AUROC) | wall s / run |",
-        "|---|---|" + "---:|" * len(metrics) + "---|---:|",
-    ]
-    for category in _CATEGORIES.value:
-        for name, module in _rows(_FMAS.value):
-            runs = [_run(name, module, s, category) for s in seeds]
-            logging.info("%s %s: %s", category, name, runs)
-            cells = [_cell([r[m] for r in runs]) for m in metrics]
-            per_seed = ", ".join(f"{100 * r['i_auroc']:.1f}" for r in runs)
-            wall = np.mean([r["wall_s"] for r in runs])
-            lines.append(
-                f"| {category} | {name} | " + " | ".join(cells) + f" | {per_seed} | {wall:.0f} |"
-            )
-    stages = _stages(_config(cutpaste, seeds[0], _CATEGORIES.value[0]))
-    out = pathlib.Path(_OUT.value)
-    header = out.read_text().split("<!-- table -->")[0] if out.is_file() else ""
-    body = (
-        f"<!-- table -->\nSeeds {seeds}, stages {stages} steps, mean ± sample std over seeds, "
-        f"in %. Generated by `python -m launch.study --out={out} --seeds={','.join(_SEEDS.value)} "
-        f"--categories={','.join(_CATEGORIES.value)}`.\n\n" + "\n".join(lines) + "\n"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(header + body)
-    print(body)
+    for seed in seeds:
+        for category in _CATEGORIES.value:
+            for name, module in _rows(_FMAS.value):
+                result = _run(name, module, seed, category)
+                logging.info("%s %s seed %d: %s", category, name, seed, result)
+                _write(seeds)
+    print(_write(seeds))
 
 
 if __name__ == "__main__":
