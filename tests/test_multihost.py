@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from test_contract import tiny_config  # (tests/ is on sys.path; "tests." may be shadowed)
+from test_contract import tiny_config
 
 from wdam_jax import distributed, train
 from wdam_jax.errors import InputsError

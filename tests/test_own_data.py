@@ -184,7 +184,7 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path):
 
 
 def test_stale_patchcore_bank_is_refitted(demo_data_root, tmp_path):
-    from tests.test_contract import tiny_config
+    from test_contract import tiny_config
 
     data = tmp_path / "data"
     shutil.copytree(sources.dataset_root(tiny_config("patchcore", demo_data_root).data), data)
@@ -209,7 +209,7 @@ def test_stale_patchcore_bank_is_refitted(demo_data_root, tmp_path):
 
 
 def test_resume_with_another_image_size_is_refused(demo_data_root, tmp_path):
-    from tests.test_contract import tiny_config
+    from test_contract import tiny_config
 
     config = tiny_config("cutpaste", demo_data_root)
     train.train(config, tmp_path / "run", stop_at=1)

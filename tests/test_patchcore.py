@@ -349,7 +349,8 @@ def test_ensemble_normalisation_option_through_the_method(demo_data_root, tmp_pa
     """A two-member ensemble scored with each ``patchcore.normalisation``: the official protocol
     equals the numpy min-max of the members' own scores; the default is the training-image
     standardisation; an unknown value is named before anything runs."""
-    from tests.test_contract import tiny_config
+    from test_contract import tiny_config
+
     from wdam_jax import train
     from wdam_jax.data import sources
     from wdam_jax.methods import registry

@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from test_contract import tiny_config
 
-from tests.test_contract import tiny_config
 from wdam_jax import evaluate, export, predict, thresholds, train
 from wdam_jax.data import datasets, sources
 
