@@ -87,14 +87,30 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> pathlib.Path:
 
 
 def check_workdir(workdir: str | os.PathLike) -> list[str]:
-    """Problems with a run directory before anything is written to it (empty if none)."""
+    """Problems with a run directory before anything is written to it (empty if none): a file
+    in its place, or it (its checkpoint folder, or the nearest existing parent) not writable."""
     workdir = pathlib.Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         return [f"--workdir={workdir} is a file, not a folder; choose another --workdir."]
-    existing = next((p for p in [workdir, *workdir.parents] if p.exists()), None)
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+    if workdir.is_dir():  # a run to resume: it and its checkpoint folder must take new files
+        for folder in (workdir, workdir / CHECKPOINT_DIR):
+            if folder.is_dir() and not _writable(folder):
+                return [
+                    f"--workdir={workdir}: {folder} is read-only. Make it writable (chmod -R u+w "
+                    f"{workdir}) and re-run to resume from its checkpoints, or choose another "
+                    "--workdir."
+                ]
+        return []
+    existing = next((p for p in workdir.parents if p.exists()), None)
+    if existing is not None and not _writable(existing):
         return [f"--workdir={workdir}: {existing} is not writable; choose another --workdir."]
     return []
+
+
+def _writable(folder: pathlib.Path) -> bool:
+    """Whether a file can be created in ``folder`` (``access(2)`` honours read-only mounts and
+    immutable folders, and, unlike a permission bit, holds for root too)."""
+    return os.access(folder, os.W_OK | os.X_OK)
 
 
 def checkpoint_manager(
@@ -134,8 +150,15 @@ def save(
         atomic_write_text(step_dir / CHECKSUMS, json.dumps(_digests(step_dir), indent=1))
     except Exception as e:  # orbax and tensorstore raise plain Exceptions for I/O failures
         kept = "no earlier checkpoint" if previous is None else f"the checkpoint at step {previous}"
+        folder = pathlib.Path(manager.directory)
+        if not _writable(folder):
+            raise CheckpointError(
+                f"Could not write checkpoint {step}: {folder} is read-only ({e}). "
+                f"{kept.capitalize()} is kept; make the folder writable (chmod -R u+w "
+                f"{folder.parent}) and re-run the same command to resume from it."
+            ) from e
         raise CheckpointError(
-            f"Could not write checkpoint {step} in {manager.directory}: {e}. Is the disk full or "
+            f"Could not write checkpoint {step} in {folder}: {e}. Is the disk full or "
             f"the folder read-only? {kept.capitalize()} is kept; free space or fix the "
             "permissions and re-run the same command to resume from it."
         ) from e
