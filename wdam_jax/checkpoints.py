@@ -4,7 +4,9 @@ Layout of ``<workdir>``:
 
 - ``checkpoints/<step>/`` (one orbax ``CheckpointManager``): item ``state`` (params, batch
   statistics, optimiser state, step, RNG) and, once the method has fitted its statistics
-  (``Method.fit``: a PatchCore bank, a Gaussian density), item ``fitted``;
+  (``Method.fit``: a PatchCore bank, a Gaussian density), item ``fitted``. With
+  ``train.save_final_params_only`` the final step's ``state`` has no optimiser state (a third
+  of the size under Adam): it restores for evaluation and prediction, but cannot be trained on;
 - ``config.json``: the config the run was made with, written atomically; a later command with a
   config that differs in a field that changes the model, the data or the schedule is refused.
 
@@ -44,12 +46,14 @@ DAMAGED_DIR = "damaged_checkpoints"
 CHECKSUMS = "wdam_sha256.json"
 CONFIG_FILE = "config.json"
 STATE, FITTED = "state", "fitted"
+OPT_STATE = "opt_state"  # the key of ``state`` a params-only checkpoint leaves out
 # Config fields a resumed run may change: they affect logging, checkpoint cadence or scoring
 # output, never the trained weights (scoring fields are re-read by every evaluation).
 RESUMABLE_PREFIXES = (
     "train.log_every",
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    "train.save_final_params_only",
     "train.eval_every",
     "score.eval_batch_size",
     "score.num_figures",
@@ -225,7 +229,8 @@ def restore(
     skipped steps to ``<workdir>/damaged_checkpoints/`` so the run continues from the one used.
 
     Returns:
-      ``(state, fitted)``; ``fitted`` is empty when the checkpoint holds none.
+      ``(state, fitted)``; ``fitted`` is empty when the checkpoint holds none, and ``state`` has
+      no :data:`OPT_STATE` when the checkpoint was saved without it (params only).
 
     Raises:
       NoCheckpointError: no checkpoint at ``step`` (or none at all).
@@ -268,6 +273,8 @@ def restore(
 def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any):
     step_dir = _step_dir(manager, step)
     verify(step_dir)
+    if OPT_STATE in target and OPT_STATE not in _saved_keys(step_dir):  # a params-only step
+        target = {k: v for k, v in target.items() if k != OPT_STATE}
     has_fitted = (step_dir / FITTED).is_dir()
     items = {STATE: ocp.args.StandardRestore(target)}
     if has_fitted:
@@ -275,6 +282,15 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any):
     restored = manager.restore(step, args=ocp.args.Composite(**items))
     fitted = {k: np.asarray(v) for k, v in (restored[FITTED] if has_fitted else {}).items()}
     return restored[STATE], fitted
+
+
+def _saved_keys(step_dir: pathlib.Path) -> set[str]:
+    """The top-level keys of a step's saved ``state`` (from its metadata, no array read)."""
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        return set(checkpointer.metadata(step_dir / STATE).item_metadata.keys())
+    finally:
+        checkpointer.close()
 
 
 def set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
