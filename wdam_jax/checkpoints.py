@@ -286,11 +286,11 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any):
 
 def _saved_keys(step_dir: pathlib.Path) -> set[str]:
     """The top-level keys of a step's saved ``state`` (from its metadata, no array read)."""
-    checkpointer = ocp.StandardCheckpointer()
+    handler = ocp.StandardCheckpointHandler()  # the item's own metadata: no step-level warning
     try:
-        return set(checkpointer.metadata(step_dir / STATE).item_metadata.keys())
+        return set(handler.metadata(step_dir / STATE).keys())
     finally:
-        checkpointer.close()
+        handler.close()
 
 
 def set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
