@@ -273,7 +273,8 @@ def restore(
 def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any):
     step_dir = _step_dir(manager, step)
     verify(step_dir)
-    if OPT_STATE in target and OPT_STATE not in _saved_keys(step_dir):  # a params-only step
+    params_only = jax.tree.leaves(target.get(OPT_STATE)) and OPT_STATE not in _saved_keys(step_dir)
+    if params_only:  # saved with train.save_final_params_only
         target = {k: v for k, v in target.items() if k != OPT_STATE}
     has_fitted = (step_dir / FITTED).is_dir()
     items = {STATE: ocp.args.StandardRestore(target)}
