@@ -4,15 +4,29 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test demo lint complexity bench clean
+.PHONY: setup lock test demo lint complexity bench clean
 
-$(STAMP): pyproject.toml
+# The dependencies come from requirements.lock (every package pinned, with its SHA-256), then the
+# package itself without dependencies, built with the locked setuptools (no unpinned download).
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q pip==26.3
+	$(BIN)/pip install -q --require-hashes -r requirements.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# Regenerates requirements.lock from pyproject.toml's pins (base + dev extras, CPython 3.11,
+# Linux x86-64): transitive versions already in the lock are kept where still allowed;
+# `make lock UPGRADE=--upgrade` takes the newest allowed ones. Then `make setup` installs it.
+UV := uv==0.13.9
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(UV)
+	$(BIN)/uv pip compile pyproject.toml --extra dev --generate-hashes --no-annotate \
+	  --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
+	  --custom-compile-command 'make lock' $(UPGRADE) -o requirements.lock
 
 # The test command CI runs (.ci/run).
 test: setup

@@ -89,6 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.eval_every = 0  # 0: no periodic validation (method.validate)
     config.train.checkpoint_every = 500
     config.train.keep_checkpoints = 1  # each holds the optimiser state too (~1 GB for WRN50-2)
+    config.train.save_final_params_only = False  # True: the final one without it (evaluate only)
 
     config.score = ml_collections.ConfigDict()
     config.score.embedding = "pooled"  # Gaussian density on "pooled" backbone or head "embedding"

@@ -63,7 +63,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.lr_decay = 0.2
     config.train.log_every = 100
     config.train.checkpoint_every = 2000
-    config.train.keep_checkpoints = 2
+    config.train.keep_checkpoints = 1
+    config.train.save_final_params_only = False  # True: the final one without the Adam moments
     config.train.eval_every = 1000
     # "Adding a validation phase": the state with the best validation score (held-out normal
     # images with synthetic anomalies, never the test split) is kept beside the newest one;

@@ -1,15 +1,18 @@
 """Damaged or unwritable checkpoints (issue 13, item 3): a damaged newest checkpoint is skipped with
 a warning naming it and the run resumes exactly from the newest readable one; with none readable
-the run stops with a clear message instead of restarting from step 0; a full disk stops a save
-with a clear message and leaves the previous checkpoint readable. On the toy method of
-``tests/test_train.py`` (a few KB per checkpoint), in process."""
+the run stops with a clear message instead of restarting from step 0; a full disk or a read-only
+folder stops a save with a clear message and leaves the previous checkpoint readable. On the toy
+method of ``tests/test_train.py`` (a few KB per checkpoint), in process."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import pathlib
 import resource
 import shutil
+import subprocess
 
 import jax
 import numpy as np
@@ -17,6 +20,7 @@ import pytest
 from test_train import ToyMethod, toy_config
 
 from wdam_jax import checkpoints, train
+from wdam_jax.errors import InputsError
 
 
 def _largest(step_dir: pathlib.Path) -> pathlib.Path:
@@ -154,3 +158,90 @@ def test_full_disk_stops_the_save_and_keeps_the_previous_checkpoint(reference, t
     _, state = train.train(config, workdir, method=ToyMethod(config))
     for a, b in zip(_params(reference["full"]), _params(state), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _chattr(flag: str, folder: pathlib.Path) -> bool:
+    chattr = shutil.which("chattr")
+    if chattr is None:
+        return False
+    return subprocess.run([chattr, flag, str(folder)], capture_output=True).returncode == 0
+
+
+@contextlib.contextmanager
+def _read_only(*folders: pathlib.Path):
+    """Makes folders really read-only: no write permission and, for root (whom permission bits do
+    not stop), the immutable attribute (``chattr +i``). Skips the test where neither stops a
+    write (root on a file system without the attribute)."""
+    modes = {f: f.stat().st_mode for f in folders}
+    immutable = []
+    try:
+        for folder in folders:
+            folder.chmod(modes[folder] & ~0o222)
+            if os.geteuid() == 0 and _chattr("+i", folder):
+                immutable.append(folder)
+        for folder in folders:
+            with contextlib.suppress(OSError):
+                (folder / ".probe").touch()
+                (folder / ".probe").unlink()
+                pytest.skip(f"cannot make {folder} read-only here (root without chattr +i)")
+        yield
+    finally:
+        for folder in immutable:
+            _chattr("-i", folder)
+        for folder, mode in modes.items():
+            folder.chmod(mode)
+
+
+def _files(folder: pathlib.Path) -> dict[str, bytes]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in files}
+
+
+def _resumes_to_the_uninterrupted_result(reference, workdir):
+    config = reference["config"]
+    assert train.restore(workdir, config=config, method=ToyMethod(config)).step == 5
+    _, state = train.train(config, workdir, method=ToyMethod(config))
+    for a, b in zip(_params(reference["full"]), _params(state), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_read_only_workdir_is_refused_up_front_and_keeps_its_checkpoints(reference, tmp_path):
+    config, workdir = reference["config"], _copy(reference, tmp_path)
+    ckpt = workdir / checkpoints.CHECKPOINT_DIR
+    before = _files(workdir)
+    with _read_only(workdir, ckpt), pytest.raises(InputsError) as err:
+        train.train(config, workdir, method=ToyMethod(config))
+    message = str(err.value)
+    assert f"{workdir} is read-only" in message and f"chmod -R u+w {workdir}" in message
+    assert _files(workdir) == before  # nothing written, nothing removed
+    _resumes_to_the_uninterrupted_result(reference, workdir)
+
+
+class _FreezesCheckpoints(ToyMethod):
+    """Makes the checkpoint folder read-only while training, when the batch of ``at`` is built:
+    the up-front check passes, the next save fails for real."""
+
+    def __init__(self, config, *, folder: pathlib.Path, at: int, stack: contextlib.ExitStack):
+        super().__init__(config)
+        self.folder, self.at, self.stack = folder, at, stack
+
+    def batch(self, step: int):
+        if step == self.at:
+            self.stack.enter_context(_read_only(self.folder))
+        return super().batch(step)
+
+
+def test_checkpoint_folder_turned_read_only_stops_the_save_and_keeps_the_previous(
+    reference, tmp_path
+):
+    config, workdir = reference["config"], _copy(reference, tmp_path)
+    ckpt = workdir / checkpoints.CHECKPOINT_DIR
+    before = _files(ckpt)
+    with contextlib.ExitStack() as stack, pytest.raises(checkpoints.CheckpointError) as err:
+        method = _FreezesCheckpoints(config, folder=ckpt, at=5, stack=stack)
+        train.train(config, workdir, method=method)
+    message = str(err.value)
+    assert f"Could not write checkpoint 6: {ckpt} is read-only" in message
+    assert "checkpoint at step 5 is kept" in message and f"chmod -R u+w {workdir}" in message
+    assert _files(ckpt) == before
+    _resumes_to_the_uninterrupted_result(reference, workdir)

@@ -4,7 +4,9 @@ Layout of ``<workdir>``:
 
 - ``checkpoints/<step>/`` (one orbax ``CheckpointManager``): item ``state`` (params, batch
   statistics, optimiser state, step, RNG) and, once the method has fitted its statistics
-  (``Method.fit``: a PatchCore bank, a Gaussian density), item ``fitted``;
+  (``Method.fit``: a PatchCore bank, a Gaussian density), item ``fitted``. With
+  ``train.save_final_params_only`` the final step's ``state`` has no optimiser state (a third
+  of the size under Adam): it restores for evaluation and prediction, but cannot be trained on;
 - ``config.json``: the config the run was made with, written atomically; a later command with a
   config that differs in a field that changes the model, the data or the schedule is refused.
 
@@ -48,12 +50,14 @@ DAMAGED_DIR = "damaged_checkpoints"
 CHECKSUMS = "wdam_sha256.json"
 CONFIG_FILE = "config.json"
 STATE, FITTED = "state", "fitted"
+OPT_STATE = "opt_state"  # the key of ``state`` a params-only checkpoint leaves out
 # Config fields a resumed run may change: they affect logging, checkpoint cadence or scoring
 # output, never the trained weights (scoring fields are re-read by every evaluation).
 RESUMABLE_PREFIXES = (
     "train.log_every",
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    "train.save_final_params_only",
     "train.eval_every",
     "score.eval_batch_size",
     "score.num_figures",
@@ -96,14 +100,30 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> pathlib.Path:
 
 
 def check_workdir(workdir: str | os.PathLike) -> list[str]:
-    """Problems with a run directory before anything is written to it (empty if none)."""
+    """Problems with a run directory before anything is written to it (empty if none): a file
+    in its place, or it (its checkpoint folder, or the nearest existing parent) not writable."""
     workdir = pathlib.Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         return [f"--workdir={workdir} is a file, not a folder; choose another --workdir."]
-    existing = next((p for p in [workdir, *workdir.parents] if p.exists()), None)
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+    if workdir.is_dir():  # a run to resume: it and its checkpoint folder must take new files
+        for folder in (workdir, workdir / CHECKPOINT_DIR):
+            if folder.is_dir() and not _writable(folder):
+                return [
+                    f"--workdir={workdir}: {folder} is read-only. Make it writable (chmod -R u+w "
+                    f"{workdir}) and re-run to resume from its checkpoints, or choose another "
+                    "--workdir."
+                ]
+        return []
+    existing = next((p for p in workdir.parents if p.exists()), None)
+    if existing is not None and not _writable(existing):
         return [f"--workdir={workdir}: {existing} is not writable; choose another --workdir."]
     return []
+
+
+def _writable(folder: pathlib.Path) -> bool:
+    """Whether a file can be created in ``folder`` (``access(2)`` honours read-only mounts and
+    immutable folders, and, unlike a permission bit, holds for root too)."""
+    return os.access(folder, os.W_OK | os.X_OK)
 
 
 def checkpoint_manager(
@@ -146,8 +166,15 @@ def save(
         distributed.barrier(f"wdam_checksums_{step}")
     except Exception as e:  # orbax and tensorstore raise plain Exceptions for I/O failures
         kept = "no earlier checkpoint" if previous is None else f"the checkpoint at step {previous}"
+        folder = pathlib.Path(manager.directory)
+        if not _writable(folder):
+            raise CheckpointError(
+                f"Could not write checkpoint {step}: {folder} is read-only ({e}). "
+                f"{kept.capitalize()} is kept; make the folder writable (chmod -R u+w "
+                f"{folder.parent}) and re-run the same command to resume from it."
+            ) from e
         raise CheckpointError(
-            f"Could not write checkpoint {step} in {manager.directory}: {e}. Is the disk full or "
+            f"Could not write checkpoint {step} in {folder}: {e}. Is the disk full or "
             f"the folder read-only? {kept.capitalize()} is kept; free space or fix the "
             "permissions and re-run the same command to resume from it."
         ) from e
@@ -214,7 +241,8 @@ def restore(
     skipped steps to ``<workdir>/damaged_checkpoints/`` so the run continues from the one used.
 
     Returns:
-      ``(state, fitted)``; ``fitted`` is empty when the checkpoint holds none.
+      ``(state, fitted)``; ``fitted`` is empty when the checkpoint holds none, and ``state`` has
+      no :data:`OPT_STATE` when the checkpoint was saved without it (params only).
 
     Raises:
       NoCheckpointError: no checkpoint at ``step`` (or none at all).
@@ -257,6 +285,9 @@ def restore(
 def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any):
     step_dir = _step_dir(manager, step)
     verify(step_dir)
+    params_only = jax.tree.leaves(target.get(OPT_STATE)) and OPT_STATE not in _saved_keys(step_dir)
+    if params_only:  # saved with train.save_final_params_only
+        target = {k: v for k, v in target.items() if k != OPT_STATE}
     has_fitted = (step_dir / FITTED).is_dir()
     items = {STATE: ocp.args.StandardRestore(target)}
     if has_fitted:
@@ -264,6 +295,15 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any):
     restored = manager.restore(step, args=ocp.args.Composite(**items))
     fitted = {k: np.asarray(v) for k, v in (restored[FITTED] if has_fitted else {}).items()}
     return restored[STATE], fitted
+
+
+def _saved_keys(step_dir: pathlib.Path) -> set[str]:
+    """The top-level keys of a step's saved ``state`` (from its metadata, no array read)."""
+    handler = ocp.StandardCheckpointHandler()  # the item's own metadata: no step-level warning
+    try:
+        return set(handler.metadata(step_dir / STATE).keys())
+    finally:
+        handler.close()
 
 
 def set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:

@@ -13,7 +13,8 @@ fitted statistics. This module owns everything else:
 - a non-finite loss stops the run with an error naming the step (the last checkpoint is kept);
 - checkpoints (:mod:`wdam_jax.checkpoints`): since batch ``s`` depends only on ``(seed, s)``, the
   data position is the step and a re-run of the same command resumes exactly. After the last
-  step the method's ``fit`` runs and its statistics are saved with the final checkpoint;
+  step the method's ``fit`` runs and its statistics are saved with the final checkpoint
+  (without the optimiser state if ``config.train.save_final_params_only``);
 - ``method.validate`` every ``config.train.eval_every`` steps;
 - TensorBoard scalars (``<workdir>/tensorboard``), the same scalars as JSON lines
   (``<workdir>/train_log.jsonl``, read by the learning-curve figure), and a progress line with
@@ -375,8 +376,9 @@ class _Best:
     ``best_checkpoint.json``; model selection on validation data only, never on the test split
     (the method's ``validate`` decides what it scores)."""
 
-    def __init__(self, workdir: pathlib.Path, metric: str):
+    def __init__(self, workdir: pathlib.Path, metric: str, *, primary: bool = True):
         self.metric = metric
+        self.primary = primary  # the one process that writes the record (every process saves)
         self.record = workdir / checkpoints.BEST_RECORD
         self.manager = None
         self.value = -math.inf
@@ -392,7 +394,8 @@ class _Best:
         self.value = float(values[self.metric])
         checkpoints.save(self.manager, step, state, fit())
         record = {"metric": self.metric, "value": self.value, "step": step}
-        checkpoints.atomic_write_text(self.record, json.dumps(record, indent=1))
+        if self.primary:
+            checkpoints.atomic_write_text(self.record, json.dumps(record, indent=1))
         logging.info(
             "best %s so far (%.4f) at step %d: saved to %s.",
             *record.values(),
@@ -473,9 +476,16 @@ def train(
         state = jax.device_put(jax.device_get(state), NamedSharding(mesh, PartitionSpec()))
     first, total = int(state["step"]), method.total_steps
     last = total if stop_at is None else min(stop_at, total)
+    if checkpoints.OPT_STATE not in state and first < last:
+        raise checkpoints.CheckpointError(
+            f"Checkpoint {first} in {manager.directory} holds the final parameters only "
+            "(train.save_final_params_only=True), without the optimiser state training needs to "
+            f"go on to step {last}. Train longer in a new --workdir, or evaluate this run as it "
+            f"is (python -m launch.evaluate --workdir={workdir})."
+        )
     log = _Log(workdir) if primary else _NoLog()
     eval_every = config.train.get("eval_every", 0)
-    best = _Best(workdir, config.train.get("select_metric", ""))
+    best = _Best(workdir, config.train.get("select_metric", ""), primary=primary)
 
     def validate(step: int) -> None:
         model = model_from_state(graphdef, rest, state)
@@ -519,7 +529,10 @@ def train(
     if last == total and manager.latest_step() != total:
         model = model_from_state(graphdef, rest, state)
         fitted = fit_statistics(method, model, step=total)
-        checkpoints.save(manager, total, state, fitted)
+        final = state
+        if config.train.get("save_final_params_only", False):
+            final = {k: v for k, v in state.items() if k != checkpoints.OPT_STATE}
+        checkpoints.save(manager, total, final, fitted)
     manager.wait_until_finished()
     manager.close()
     best.close()
