@@ -225,10 +225,10 @@ class _FreezesCheckpoints(ToyMethod):
         super().__init__(config)
         self.folder, self.at, self.stack = folder, at, stack
 
-    def batch(self, step: int):
+    def batch(self, step: int, **part):
         if step == self.at:
             self.stack.enter_context(_read_only(self.folder))
-        return super().batch(step)
+        return super().batch(step, **part)
 
 
 def test_checkpoint_folder_turned_read_only_stops_the_save_and_keeps_the_previous(
