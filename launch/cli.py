@@ -26,7 +26,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 import ml_collections
-from absl import app
+from absl import app, flags
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 EXIT_USER_ERROR = 2
@@ -157,3 +157,24 @@ def run(main: Callable[[list[str]], None], *, config_flag: str | None = "config"
             sys.exit(EXIT_USER_ERROR)
 
     app.run(guarded, argv=argv)
+
+
+class CheckpointChoice:
+    """``--step`` and ``--checkpoint=latest|best``: which checkpoint of a run a command reads."""
+
+    def __init__(self):
+        self._step = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+        self._which = flags.DEFINE_enum(
+            "checkpoint",
+            "latest",
+            ["latest", "best"],
+            "latest: the newest checkpoint (or --step); best: the one with the best validation "
+            "score (runs with config.train.select_metric, e.g. DRAEM's).",
+        )
+
+    def resolve(self) -> dict[str, int | bool | None]:
+        """``{"step": ..., "best": ...}`` for :func:`wdam_jax.train.restore` and its callers."""
+        best = self._which.value == "best"
+        if best and self._step.value is not None:
+            raise app.UsageError("Give --step or --checkpoint=best, not both.")
+        return {"step": self._step.value, "best": best}

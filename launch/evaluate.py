@@ -15,14 +15,7 @@ from launch import cli
 from wdam_jax import checkpoints, evaluate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory to evaluate.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_CHECKPOINT = flags.DEFINE_enum(
-    "checkpoint",
-    "latest",
-    ["latest", "best"],
-    "latest: the newest checkpoint (or --step); best: the one with the best validation score "
-    "(runs with config.train.select_metric, e.g. DRAEM's).",
-)
+_CHECKPOINT = cli.CheckpointChoice()
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -30,10 +23,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     checkpoints.quiet_orbax()
-    best = _CHECKPOINT.value == "best"
-    if best and _STEP.value is not None:
-        raise app.UsageError("Give --step or --checkpoint=best, not both.")
-    evaluate.evaluate(None, _WORKDIR.value, step=_STEP.value, best=best)
+    evaluate.evaluate(None, _WORKDIR.value, **_CHECKPOINT.resolve())
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ Writes ``<out>/predictions.csv``, ``<out>/predictions.json`` and ``<out>/overlay
 
 from absl import app, flags
 
+from launch import cli
 from wdam_jax import checkpoints, predict
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Trained (and evaluated) run directory.")
@@ -22,14 +23,7 @@ _PIXEL_THRESHOLD = flags.DEFINE_float(
 )
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Files read and scored at a time.")
 _OVERLAYS = flags.DEFINE_bool("overlays", True, "Write one overlay PNG per image.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_CHECKPOINT = flags.DEFINE_enum(
-    "checkpoint",
-    "latest",
-    ["latest", "best"],
-    "latest: the newest checkpoint (or --step); best: the one with the best validation score "
-    "(runs with config.train.select_metric, e.g. DRAEM's).",
-)
+_CHECKPOINT = cli.CheckpointChoice()
 flags.mark_flags_as_required(["workdir", "images", "out"])
 
 
@@ -37,9 +31,6 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     checkpoints.quiet_orbax()
-    best = _CHECKPOINT.value == "best"
-    if best and _STEP.value is not None:
-        raise app.UsageError("Give --step or --checkpoint=best, not both.")
     predict.predict(
         _WORKDIR.value,
         _IMAGES.value,
@@ -48,10 +39,9 @@ def main(argv):
         pixel_threshold=_PIXEL_THRESHOLD.value,
         batch_size=_BATCH_SIZE.value,
         overlays=_OVERLAYS.value,
-        step=_STEP.value,
-        best=best,
+        **_CHECKPOINT.resolve(),
     )
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, config_flag=None)
