@@ -10,7 +10,7 @@ import skimage.data
 from PIL import Image
 
 from configs import fmas_mvtec
-from synthesis import tiny_models
+from synthesis import tiny_models, writer
 
 TEXTURE = "tile"  # whole-image foreground
 OBJECT = "bottle"  # foreground from (tiny) SAM
@@ -67,3 +67,21 @@ def make_config(
     config.selector.backbone_weights = "random"
     config.output.records_per_file = 2
     return config
+
+
+def tiny_record(source: str) -> bytes:
+    """One serialised FMAS record of a 4 x 4 image with every field set."""
+    return writer.make_example(
+        image=np.zeros((4, 4, 3), np.uint8),
+        mask=np.ones((4, 4), bool),
+        source=source,
+        category="c",
+        prompt="p",
+        negative_prompt="n",
+        prompt_source="library:generic",
+        seed=1,
+        cfg=5.0,
+        strength=0.5,
+        lpips=0.1,
+        tau=0.13,
+    )

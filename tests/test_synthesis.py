@@ -441,20 +441,7 @@ def test_split_work_is_a_disjoint_cover(env):
 
 
 def test_writer_kill_loses_only_unflushed_records(tmp_path):
-    rec = lambda s: writer.make_example(
-        image=np.zeros((4, 4, 3), np.uint8),
-        mask=np.ones((4, 4), bool),
-        source=s,
-        category="c",
-        prompt="p",
-        negative_prompt="n",
-        prompt_source="library:generic",
-        seed=1,
-        cfg=5.0,
-        strength=0.5,
-        lpips=0.1,
-        tau=0.13,
-    )
+    rec = sf.tiny_record
     w = writer.ShardedRecordWriter(tmp_path, shard_index=0, num_shards=1, records_per_file=2)
     for s in ("a", "b", "c"):
         w.add(rec(s))

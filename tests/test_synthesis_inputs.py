@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+import synthesis_fixtures as sf
 from PIL import Image
 
 from synthesis import files, masks, pipeline, tfrecord, writer
@@ -60,23 +61,6 @@ def test_image_paths_that_leave_the_category_are_refused(tmp_path):
             masks.fg_cache_path(tmp_path, "bottle", rel)
 
 
-def _record(source: str) -> bytes:
-    return writer.make_example(
-        image=np.zeros((4, 4, 3), np.uint8),
-        mask=np.ones((4, 4), bool),
-        source=source,
-        category="c",
-        prompt="p",
-        negative_prompt="n",
-        prompt_source="library:generic",
-        seed=1,
-        cfg=5.0,
-        strength=0.5,
-        lpips=0.1,
-        tau=0.13,
-    )
-
-
 def test_subband_analysis_reads_only_inside_the_data_root(tmp_path):
     from launch import subband_analysis
 
@@ -85,12 +69,12 @@ def test_subband_analysis_reads_only_inside_the_data_root(tmp_path):
     Image.fromarray(np.full((4, 4, 3), 9, np.uint8)).save(root / "c" / "0.png")
     Image.fromarray(np.full((4, 4, 3), 7, np.uint8)).save(tmp_path / "secret.png")
     good = tmp_path / "good.tfrecord"
-    tfrecord.write_records(good, [_record("c/0.png")])
+    tfrecord.write_records(good, [sf.tiny_record("c/0.png")])
     [(category, normal, synthesized)] = subband_analysis.read_pairs(str(good), str(root))
     assert category == "c" and normal.max() == pytest.approx(9 / 255) and synthesized.max() == 0
     for source in ("../secret.png", str(tmp_path / "secret.png"), "c/../../secret.png"):
         bad = tmp_path / "bad.tfrecord"
-        tfrecord.write_records(bad, [_record(source)])
+        tfrecord.write_records(bad, [sf.tiny_record(source)])
         with pytest.raises(ValueError, match=r"outside --data_root") as err:
             list(subband_analysis.read_pairs(str(bad), str(root)))
         assert str(bad) in str(err.value)
