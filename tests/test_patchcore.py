@@ -166,6 +166,24 @@ def test_gaussian_blur_matches_scipy():
     np.testing.assert_allclose(np.asarray(pc.gaussian_blur(x, sigma=4.0)), ref, atol=1e-5)
     maps = pc.anomaly_maps(x[:, :8, :8], image_size=(32, 32))
     chex.assert_shape(maps, (2, 32, 32))
+    # Maps smaller than the kernel radius (16 px) reflect more than once, as scipy does.
+    small = x[:, :5, :7]
+    ref = np.stack([scipy.ndimage.gaussian_filter(m, sigma=4.0) for m in small])
+    np.testing.assert_allclose(np.asarray(pc.gaussian_blur(small, sigma=4.0)), ref, atol=1e-5)
+    ref = np.stack([scipy.ndimage.gaussian_filter(m, sigma=1.5, truncate=3.0) for m in x])
+    got = pc.gaussian_blur(x, sigma=1.5, truncate=3.0)
+    np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_queries", [1, 7, 2049, 6272])
+def test_knn_search_query_chunks_cover_every_query(num_queries):
+    rng = np.random.default_rng(num_queries)
+    bank = rng.standard_normal((300, 16)).astype(np.float32)
+    queries = rng.standard_normal((num_queries, 16)).astype(np.float32)
+    dist, index = pc.knn_search(bank, queries, k=1, query_chunk=2048, bank_chunk=64)
+    full = ((queries[:, None, :] - bank[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(np.asarray(index)[:, 0], full.argmin(1))
+    np.testing.assert_allclose(np.asarray(dist)[:, 0], np.sqrt(full.min(1)), rtol=1e-4, atol=1e-4)
 
 
 def test_reweighting_matches_numpy():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import pathlib
 from collections.abc import Callable, Mapping
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 import jax
@@ -295,6 +295,9 @@ def _knn_block(
     num_chunks = -(-num_bank // m)
     queries = queries - center
     q_sqnorm = jnp.sum(queries * queries, axis=1)
+    # ||q||^2 is the same for every bank row, so the scan ranks ||b||^2 - 2 q.b and adds it at
+    # the end; the -2 is folded into the queries once instead of scaling every product.
+    queries_m2 = -2.0 * queries
 
     def step(carry, chunk):
         best_d, best_i = carry
@@ -304,17 +307,16 @@ def _knn_block(
         start = jnp.minimum(nominal, num_bank - m)
         rows = lax.dynamic_slice_in_dim(bank, start, m) - center
         rows_sq = lax.dynamic_slice_in_dim(bank_sqnorm, start, m)
-        d2 = (
-            q_sqnorm[:, None]
-            - 2.0 * jnp.matmul(queries, rows.T, precision=_HIGHEST)
-            + rows_sq[None, :]
-        )
+        d2 = jnp.matmul(queries_m2, rows.T, precision=_HIGHEST) + rows_sq[None, :]
         index = start + jnp.arange(m, dtype=jnp.int32)
         d2 = jnp.where(index[None, :] < nominal, jnp.inf, d2)
         if k == 1:
-            j = jnp.argmin(d2, axis=1)
-            cand_d = jnp.take_along_axis(d2, j[:, None], axis=1)
-            cand_i = index[j][:, None]
+            # Two plain reductions (the minimum, then the first index reaching it) instead of
+            # argmin's paired value/index reduction, which XLA:CPU runs several times slower
+            # than the matmul it follows (measured in benchmarks/README_patchcore.md).
+            cand_d = jnp.min(d2, axis=1, keepdims=True)
+            first = jnp.where(d2 <= cand_d, index[None, :], jnp.iinfo(jnp.int32).max)
+            cand_i = jnp.min(first, axis=1, keepdims=True)
             better = cand_d < best_d
             return (jnp.where(better, cand_d, best_d), jnp.where(better, cand_i, best_i)), None
         neg, j = lax.top_k(-d2, min(k, m))
@@ -328,7 +330,7 @@ def _knn_block(
         jnp.full((queries.shape[0], k), -1, jnp.int32),
     )
     (best_d, best_i), _ = lax.scan(step, init, jnp.arange(num_chunks, dtype=jnp.int32))
-    return jnp.sqrt(jnp.maximum(best_d, 0.0)), best_i
+    return jnp.sqrt(jnp.maximum(best_d + q_sqnorm[:, None], 0.0)), best_i
 
 
 @jax.jit
@@ -343,7 +345,7 @@ def knn_search(
     *,
     k: int = 1,
     query_chunk: int = 2048,
-    bank_chunk: int = 2048,
+    bank_chunk: int = 1024,
 ) -> tuple[Array, Array]:
     """Exact Euclidean k nearest bank rows of each query, chunked over queries and bank.
 
@@ -356,8 +358,8 @@ def knn_search(
       queries: ``[Q, D]`` (numpy or jax; moved to the device one chunk at a time).
       k: number of neighbours, ``1 <= k <= M``.
       query_chunk: queries per jit call (the last chunk is zero padded to this size).
-      bank_chunk: bank rows per scan step (2048 measured fastest on a 2-core CPU: the
-        ``query_chunk x bank_chunk`` block stays in cache).
+      bank_chunk: bank rows per scan step (1024 measured fastest on a 2-core CPU among 256 to
+        8192, by 5 to 10 % over 2048; see ``benchmarks/README_patchcore.md``).
 
     Returns:
       ``(distances [Q, k] float32 ascending, indices [Q, k] int32)``.
@@ -369,7 +371,12 @@ def knn_search(
     center = jnp.mean(bank, axis=0)
     bank_sqnorm = _centred_sqnorm(bank, center)
     num_q = queries.shape[0]
-    qc = min(query_chunk, max(num_q, 1))
+    # Equal chunks (rounded up to a multiple of 8) rather than full ones and a padded remainder:
+    # 6272 queries (8 images of 28 x 28 patches) run as 4 x 1568, not 4 x 2048 with 1920 rows of
+    # padding (23 % of the multiply-adds wasted).
+    num_chunks = max(1, -(-num_q // query_chunk))
+    per_chunk = -(-num_q // num_chunks)
+    qc = max(1, min(num_q, (per_chunk + 7) // 8 * 8))
     out_d, out_i = [], []
     for start in range(0, num_q, qc):
         chunk = queries[start : start + qc]
@@ -475,20 +482,27 @@ def gaussian_blur(maps: ArrayLike, *, sigma: float = 4.0, truncate: float = 4.0)
       ``[B, H, W]`` float32.
     """
     maps = jnp.asarray(maps, jnp.float32)
+    rows = jnp.asarray(_blur_matrix(maps.shape[1], sigma, truncate))
+    cols = jnp.asarray(_blur_matrix(maps.shape[2], sigma, truncate))
+    # Two small matmuls with the reflect padding folded into the matrices: the same sums as a
+    # padded separable convolution, but XLA:CPU runs a 1-channel convolution ~50x slower than
+    # these (77 ms vs ~1 ms for 8 maps of 224 x 224, benchmarks/README_patchcore.md).
+    out = jnp.einsum("ih,bhw->biw", rows, maps, precision=_HIGHEST)
+    return jnp.einsum("jw,biw->bij", cols, out, precision=_HIGHEST)
+
+
+@lru_cache(maxsize=32)
+def _blur_matrix(n: int, sigma: float, truncate: float) -> np.ndarray:
+    """``[n, n]`` matrix of a 1-D Gaussian filter with scipy's "reflect" boundary (the edge
+    sample repeated, reflected as often as the radius needs): ``out = matrix @ signal``."""
     radius = int(truncate * sigma + 0.5)
-    x = np.arange(-radius, radius + 1, dtype=np.float64)
-    kernel = np.exp(-0.5 * (x / sigma) ** 2)
-    kernel = jnp.asarray(kernel / kernel.sum(), jnp.float32)
-    padded = jnp.pad(maps, ((0, 0), (radius, radius), (radius, radius)), mode="symmetric")
-    dn = ("NHWC", "HWIO", "NHWC")
-    out = lax.conv_general_dilated(
-        padded[..., None], kernel.reshape(-1, 1, 1, 1), (1, 1), "VALID",
-        dimension_numbers=dn, precision=_HIGHEST,
-    )  # fmt: skip
-    out = lax.conv_general_dilated(
-        out, kernel.reshape(1, -1, 1, 1), (1, 1), "VALID", dimension_numbers=dn, precision=_HIGHEST
-    )
-    return out[..., 0]
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps /= taps.sum()
+    source = np.pad(np.arange(n), radius, mode="symmetric")  # padded position -> sample
+    matrix = np.zeros((n, n), np.float64)
+    for offset, tap in enumerate(taps):
+        np.add.at(matrix, (np.arange(n), source[offset : offset + n]), tap)
+    return matrix.astype(np.float32)
 
 
 def anomaly_maps(
