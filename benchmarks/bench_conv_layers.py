@@ -2,7 +2,7 @@
 network, forward and forward + backward, XLA (``lax.conv_general_dilated``) against PyTorch
 (oneDNN), same inputs, same threads, in one process.
 
-  python benchmarks/bench_conv_layers.py                 # the demo's shapes: 64 px, batch 8, width 16
+  python benchmarks/bench_conv_layers.py          # the demo's shapes: 64 px, batch 8, width 16
   python benchmarks/bench_conv_layers.py --width=32 --image_size=128
 
 ``benchmarks/bench_draem_step.py`` times the whole step; this script splits it by layer shape so
@@ -53,6 +53,26 @@ def _shapes(size: int, w: int) -> list[tuple[int, int, int]]:
     return sorted((shape for shape in shapes if shape[0] >= 1), reverse=True)
 
 
+def _row(rng, args, size: int, cin: int, cout: int, fwd, both) -> list[float]:
+    """Median ms of JAX forward, torch forward, JAX forward + backward, torch forward + backward."""
+    x = rng.standard_normal((args.batch_size, size, size, cin), np.float32)
+    w = rng.standard_normal((3, 3, cin, cout), np.float32) / np.sqrt(9 * cin)
+    jx, jw = jnp.asarray(x), jnp.asarray(w)
+    tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().requires_grad_()
+    tw = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous().requires_grad_()
+
+    def torch_both():
+        tx.grad = tw.grad = None
+        F.conv2d(tx, tw, padding=1).sum().backward()
+
+    return [
+        _median_ms(lambda: jax.block_until_ready(fwd(jx, jw)), args.repeats),
+        _median_ms(lambda: F.conv2d(tx.detach(), tw.detach(), padding=1), args.repeats),
+        _median_ms(lambda: jax.block_until_ready(both(jx, jw)), args.repeats),
+        _median_ms(torch_both, args.repeats),
+    ]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--image_size", type=int, default=64)
@@ -73,22 +93,7 @@ def main():
     print("|---:|---|---:|---:|---:|---:|")
     totals = np.zeros(4)
     for size, cin, cout in _shapes(args.image_size, args.width):
-        x = rng.standard_normal((args.batch_size, size, size, cin), np.float32)
-        w = rng.standard_normal((3, 3, cin, cout), np.float32) / np.sqrt(9 * cin)
-        jx, jw = jnp.asarray(x), jnp.asarray(w)
-        tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().requires_grad_()
-        tw = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous().requires_grad_()
-
-        def torch_both():
-            tx.grad = tw.grad = None
-            F.conv2d(tx, tw, padding=1).sum().backward()
-
-        row = [
-            _median_ms(lambda: jax.block_until_ready(fwd(jx, jw)), args.repeats),
-            _median_ms(lambda: F.conv2d(tx.detach(), tw.detach(), padding=1), args.repeats),
-            _median_ms(lambda: jax.block_until_ready(both(jx, jw)), args.repeats),
-            _median_ms(torch_both, args.repeats),
-        ]
+        row = _row(rng, args, size, cin, cout, fwd, both)
         totals += row
         print(f"| {size} | {cin} -> {cout} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
     print("| **sum** | | " + " | ".join(f"**{v:.1f}**" for v in totals) + " |")
