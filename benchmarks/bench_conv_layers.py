@@ -56,7 +56,7 @@ def _shapes(size: int, w: int) -> list[tuple[int, int, int]]:
 def _row(rng, args, size: int, cin: int, cout: int, fwd, both) -> list[float]:
     """Median ms of JAX forward, torch forward, JAX forward + backward, torch forward + backward."""
     x = rng.standard_normal((args.batch_size, size, size, cin), np.float32)
-    w = rng.standard_normal((3, 3, cin, cout), np.float32) / np.sqrt(9 * cin)
+    w = (rng.standard_normal((3, 3, cin, cout)) / np.sqrt(9 * cin)).astype(np.float32)
     jx, jw = jnp.asarray(x), jnp.asarray(w)
     tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().requires_grad_()
     tw = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous().requires_grad_()
