@@ -13,6 +13,7 @@ import optax
 import pytest
 import scipy.ndimage
 import skimage.metrics
+import sklearn.metrics
 import torch
 from flax import nnx
 from PIL import Image, ImageEnhance, ImageOps
@@ -303,9 +304,24 @@ def test_train_step_validate_and_score(method):
     np.testing.assert_allclose(float(loss), sum(float(v) for v in aux.values()), rtol=1e-5)
     assert float(optax.global_norm(grads)) > 0
     val = method.validate(model, step=0)
-    assert set(val) == {"val/i_auroc", "val/p_auroc", "val/mean_auroc"}
+    assert set(val) == {
+        "val/i_auroc",
+        "val/p_auroc",
+        "val/mean_auroc",
+        "test/i_auroc",
+        "test/p_auroc",
+    }
     assert all(0.0 <= v <= 1.0 for v in val.values())
     assert val["val/mean_auroc"] == pytest.approx((val["val/i_auroc"] + val["val/p_auroc"]) / 2)
+    # The test curve is the test split scored as evaluation scores it (at the input size).
+    test = method.test_split
+    test_scores = method.score(model, {}, test.images, step=0)
+    assert val["test/i_auroc"] == pytest.approx(
+        sklearn.metrics.roc_auc_score(test.labels, test_scores.image_scores)
+    )
+    assert val["test/p_auroc"] == pytest.approx(
+        sklearn.metrics.roc_auc_score(test.masks.reshape(-1), test_scores.maps.reshape(-1))
+    )
     images, _ = method.validation_set
     scores = method.score(model, {}, images, step=0)
     maps = np.asarray(_forward(model, jnp.asarray(images))["anomaly"])

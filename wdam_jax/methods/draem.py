@@ -395,22 +395,35 @@ class Draem(Method):
         zeros = np.zeros((len(normals), *data.val_images.shape[1:3]), bool)
         return np.stack(normals + anomalous), np.concatenate([zeros, np.stack(masks)])
 
+    @functools.cached_property
+    def test_split(self) -> datasets.Split:
+        return load_split(self.config.data, split="test")
+
     def validate(self, model: DraemNet, *, step: int) -> dict[str, float]:
-        """Image and pixel AUROC (and their mean) on the held-out images and their synthetic
-        anomalies."""
-        if len(self.data.val_images) == 0:
-            return {}
-        images, masks = self.validation_set
-        scores = self.score(model, {}, images, step=step)
-        labels = masks.any(axis=(1, 2))
-        i_auroc = metrics.auroc(scores.image_scores, labels)
-        p_auroc = metrics.auroc(scores.maps.reshape(-1), masks.reshape(-1))
-        # One number to select a checkpoint by (the loop keeps the state with the highest).
-        return {
-            "val/i_auroc": i_auroc,
-            "val/p_auroc": p_auroc,
-            "val/mean_auroc": (i_auroc + p_auroc) / 2,
-        }
+        """Learning-curve scalars, logged every ``train.eval_every`` steps.
+
+        ``val/*``: image and pixel AUROC (and their mean, the score ``train.select_metric``
+        keeps the best checkpoint by) on the held-out training images and their synthetic
+        anomalies. ``test/*``: the same on the TEST split at the model's input resolution, a
+        diagnostic curve only (does training help detection?), never used to select a
+        checkpoint or a hyperparameter.
+        """
+        out = {}
+        if len(self.data.val_images):
+            images, masks = self.validation_set
+            scores = self.score(model, {}, images, step=step)
+            i_auroc = metrics.auroc(scores.image_scores, masks.any(axis=(1, 2)))
+            p_auroc = metrics.auroc(scores.maps.reshape(-1), masks.reshape(-1))
+            out |= {
+                "val/i_auroc": i_auroc,
+                "val/p_auroc": p_auroc,
+                "val/mean_auroc": (i_auroc + p_auroc) / 2,
+            }
+        test = self.test_split
+        scores = self.score(model, {}, test.images, step=step)
+        out["test/i_auroc"] = metrics.auroc(scores.image_scores, test.labels)
+        out["test/p_auroc"] = metrics.pixel_auroc(scores.maps, test.masks)
+        return out
 
     # ---- scoring
 
