@@ -408,3 +408,17 @@ def test_ensemble_normalisation_option_through_the_method(demo_data_root, tmp_pa
     assert not np.allclose(default.image_scores, official.image_scores)
     problems = method("minmax").check_inputs()
     assert any("patchcore.normalisation='minmax'" in p for p in problems)
+
+
+@pytest.mark.parametrize("boundary, mode", [("reflect", "reflect"), ("zero", "constant")])
+def test_gaussian_matrix_matches_scipy_correlate(boundary, mode):
+    from wdam_jax import filters
+
+    signal = np.random.default_rng(1).random(13)
+    offsets = tuple(range(-5, 5))  # an even window: DRAEM's offsets for window 10
+    matrix = filters.gaussian_matrix(13, sigma=1.5, offsets=offsets, boundary=boundary)
+    taps = np.exp(-0.5 * (np.asarray(offsets) / 1.5) ** 2)
+    ref = scipy.ndimage.correlate1d(signal, taps / taps.sum(), mode=mode)
+    np.testing.assert_allclose(matrix @ signal, ref, atol=1e-6)
+    with pytest.raises(ValueError, match="boundary"):
+        filters.gaussian_matrix(13, sigma=1.5, offsets=offsets, boundary="wrap")

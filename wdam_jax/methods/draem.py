@@ -42,7 +42,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from wdam_jax import metrics
+from wdam_jax import filters, metrics
 from wdam_jax.data import augment, datasets, pipeline
 from wdam_jax.data.anomaly_sources import TextureBank
 from wdam_jax.data.sources import load_split
@@ -54,17 +54,6 @@ FOCAL_SMOOTH = 1e-5  # DRAEM's FocalLoss(smooth=1e-5)
 
 # --------------------------------------------------------------------------------------------
 # Losses and scores (pure functions).
-
-
-def _gaussian_blur_matrix(n: int, window: int, sigma: float) -> np.ndarray:
-    """``[n, n]`` matrix of a 1-D ``window``-tap Gaussian filter with zero padding."""
-    taps = np.arange(window) - window // 2
-    g = np.exp(-(taps**2) / (2.0 * sigma**2))
-    g = g / g.sum()
-    m = np.zeros((n, n), np.float32)
-    for offset, weight in zip(taps, g, strict=True):
-        m += weight * np.eye(n, k=int(offset), dtype=np.float32)
-    return m
 
 
 def ssim_map(
@@ -81,8 +70,9 @@ def ssim_map(
     Returns:
       ``[B, H, W, C]``.
     """
-    mh = jnp.asarray(_gaussian_blur_matrix(x.shape[1], window, sigma), x.dtype)
-    mw = jnp.asarray(_gaussian_blur_matrix(x.shape[2], window, sigma), x.dtype)
+    kwargs = dict(sigma=sigma, offsets=tuple(range(-(window // 2), window - window // 2)))
+    mh = jnp.asarray(filters.gaussian_matrix(x.shape[1], boundary="zero", **kwargs), x.dtype)
+    mw = jnp.asarray(filters.gaussian_matrix(x.shape[2], boundary="zero", **kwargs), x.dtype)
     stack = jnp.concatenate([x, y, x * x, y * y, x * y], axis=-1)
     moments = jnp.einsum("ph,bhwc,qw->bpqc", mh, stack, mw)
     mx, my, xx, yy, xy = jnp.split(moments, 5, axis=-1)

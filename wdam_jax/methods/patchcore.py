@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import pathlib
 from collections.abc import Callable, Mapping
-from functools import lru_cache, partial
+from functools import partial
 from typing import Any
 
 import jax
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from wdam_jax import filters
 from wdam_jax.errors import MissingFileError
 
 Array = jax.Array
@@ -357,7 +358,8 @@ def knn_search(
       bank: ``[M, D]``.
       queries: ``[Q, D]`` (numpy or jax; moved to the device one chunk at a time).
       k: number of neighbours, ``1 <= k <= M``.
-      query_chunk: queries per jit call (the last chunk is zero padded to this size).
+      query_chunk: at most this many queries per jit call (rounded up to a multiple of 8); the
+        queries are split into equal chunks, the last one zero padded by the few rows left.
       bank_chunk: bank rows per scan step (1024 measured fastest on a 2-core CPU among 256 to
         8192, by 5 to 10 % over 2048; see ``benchmarks/README_patchcore.md``).
 
@@ -482,27 +484,15 @@ def gaussian_blur(maps: ArrayLike, *, sigma: float = 4.0, truncate: float = 4.0)
       ``[B, H, W]`` float32.
     """
     maps = jnp.asarray(maps, jnp.float32)
-    rows = jnp.asarray(_blur_matrix(maps.shape[1], sigma, truncate))
-    cols = jnp.asarray(_blur_matrix(maps.shape[2], sigma, truncate))
+    radius = int(truncate * sigma + 0.5)
+    kwargs = dict(sigma=sigma, offsets=tuple(range(-radius, radius + 1)), boundary="reflect")
+    rows = jnp.asarray(filters.gaussian_matrix(maps.shape[1], **kwargs))
+    cols = jnp.asarray(filters.gaussian_matrix(maps.shape[2], **kwargs))
     # Two small matmuls with the reflect padding folded into the matrices: the same sums as a
     # padded separable convolution, but XLA:CPU runs a 1-channel convolution ~50x slower than
     # these (77 ms vs ~1 ms for 8 maps of 224 x 224, benchmarks/README_patchcore.md).
     out = jnp.einsum("ih,bhw->biw", rows, maps, precision=_HIGHEST)
     return jnp.einsum("jw,biw->bij", cols, out, precision=_HIGHEST)
-
-
-@lru_cache(maxsize=32)
-def _blur_matrix(n: int, sigma: float, truncate: float) -> np.ndarray:
-    """``[n, n]`` matrix of a 1-D Gaussian filter with scipy's "reflect" boundary (the edge
-    sample repeated, reflected as often as the radius needs): ``out = matrix @ signal``."""
-    radius = int(truncate * sigma + 0.5)
-    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-    taps /= taps.sum()
-    source = np.pad(np.arange(n), radius, mode="symmetric")  # padded position -> sample
-    matrix = np.zeros((n, n), np.float64)
-    for offset, tap in enumerate(taps):
-        np.add.at(matrix, (np.arange(n), source[offset : offset + n]), tap)
-    return matrix.astype(np.float32)
 
 
 def anomaly_maps(
