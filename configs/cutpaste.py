@@ -55,7 +55,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.holdout_seed = 0
 
     config.augment = ml_collections.ConfigDict()
-    config.augment.foreground_mask = False  # FM: confine CutPaste and scar to the foreground
+    # FM (Sec. 4.3): confine the scar class to the foreground ("CutPaste's scar anomalies to
+    # object regions only"); fm_confines_cutpaste also confines the CutPaste patches.
+    config.augment.foreground_mask = False
+    config.augment.fm_confines_cutpaste = False
     config.augment.color_jitter = 0.1
     config.augment.cutpaste_area_ratio = (0.02, 0.15)
     config.augment.cutpaste_aspect_ratio = ((0.3, 1.0), (1.0, 3.3))
@@ -81,6 +84,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.stage1_lr = 0.03
     config.train.momentum = 0.9
     config.train.weight_decay = 3e-5
+    config.train.warmup_steps = 0  # linear warm-up of the stage-1 learning rate from 0
+    config.train.clip_norm = 0.0  # clip stage-1 gradients to this global norm (0: off)
     config.train.stage2_steps = 0  # Adam, data.anomaly_source
     config.train.stage2_lr = 0.01
     config.train.stage3_steps = 0  # Adam, WDAM in
@@ -100,6 +105,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.score.pixel_layers = ("layer4",)
     config.score.pixel_sigma = 4.0  # Gaussian smoothing of the upsampled map, in pixels
     config.score.eval_batch_size = 32
+    # BatchNorm statistics re-estimated over this many batches of the training task with the
+    # weights frozen, before fitting and scoring (wdam_jax/batch_norm.py); 0: running statistics.
+    config.score.bn_batches = 8
     config.score.num_figures = 8
     config.score.threshold_rule = "normal_fpr"  # or "f1_max" (needs labelled anomalies)
     config.score.threshold_fpr = 0.01  # false-positive rate on held-out normal images

@@ -11,8 +11,10 @@ from jax import numpy as jnp
 
 from configs import cutpaste as cutpaste_config
 from configs import cutpaste_wdam as cutpaste_wdam_config
+from wdam_jax import batch_norm
 from wdam_jax.data import pipeline, sources
 from wdam_jax.data.datasets import DatasetError
+from wdam_jax.errors import ConfigError
 from wdam_jax.methods import cutpaste
 from wdam_jax.models.wide_resnet import Bottleneck
 
@@ -102,23 +104,27 @@ def test_batch_is_three_way_and_a_pure_function_of_step(source):
     assert not np.array_equal(batch["image"], other["image"])
 
 
-def test_foreground_mask_confines_cutpaste_and_scar():
+@pytest.mark.parametrize("confine_cutpaste", [False, True])
+def test_foreground_mask_confines_the_scar_and_optionally_cutpaste(confine_cutpaste):
     data = _train_data(fg=True)
+    config = _augment_config()
+    config.fm_confines_cutpaste = confine_cutpaste
+    outside = []
     for step in range(6):
         batch = cutpaste.make_batch(
-            data,
-            step,
-            batch_size=3,
-            seed=0,
-            source="cutpaste",
-            augment_config=_augment_config(),
+            data, step, batch_size=3, seed=0, source="cutpaste", augment_config=config
         )
         normals = batch["image"][:3]
         idx = pipeline.batch_indices(step, num_examples=5, batch_size=3, seed=0)
         for view in (batch["image"][3:6], batch["image"][6:]):
-            changed = np.any(view != normals, axis=-1)
-            assert changed.any()
-            assert not (changed & ~data.foreground[idx]).any()
+            assert np.any(view != normals, axis=-1).any()
+        scar_changed = np.any(batch["image"][6:] != normals, axis=-1)
+        assert not (scar_changed & ~data.foreground[idx]).any()  # the paper's FM: scars
+        patch_changed = np.any(batch["image"][3:6] != normals, axis=-1)
+        outside.append((patch_changed & ~data.foreground[idx]).any())
+    # The paper's reading leaves CutPaste patches anywhere (6 x 3 patches: some land outside
+    # the 16 x 12 foreground of a 32 x 32 image); the wider reading keeps them inside.
+    assert any(outside) != confine_cutpaste
 
 
 def test_gate_off_is_the_plain_bottleneck_and_on_adds_wdam():
@@ -264,3 +270,51 @@ def test_fm_without_foreground_root_is_a_clear_error(tmp_path):
     config.data.foreground_root = ""
     with pytest.raises(ValueError, match="foreground_root"):
         cutpaste.load_train_data(config)
+
+
+def test_perlin_validation_set_is_normals_then_their_anomalies():
+    from wdam_jax.data import anomaly_sources
+
+    images = np.random.default_rng(3).random((4, 32, 32, 3), dtype=np.float32)
+    val, masks = anomaly_sources.perlin_validation_set(images, seed=0)
+    assert val.shape == (8, 32, 32, 3) and masks.shape == (8, 32, 32) and masks.dtype == bool
+    np.testing.assert_array_equal(val[:4], images)
+    assert not masks[:4].any() and masks[4:].any(axis=(1, 2)).all()
+    changed = np.any(val[4:] != images, axis=-1)
+    assert not (changed & ~masks[4:]).any()  # only the masked pixels change
+    again, _ = anomaly_sources.perlin_validation_set(images, seed=0)
+    np.testing.assert_array_equal(again, val)  # a pure function of (images, seed)
+
+
+def test_cutpaste_epochs_are_256_updates_whatever_the_training_set(demo_data_root):
+    config = _epoch_config(demo_data_root, (2.0, 1.0, 0.5))
+    config.train.epoch_unit = "cutpaste"
+    method = cutpaste.CutPaste(config)
+    assert method.check_inputs() == []
+    t = config.train
+    assert [t.stage1_steps, t.stage2_steps, t.stage3_steps] == [512, 256, 128]
+    wrong = _epoch_config(demo_data_root, (2.0, 1.0, 0.5))
+    wrong.train.epoch_unit = "updates"
+    with pytest.raises(ConfigError, match="epoch_unit"):
+        cutpaste.CutPaste(wrong).check_inputs()
+
+
+def test_fit_stores_precise_batch_stats_and_score_uses_them(demo_data_root):
+    config = _epoch_config(demo_data_root, ())
+    config.model.update({"depths": (1, 1, 1, 1), "base_width": 8, "head_dims": (16,)})
+    config.train.stage1_steps, config.train.stage2_steps, config.train.stage3_steps = 1, 1, 1
+    config.score.bn_batches = 2
+    config.data.image_size, config.train.batch_size = 32, 2
+    method = cutpaste.CutPaste(config)
+    model = method.create_model()
+    images = method.train_images()[:4]
+    fitted = method.fit(model, images, step=0)
+    stats = [k for k in fitted if k.startswith(batch_norm.PREFIX)]
+    assert stats and any(k.endswith("backbone.bn1.var") for k in stats)
+    # At initialisation the running statistics are 0 / 1: the re-estimated ones differ ...
+    assert not np.allclose(fitted[batch_norm.PREFIX + "backbone.bn1.var"], 1.0)
+    with_stats = method.score(model, fitted, images, step=0).image_scores
+    without = {k: v for k, v in fitted.items() if k not in stats}
+    assert not np.allclose(method.score(model, without, images, step=0).image_scores, with_stats)
+    # ... and the model itself keeps its own.
+    np.testing.assert_array_equal(np.asarray(model.backbone.bn1.var.get_value()), 1.0)

@@ -131,3 +131,38 @@ class TextureBank:
         return skimage.transform.resize(image, (s, s), order=1, anti_aliasing=True).astype(
             np.float32
         )
+
+
+def perlin_validation_set(
+    images: np.ndarray, *, seed: int, source_dir: str = PROCEDURAL
+) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out normal images and one DRAEM-style anomaly on each, for model selection.
+
+    A method that trains on one family of synthetic anomalies (CutPaste's patches and scars)
+    is validated on another (Perlin-noise masks blended with textures,
+    :func:`wdam_jax.data.augment.draem_anomaly`), so a setting chosen on it is not chosen for
+    detecting its own training task. Each anomaly is redrawn, deterministically, until its mask
+    is not empty.
+
+    Args:
+      images: ``[V, S, S, 3]`` float32 normal images never trained on (the holdout split).
+      seed: the run's seed.
+      source_dir: the texture source (:class:`TextureBank`).
+
+    Returns:
+      ``(images [2V, S, S, 3], masks [2V, S, S] bool)``: the V normal images, then the V
+      anomalous ones.
+    """
+    bank = TextureBank(source_dir, image_size=images.shape[1], seed=seed)
+    anomalous, masks = [], []
+    for v, image in enumerate(images):
+        for attempt in range(100):
+            rng = np.random.default_rng([seed, 161803, v, attempt])
+            texture = bank.get(int(rng.integers(len(bank))))
+            x, m = augment.draem_anomaly(rng, image, texture, no_anomaly_prob=0.0)
+            if m.any():
+                break
+        anomalous.append(x)
+        masks.append(m)
+    zeros = np.zeros((len(images), *images.shape[1:3]), bool)
+    return np.concatenate([images, np.stack(anomalous)]), np.concatenate([zeros, np.stack(masks)])

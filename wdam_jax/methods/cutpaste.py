@@ -3,7 +3,9 @@
 The network is WideResNet50-2 (WDAM Bottleneck* in ``model.wdam_layers``), CutPaste's projection
 head (``Linear -> BatchNorm -> ReLU`` per entry of ``model.head_dims``) on the pooled features and
 a 3-way classifier: 0 = normal, 1 = anomaly source (CutPaste, or an FMAS sample), 2 = CutPaste-scar.
-``augment.foreground_mask`` (FM) confines scar and CutPaste to the foreground mask.
+``augment.foreground_mask`` (FM) confines the scar class to the foreground mask, as the paper
+(Sec. 4.3: "constraining CutPaste's scar anomalies to object regions only");
+``augment.fm_confines_cutpaste`` also confines the CutPaste patches (a wider reading).
 
 Training stages (Sec. 4.2), explicit config fields; steps are cumulative in this order:
 
@@ -51,7 +53,8 @@ import scipy.ndimage
 from absl import logging
 from flax import nnx
 
-from wdam_jax.data import augment, datasets, pipeline
+from wdam_jax import batch_norm
+from wdam_jax.data import anomaly_sources, augment, datasets, pipeline
 from wdam_jax.data.sources import load_split
 from wdam_jax.errors import ConfigError
 from wdam_jax.methods.base import Fitted, ImageScores, Method
@@ -65,6 +68,8 @@ from wdam_jax.models.wide_resnet import (
 from wdam_jax.optim import staged
 
 NUM_CLASSES = 3
+EPOCH_UNITS = ("pass", "cutpaste")
+CUTPASTE_EPOCH_STEPS = 256  # CutPaste's epoch: 256 parameter updates
 NORMAL, ANOMALY, SCAR = 0, 1, 2
 CLASS_NAMES = ("normal", "anomaly source", "scar")
 
@@ -399,6 +404,11 @@ def score_features(
     return image.mahalanobis(embeddings), maps
 
 
+def _train_forward(model: CutPasteNet, x: jax.Array) -> None:
+    """The training-mode forward whose BatchNorm statistics :meth:`CutPaste.fit` re-estimates."""
+    model(x, train=True)
+
+
 @functools.lru_cache(maxsize=8)
 def _forward(graphdef, names: tuple[str, ...]):
     """One compiled inference forward per (network structure, feature names)."""
@@ -522,7 +532,7 @@ def make_batch(
                 area_ratio=tuple(a.cutpaste_area_ratio),
                 aspect_ratio=tuple(tuple(r) for r in a.cutpaste_aspect_ratio),
                 color_jitter=a.color_jitter,
-                fg_mask=fg,
+                fg_mask=fg if a.get("fm_confines_cutpaste", False) else None,
             )
         scar = augment.cutpaste_scar(
             rng,
@@ -582,14 +592,25 @@ class CutPaste(Method):
         """Stage lengths given in epochs (``train.stage_epochs``) become steps of this category's
         training set, written into ``train.stage{1,2,3}_steps`` with ``train.epoch_size`` (the
         number of normal training images), so the run's saved config states the steps it ran and
-        a later ``evaluate`` or ``predict`` does not need the data to know them. One epoch is a
-        pass over the normal training images at ``train.batch_size`` per step:
-        ``steps = ceil(epochs * epoch_size / batch_size)``."""
+        a later ``evaluate`` or ``predict`` does not need the data to know them.
+        ``train.epoch_unit="pass"``: one epoch is a pass over the normal training images at
+        ``train.batch_size`` per step, ``steps = ceil(epochs * epoch_size / batch_size)``;
+        ``"cutpaste"``: CutPaste's epoch of 256 parameter updates, ``steps = 256 * epochs``
+        whatever the category's size (``docs/design.md`` compares the two readings)."""
         t = self.config.train
         if not tuple(t.get("stage_epochs", ())) or t.get("epoch_size", 0):
             return
+        unit = t.get("epoch_unit", "pass")
+        if unit not in EPOCH_UNITS:
+            raise ConfigError(
+                f"config.train.epoch_unit={unit!r}; use 'pass' (one pass over the training "
+                f"images) or 'cutpaste' ({CUTPASTE_EPOCH_STEPS} updates, CutPaste's epoch)."
+            )
         size = len(self.train_data.images)
-        steps = [math.ceil(e * size / t.batch_size) for e in t.stage_epochs]
+        if unit == "cutpaste":
+            steps = [math.ceil(e * CUTPASTE_EPOCH_STEPS) for e in t.stage_epochs]
+        else:
+            steps = [math.ceil(e * size / t.batch_size) for e in t.stage_epochs]
         with self.config.unlocked():
             t.epoch_size = size
             t.stage1_steps, t.stage2_steps, t.stage3_steps = steps
@@ -712,13 +733,18 @@ class CutPaste(Method):
         """
         self.resolve_schedule()
         t = self.config.train
+        warmup = min(int(t.get("warmup_steps", 0)), max(0, t.stage1_steps - 1))
+        stage1_lr = optax.cosine_decay_schedule(t.stage1_lr, max(1, t.stage1_steps))
+        if warmup:
+            stage1_lr = optax.warmup_cosine_decay_schedule(
+                0.0, t.stage1_lr, warmup, max(1, t.stage1_steps)
+            )
         sgd = optax.chain(
             optax.add_decayed_weights(t.weight_decay),
-            optax.sgd(
-                optax.cosine_decay_schedule(t.stage1_lr, max(1, t.stage1_steps)),
-                momentum=t.momentum,
-            ),
+            optax.sgd(stage1_lr, momentum=t.momentum),
         )
+        if t.get("clip_norm", 0.0):
+            sgd = optax.chain(optax.clip_by_global_norm(t.clip_norm), sgd)
         adam_lr = lambda count: jnp.where(count < t.stage2_steps, t.stage2_lr, t.stage3_lr)
         adam = optax.chain(optax.add_decayed_weights(t.weight_decay), optax.adam(adam_lr))
         network = staged([sgd, adam], [t.stage1_steps])
@@ -770,8 +796,38 @@ class CutPaste(Method):
             backbone.wdam_layers = ()
         return backbone
 
+    def _scoring_model(self, model: CutPasteNet, fitted: Fitted, *, step: int) -> CutPasteNet:
+        """The network as it scores at ``step``: WDAM gated as trained, and the BatchNorm
+        statistics re-estimated by :meth:`fit` (if ``score.bn_batches``) in place of the
+        running ones."""
+        set_wdam_gate(model, step > self.wdam_start)
+        return batch_norm.apply_batch_stats(model, fitted)
+
+    def precise_batch_stats(self, model: CutPasteNet, *, step: int) -> Fitted:
+        """Every BatchNorm's statistics over ``score.bn_batches`` batches of the training task
+        (normal images, their anomaly-source and scar views; seed ``config.seed + 2``, never a
+        training batch), weights frozen (:mod:`wdam_jax.batch_norm`). Empty if
+        ``score.bn_batches`` is 0: inference mode then uses the running statistics."""
+        count = int(self.config.score.get("bn_batches", 0))
+        if not count:
+            return {}
+        set_wdam_gate(model, step > self.wdam_start)
+        batches = (
+            make_batch(
+                self.train_data,
+                k,
+                batch_size=self.config.train.batch_size,
+                seed=self.config.seed + 2,
+                source=self.anomaly_source(step),
+                augment_config=self.config.augment,
+            )["image"]
+            for k in range(count)
+        )
+        return batch_norm.precise_batch_stats(model, batches, call=_train_forward)
+
     def _features(self, model: CutPasteNet, images: np.ndarray, *, step: int):
-        """``(embeddings [N, E], pixel features [N, h, w, D])`` of ``images``, inference mode."""
+        """``(embeddings [N, E], pixel features [N, h, w, D])`` of ``images``, inference mode
+        (``model`` as :meth:`_scoring_model` gives it)."""
         s = self.config.score
         set_wdam_gate(model, step > self.wdam_start)
         layers = tuple(s.pixel_layers)
@@ -782,8 +838,10 @@ class CutPaste(Method):
     def fit(self, model: CutPasteNet, train_images: np.ndarray, *, step: int) -> Fitted:
         """The Gaussians of :func:`fit_densities` on the normal training images: of the
         embeddings (image score) and of the ``score.pixel_layers`` features per location."""
-        embed, pixel = self._features(model, train_images, step=step)
-        return fit_densities(embed, pixel, normalize=self.config.score.normalize)
+        stats = self.precise_batch_stats(model, step=step)
+        scoring = self._scoring_model(model, stats, step=step)
+        embed, pixel = self._features(scoring, train_images, step=step)
+        return {**stats, **fit_densities(embed, pixel, normalize=self.config.score.normalize)}
 
     def inference_fn(self, model: CutPasteNet, fitted: Fitted, *, step: int):
         """:meth:`score` in ``jax.numpy`` (for export): the same forward, the Mahalanobis
@@ -793,8 +851,7 @@ class CutPaste(Method):
         ``reflect`` mode)."""
         from wdam_jax.methods.patchcore import gaussian_blur  # pure jnp; no cycle
 
-        set_wdam_gate(model, step > self.wdam_start)
-        graphdef, state = nnx.split(model)
+        graphdef, state = nnx.split(self._scoring_model(model, fitted, step=step))
         s = self.config.score
         if s.image_score not in IMAGE_SCORES:
             raise ValueError(
@@ -841,7 +898,8 @@ class CutPaste(Method):
     ) -> ImageScores:
         """Image scores and smoothed per-location Mahalanobis maps (see the module docstring)."""
         s = self.config.score
-        embed, pixel = self._features(model, images, step=step)
+        scoring = self._scoring_model(model, fitted, step=step)
+        embed, pixel = self._features(scoring, images, step=step)
         image_scores, maps = score_features(
             fitted,
             embed,
@@ -857,6 +915,17 @@ class CutPaste(Method):
     def test_split(self) -> datasets.Split:
         return load_split(self.config.data, split="test")
 
+    @functools.cached_property
+    def validation_set(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(images [2V, S, S, 3], masks [2V, S, S])``: the V held-out normal training images
+        (``data.holdout_fraction``; never trained on or fitted to) and each with a Perlin-noise
+        anomaly (:func:`wdam_jax.data.anomaly_sources.perlin_validation_set`: another family
+        than the training task's), or None without a holdout split."""
+        if not self.config.data.get("holdout_fraction", 0.0):
+            return None
+        held = load_split(self.config.data, split="holdout").images
+        return anomaly_sources.perlin_validation_set(held, seed=self.config.seed)
+
     def validate(self, model: CutPasteNet, *, step: int) -> dict[str, float]:
         """Learning-curve scalars, logged every ``train.eval_every`` steps.
 
@@ -864,18 +933,22 @@ class CutPaste(Method):
         detection?), never used to select a checkpoint or a hyperparameter. ``test/gde_i_auroc``
         is CutPaste's image score (Gaussian on ``score.embedding``) whatever
         ``score.image_score`` is; ``test/i_auroc`` is the configured image score and
-        ``test/p_auroc`` the pixel AUROC at the model's input resolution. ``val/accuracy_*``
-        is the per-class 3-way accuracy in inference mode (BatchNorm running statistics) on a
-        fixed batch of fresh augmentations of the training images (seed ``config.seed + 1``),
-        so a gap to the training accuracy shows BatchNorm statistics lagging the weights.
+        ``test/p_auroc`` the pixel AUROC at the model's input resolution. ``val/*_auroc`` are
+        the same on :attr:`validation_set` (held-out normal images and synthetic anomalies of
+        another family than the training task's): what demo settings are chosen on, and
+        ``val/mean_auroc`` what ``train.select_metric`` can keep the best checkpoint by.
+        ``val/accuracy_*`` is the per-class 3-way accuracy in inference mode (with the
+        statistics :meth:`fit` re-estimates) on a fixed batch of fresh augmentations of the
+        training images (seed ``config.seed + 1``), to compare with the training accuracy.
+        Every score here is the one :meth:`fit` + :meth:`score` give.
         """
         from wdam_jax import metrics
 
         s = self.config.score
         test = self.test_split
-        train_embed, train_pixel = self._features(model, self.train_data.images, step=step)
-        fitted = fit_densities(train_embed, train_pixel, normalize=s.normalize)
-        embed, pixel = self._features(model, test.images, step=step)
+        fitted = self.fit(model, self.train_data.images, step=step)
+        scoring = self._scoring_model(model, fitted, step=step)
+        embed, pixel = self._features(scoring, test.images, step=step)
         kwargs = dict(normalize=s.normalize, size=test.images.shape[1], sigma=s.pixel_sigma)
         gde_scores, _ = score_features(fitted, embed, pixel, image_score="gde", **kwargs)
         image_scores, maps = score_features(
@@ -886,6 +959,22 @@ class CutPaste(Method):
             "test/i_auroc": metrics.auroc(image_scores, test.labels),
             "test/p_auroc": metrics.pixel_auroc(maps, test.masks),
         }
+        if self.validation_set is not None:
+            images, masks = self.validation_set
+            labels = masks.any(axis=(1, 2))
+            embed, pixel = self._features(scoring, images, step=step)
+            gde_scores, _ = score_features(fitted, embed, pixel, image_score="gde", **kwargs)
+            image_scores, maps = score_features(
+                fitted, embed, pixel, image_score=s.image_score, **kwargs
+            )
+            i_auroc = metrics.auroc(image_scores, labels)
+            p_auroc = metrics.auroc(maps.reshape(-1), masks.reshape(-1))
+            out |= {
+                "val/gde_i_auroc": metrics.auroc(gde_scores, labels),
+                "val/i_auroc": i_auroc,
+                "val/p_auroc": p_auroc,
+                "val/mean_auroc": (i_auroc + p_auroc) / 2,
+            }
         batch = make_batch(
             self.train_data,
             0,
@@ -894,11 +983,11 @@ class CutPaste(Method):
             source=self.anomaly_source(step),
             augment_config=self.config.augment,
         )
-        set_wdam_gate(model, step > self.wdam_start)
         logits = extract_features(
-            model, batch["image"], names=("logits",), batch_size=s.eval_batch_size
+            scoring, batch["image"], names=("logits",), batch_size=s.eval_batch_size
         )["logits"]
         predicted = logits.argmax(-1)
+        out["val/accuracy"] = float(np.mean(predicted == batch["label"]))
         for label, name in zip((NORMAL, ANOMALY, SCAR), ("normal", "anomaly", "scar"), strict=True):
             chosen = batch["label"] == label
             out[f"val/accuracy_{name}"] = float(np.mean(predicted[chosen] == label))
