@@ -70,6 +70,7 @@ from wdam_jax.optim import staged
 NUM_CLASSES = 3
 EPOCH_UNITS = ("pass", "cutpaste")
 CUTPASTE_EPOCH_STEPS = 256  # CutPaste's epoch: 256 parameter updates
+VAL_ACCURACY_BATCHES = 4  # fresh training-task batches behind val/accuracy_*
 NORMAL, ANOMALY, SCAR = 0, 1, 2
 CLASS_NAMES = ("normal", "anomaly source", "scar")
 
@@ -725,7 +726,10 @@ class CutPaste(Method):
     def optimizer(self) -> optax.GradientTransformation:
         """Stage 1: SGD + momentum, cosine from ``stage1_lr``; stages 2-3: one Adam whose learning
         rate drops from ``stage2_lr`` to ``stage3_lr`` when WDAM enters. L2 weight decay
-        ``train.weight_decay`` (CutPaste's) in both.
+        ``train.weight_decay`` (CutPaste's) in both. Optional for stage 1: a linear warm-up
+        from 0 over ``train.warmup_steps`` and the gradient clipped to global norm
+        ``train.clip_norm`` (0: off), which keep the first steps of a network trained from
+        scratch from overwriting its random features (``docs/cutpaste_demo_diagnosis.md``).
 
         WDAM's parameters are not part of the network before stage 3, so they get no update at
         all there (no weight decay either: with decay, Adam would shrink them towards 0 from
@@ -805,9 +809,10 @@ class CutPaste(Method):
 
     def precise_batch_stats(self, model: CutPasteNet, *, step: int) -> Fitted:
         """Every BatchNorm's statistics over ``score.bn_batches`` batches of the training task
-        (normal images, their anomaly-source and scar views; seed ``config.seed + 2``, never a
-        training batch), weights frozen (:mod:`wdam_jax.batch_norm`). Empty if
-        ``score.bn_batches`` is 0: inference mode then uses the running statistics."""
+        on the method's training data (normal images, their anomaly-source and scar views; seed
+        ``config.seed + 2``, never a training batch), weights frozen
+        (:mod:`wdam_jax.batch_norm`). Empty if ``score.bn_batches`` is 0: inference mode then
+        uses the running statistics."""
         count = int(self.config.score.get("bn_batches", 0))
         if not count:
             return {}
@@ -938,8 +943,9 @@ class CutPaste(Method):
         another family than the training task's): what demo settings are chosen on, and
         ``val/mean_auroc`` what ``train.select_metric`` can keep the best checkpoint by.
         ``val/accuracy_*`` is the per-class 3-way accuracy in inference mode (with the
-        statistics :meth:`fit` re-estimates) on a fixed batch of fresh augmentations of the
-        training images (seed ``config.seed + 1``), to compare with the training accuracy.
+        statistics :meth:`fit` re-estimates) on ``VAL_ACCURACY_BATCHES`` fixed batches of
+        fresh augmentations of the training images (seed ``config.seed + 1``), to compare with
+        the training accuracy.
         Every score here is the one :meth:`fit` + :meth:`score` give.
         """
         from wdam_jax import metrics
@@ -975,20 +981,27 @@ class CutPaste(Method):
                 "val/p_auroc": p_auroc,
                 "val/mean_auroc": (i_auroc + p_auroc) / 2,
             }
-        batch = make_batch(
-            self.train_data,
-            0,
-            batch_size=self.config.train.batch_size,
-            seed=self.config.seed + 1,
-            source=self.anomaly_source(step),
-            augment_config=self.config.augment,
-        )
+        batches = [
+            make_batch(
+                self.train_data,
+                k,
+                batch_size=self.config.train.batch_size,
+                seed=self.config.seed + 1,
+                source=self.anomaly_source(step),
+                augment_config=self.config.augment,
+            )
+            for k in range(VAL_ACCURACY_BATCHES)
+        ]
+        labels = np.concatenate([b["label"] for b in batches])
         logits = extract_features(
-            scoring, batch["image"], names=("logits",), batch_size=s.eval_batch_size
+            scoring,
+            np.concatenate([b["image"] for b in batches]),
+            names=("logits",),
+            batch_size=s.eval_batch_size,
         )["logits"]
         predicted = logits.argmax(-1)
-        out["val/accuracy"] = float(np.mean(predicted == batch["label"]))
+        out["val/accuracy"] = float(np.mean(predicted == labels))
         for label, name in zip((NORMAL, ANOMALY, SCAR), ("normal", "anomaly", "scar"), strict=True):
-            chosen = batch["label"] == label
+            chosen = labels == label
             out[f"val/accuracy_{name}"] = float(np.mean(predicted[chosen] == label))
         return out
