@@ -218,3 +218,47 @@ def test_resume_with_another_image_size_is_refused(demo_data_root, tmp_path):
     with pytest.raises(checkpoints.ConfigMismatchError, match=r"data\.image_size: 32 -> 48"):
         train.train(config, tmp_path / "run")
     assert (tmp_path / "run" / checkpoints.CONFIG_FILE).read_text() == saved
+
+
+def test_summary_counts_held_out_images_and_warns_on_upscaling(user_folder):
+    data = _data(
+        root=str(user_folder), category="widget", image_size=40, holdout_fraction=0.25,
+        holdout_seed=0,
+    )  # fmt: skip
+    summary = data_summary.summarize(data)
+    held = len(sources.load_split(data, split="holdout"))  # what the runs hold out
+    assert held == 3 and summary["images"]["train"] == {"good": 12}
+    assert summary["held_out"]["threshold"] == held
+    assert summary["held_out"]["left_for_training"] == 12 - held
+    assert len(sources.load_split(data, split="train")) == 12 - held
+    text = data_summary.format_summary(summary)
+    assert "train: 12 images (good 12); 3 held out for the decision threshold, 9 left" in text
+    # 002.png is 48 x 32 (width x height): not square, and smaller than 40 in height.
+    warnings = " ".join(summary["warnings"])
+    assert "not square (e.g. train/good/002.png (48x32))" in warnings
+    assert "1 image(s) are smaller than 40x40 (e.g. train/good/002.png (48x32))" in warnings
+    no_holdout = data_summary.summarize(_data(root=str(user_folder), category="widget"))
+    assert no_holdout["held_out"]["threshold"] == 0
+    assert "held out" not in data_summary.format_summary(no_holdout)
+
+
+def test_log_names_the_network_that_is_built(caplog):
+    from configs import cutpaste, patchcore
+    from wdam_jax.methods import cutpaste as cutpaste_method
+    from wdam_jax.methods import patchcore_method
+    from wdam_jax.models import wide_resnet
+
+    assert wide_resnet.network_name((3, 4, 6, 3), 64) == "WideResNet50-2"
+    assert wide_resnet.network_name((1, 1, 1, 1), 32) == "reduced WideResNet (1,1,1,1)/32"
+    model = cutpaste.get_config("demo").model
+    model.base_width, model.head_dims = 8, (16,)
+    with caplog.at_level("WARNING"):
+        cutpaste_method.create_model(model, seed=0)
+    assert "training a reduced WideResNet (1,1,1,1)/8 FROM SCRATCH" in caplog.text
+    member = patchcore.get_config("custom").members.plain
+    member.depths, member.base_width = (1, 1, 1, 1), 8
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        patchcore_method.load_member("plain", member, "widget")
+    assert "RANDOMLY INITIALISED reduced WideResNet (1,1,1,1)/8" in caplog.text
+    assert "WideResNet50-2" not in caplog.text.split("download")[0]
