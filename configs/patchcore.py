@@ -17,8 +17,8 @@ with a randomly initialised backbone (no weights exist here; a warning says so).
 the same on your own images, with the ImageNet weights where ``members.plain.weights`` names
 them: a random backbone's features are fixed random filters, so its scores rank images by how
 far their local colour and texture statistics are from the normal images', not by learnt
-features (on the demo categories it scores below the trained CutPaste and DRAEM demos: README.md,
-"Your own images").
+features (on the four demo categories 71.1 image AUROC, against 84.0 for CutPaste + WDAM and 98.5
+for DRAEM trained from scratch: README.md, "Your own images").
 """
 
 import ml_collections
