@@ -2,6 +2,7 @@
 another directory, every input problem reported at once, nothing stale reused."""
 
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -262,3 +263,72 @@ def test_log_names_the_network_that_is_built(caplog):
         patchcore_method.load_member("plain", member, "widget")
     assert "RANDOMLY INITIALISED reduced WideResNet (1,1,1,1)/8" in caplog.text
     assert "WideResNet50-2" not in caplog.text.split("download")[0]
+
+
+def test_patchcore_custom_runs_from_another_directory_without_weights(user_folder, tmp_path):
+    workdir = tmp_path / "run"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.train",
+            "--config=configs/patchcore.py:custom",  # resolved against the package
+            f"--workdir={workdir}",
+            f"--config.data.root={user_folder}",
+            "--config.data.category=widget",
+            "--config.data.image_size=32",
+            "--config.members.plain.depths=(1,1,1,1)",
+            "--config.members.plain.base_width=8",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": str(REPO)},  # this checkout's code, from anywhere
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "RANDOMLY INITIALISED reduced WideResNet (1,1,1,1)/8: no ImageNet weights" in out.stderr
+    assert "fixed random filters" in out.stderr and "--config.members.plain.weights" in out.stderr
+    assert "2 held out for the decision threshold, 10 left for training" in out.stdout
+    assert (workdir / "thresholds.json").is_file()  # decisions from the held-out images
+    table = (workdir / "eval" / "step_0" / "metrics.md").read_text()
+    assert "| widget |" in table and "| widget: crack |" in table  # per defect type too
+
+
+def test_patchcore_custom_uses_imagenet_weights_where_given(tmp_path, monkeypatch, caplog):
+    from configs import patchcore
+    from wdam_jax.methods import patchcore_method
+    from wdam_jax.models import wide_resnet
+
+    config = patchcore.get_config("custom")
+    config.data.root, config.data.category = str(tmp_path), "widget"
+    config.members.plain.weights = str(tmp_path / "wrn50_2_imagenet")
+    problems = registry.method_class("patchcore")(config).check_inputs()
+    assert any("members.plain.weights" in p and "no converted weights" in p for p in problems)
+    loaded = []
+    monkeypatch.setattr(
+        wide_resnet, "load_pretrained", lambda path, **kw: loaded.append(path) or "the weights"
+    )
+    with caplog.at_level("WARNING"):
+        model = patchcore_method.load_member("plain", config.members.plain, "widget")
+    assert model == "the weights" and loaded == [config.members.plain.weights]
+    assert "RANDOMLY" not in caplog.text
+
+
+def test_draem_custom_reads_a_folder_and_holds_out_threshold_images(user_folder):
+    from configs import draem
+
+    config = draem.get_config("custom")
+    assert (config.data.dataset, config.data.root, config.data.category) == ("mvtec", "", "")
+    assert config.data.anomaly_source_dir == "procedural"  # no DTD needed
+    config.data.root, config.data.category = str(user_folder), "widget"
+    config.data.image_size = 32
+    method = registry.method_class("draem")(config)
+    assert method.check_inputs() == []
+    held = sources.load_split(config.data, split="holdout")
+    # 12 training images: 2 held out for the threshold, the other 10 split into training and
+    # validation; none of the held-out ones in either.
+    data = method.data
+    assert len(held) == 2 and len(data.images) + len(data.val_images) == 10
+    train_rows = {im.tobytes() for im in (*data.images, *data.val_images)}
+    assert not any(im.tobytes() in train_rows for im in held.images)
