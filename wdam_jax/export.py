@@ -244,8 +244,9 @@ def export(
     run = train_lib.restore(workdir, step=step)
     if not allow_no_thresholds and stored_thresholds(workdir, run.step) is None:
         raise MissingFileError(
-            f"{workdir / thresholds.THRESHOLDS_FILE} holds no thresholds for step {run.step}: "
-            "the export would have no decision rule. Run python -m launch.evaluate "
+            f"{workdir} has no stored thresholds for step {run.step} ({thresholds.THRESHOLDS_FILE} "
+            "is missing or from another step): the export would have no decision rule. Run "
+            "python -m launch.evaluate "
             f"--workdir={workdir}{'' if step is None else f' --step={step}'} first (it stores "
             "them), or pass --allow_no_thresholds to export raw scores only. Nothing was written."
         )
