@@ -34,6 +34,9 @@ runs ``:published`` for the CutPaste row and has the three-stage one as an optio
 
 import ml_collections
 
+# The arguments --config=<this file>:<arg> accepts ("": none); the launchers check them.
+VARIANTS = ("", "demo", "custom", "published", "published,demo")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The CutPaste config; ``arg="demo"`` for the demo data on a CPU."""

@@ -11,6 +11,9 @@ import ml_collections
 
 from configs import cutpaste_fmas
 
+# The arguments --config=<this file>:<arg> accepts ("": none); the launchers check them.
+VARIANTS = ("", "demo")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """CutPaste + FMAS config with the foreground mask (FM) on."""

@@ -13,6 +13,9 @@ import ml_collections
 
 from configs import cutpaste
 
+# The arguments --config=<this file>:<arg> accepts ("": none); the launchers check them.
+VARIANTS = ("", "demo")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """CutPaste config with ``data.anomaly_source = "fmas"``."""

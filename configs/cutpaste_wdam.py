@@ -20,6 +20,9 @@ import ml_collections
 
 from configs import cutpaste, cutpaste_fm
 
+# The arguments --config=<this file>:<arg> accepts ("": none); the launchers check them.
+VARIANTS = ("", "demo", "custom")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """CutPaste + FMAS + FM config with WDAM in layer1 (Sec. 3.3); ``:custom`` is CutPaste + WDAM

@@ -15,6 +15,9 @@ import ml_collections
 
 from configs import draem
 
+# The arguments --config=<this file>:<arg> accepts ("": none); the launchers check them.
+VARIANTS = ("", "demo", "custom")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The DRAEM config with ``model.wdam_blocks = (1, 2, 3)``."""

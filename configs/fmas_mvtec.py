@@ -14,6 +14,9 @@ data under ``workdirs/demo_data`` (made by the JAX side's demo generator).
 
 import ml_collections
 
+# The arguments --config=<this file>:<arg> accepts ("": none); the launchers check them.
+VARIANTS = ("", "demo")
+
 MVTEC_CATEGORIES = (
     "bottle",
     "cable",

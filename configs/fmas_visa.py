@@ -11,6 +11,9 @@ import ml_collections
 
 from configs import fmas_mvtec
 
+# The arguments --config=<this file>:<arg> accepts ("": none); the launchers check them.
+VARIANTS = ("", "demo")
+
 VISA_CATEGORIES = (
     "candle",
     "capsules",

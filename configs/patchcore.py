@@ -5,15 +5,26 @@ r"""PatchCore with an ImageNet WideResNet50-2 (Sec. 4.2; Table 6, "PatchCore" co
       --config.members.plain.weights=weights/wrn50_2_imagenet
   python -m launch.train --config=configs/patchcore.py:demo --workdir=workdirs/patchcore_demo
   python -m launch.evaluate --workdir=workdirs/patchcore_demo
+  python -m launch.train --config=configs/patchcore.py:custom --workdir=runs/mine_patchcore \
+      --config.data.root=my_images --config.data.category=my_product \
+      [--config.members.plain.weights=weights/wrn50_2_imagenet]
 
 PatchCore has no gradient steps: ``launch.train`` fits the memory bank (checkpointed with orbax in
 the workdir, like any run) and evaluates; ``launch.evaluate`` re-scores from the checkpoint. The
 weights folder is made by ``python -m launch.convert_weights`` from torchvision's
 ``wide_resnet50_2`` IMAGENET1K_V1 file. ``:demo`` runs on the built-in demo data (128 x 128)
-with a randomly initialised backbone (no weights exist here; a warning says so).
+with a randomly initialised backbone (no weights exist here; a warning says so). ``:custom`` is
+the same on your own images, with the ImageNet weights where ``members.plain.weights`` names
+them: a random backbone's features are fixed random filters, so its scores rank images by how
+far their local colour and texture statistics are from the normal images', not by learnt
+features (on the four demo categories 71.1 image AUROC, against 84.0 for CutPaste + WDAM and 98.5
+for DRAEM trained from scratch: README.md, "Your own images").
 """
 
 import ml_collections
+
+# The arguments --config=<this file>:<arg> accepts ("": none); the launchers check them.
+VARIANTS = ("", "demo", "custom")
 
 WRN50_2 = {"depths": (3, 4, 6, 3), "base_width": 64}
 
@@ -84,11 +95,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "threshold_fpr": 0.01,  # false-positive rate on held-out normal images
         }
     )
-    if arg == "demo":
+    if arg in ("demo", "custom"):
         apply_demo(config)
-    elif arg:
-        raise ValueError(f"Unknown config argument {arg!r}; expected nothing or 'demo'.")
+    if arg == "custom":
+        apply_custom(config)
+    elif arg not in (None, "", "demo"):
+        raise ValueError(f"Unknown config argument {arg!r}; use nothing, 'demo' or 'custom'.")
     return config
+
+
+def apply_custom(config: ml_collections.ConfigDict) -> None:
+    """Your own images in the MVTec layout (``<root>/<category>/train/good``, ``test/<defect>``,
+    optional ``ground_truth/<defect>/<stem>_mask.png``) at the demo's size and bank: ImageNet
+    weights where ``--config.members.plain.weights`` gives them, else a randomly initialised
+    WideResNet50-2 (the run's log says what that means). A tenth of the training images is held
+    out of the bank for the decision threshold. Give ``--config.data.root`` and
+    ``--config.data.category``."""
+    config.data.dataset = "mvtec"
+    config.data.root = ""
+    config.data.category = ""
 
 
 def apply_demo(config: ml_collections.ConfigDict) -> None:

@@ -16,6 +16,9 @@ import ml_collections
 
 from configs import patchcore
 
+# The arguments --config=<this file>:<arg> accepts ("": none); the launchers check them.
+VARIANTS = ("", "demo")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = patchcore.get_config()

@@ -14,6 +14,8 @@ import ml_collections
 from configs import cutpaste_wdam
 
 LAYERS = (0, 1, 2, 3, 4)
+# The arguments --config=<this file>:<arg> accepts ("": layer 1); the launchers check them.
+VARIANTS = ("", "demo", *(f"{n}" for n in LAYERS), *(f"{n},demo" for n in LAYERS))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

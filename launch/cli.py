@@ -5,6 +5,8 @@ runs, and user errors as one readable message (exit code 2) instead of a traceba
 
 - ``--config=configs/x.py[:arg]`` that does not exist relative to the working directory resolves
   against this package's own ``configs/`` (so the documented commands work from any directory);
+- the argument after ``:`` must be one of the config file's ``VARIANTS`` (one message listing
+  them otherwise, :func:`wdam_jax.errors.check_config_variant`);
 - every ``--config.a.b=value`` override is checked against the config before absl parses it: an
   unknown field is named with the nearest valid one and the section's fields; a value of the
   wrong type is named with the type expected;
@@ -55,11 +57,24 @@ class _Usage(Exception):
     pass
 
 
+def _shown(path: str) -> str:
+    """A config file as the user knows it: ``configs/x.py`` for the package's own."""
+    resolved = pathlib.Path(path).resolve()
+    if resolved.is_relative_to(CONFIGS_DIR.parent):
+        return str(resolved.relative_to(CONFIGS_DIR.parent))
+    return path
+
+
 def _load_config(value: str) -> ml_collections.ConfigDict:
+    """The config of ``path[:arg]``; an argument that is not one of the file's ``VARIANTS`` is a
+    :class:`wdam_jax.errors.ConfigError` listing them (raised before ``get_config`` runs)."""
+    from wdam_jax.errors import check_config_variant
+
     path, _, arg = value.partition(":")
     spec = importlib.util.spec_from_file_location("_wdam_config_check", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    check_config_variant(_shown(path), getattr(module, "VARIANTS", None), arg)
     return module.get_config(arg or None)
 
 
@@ -122,13 +137,20 @@ def check_overrides(config: ml_collections.ConfigDict, argv: Sequence[str], flag
 
 
 def prepare_argv(argv: Sequence[str], *, config_flag: str = "config") -> list[str]:
-    """``argv`` with the config path resolved; raises on unknown or mistyped overrides."""
+    """``argv`` with the config path resolved; raises on an unknown config argument (variant)
+    and on unknown or mistyped overrides."""
+    from wdam_jax.errors import ConfigError
+
     argv = list(argv)
     for i, arg in enumerate(argv):
         if arg.startswith(f"--{config_flag}="):
             value = resolve_config_path(arg.split("=", 1)[1])
             argv[i] = f"--{config_flag}={value}"
-            problems = check_overrides(_load_config(value), argv, config_flag)
+            try:
+                config = _load_config(value)
+            except ConfigError as e:
+                raise _Usage(str(e)) from None
+            problems = check_overrides(config, argv, config_flag)
             if problems:
                 raise _Usage("\n".join(problems))
     return argv

@@ -1,7 +1,7 @@
 """Scores new images with a trained run: decisions, normalised scores, overlays (any method).
 
   python -m launch.predict --workdir=workdirs/cutpaste_wdam_demo \
-      --images=workdirs/demo_data/washer/test/scratch --out=workdirs/predictions
+      --images=workdirs/demo_data/mvtec_demo/washer/test/crack --out=workdirs/predictions_demo
   python -m launch.predict --workdir=W --images='line3/*.png' --out=O --threshold=12.5
 
 Writes ``<out>/predictions.csv``, ``<out>/predictions.json`` and ``<out>/overlays/*.png`` (see

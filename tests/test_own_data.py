@@ -2,6 +2,7 @@
 another directory, every input problem reported at once, nothing stale reused."""
 
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -218,3 +219,116 @@ def test_resume_with_another_image_size_is_refused(demo_data_root, tmp_path):
     with pytest.raises(checkpoints.ConfigMismatchError, match=r"data\.image_size: 32 -> 48"):
         train.train(config, tmp_path / "run")
     assert (tmp_path / "run" / checkpoints.CONFIG_FILE).read_text() == saved
+
+
+def test_summary_counts_held_out_images_and_warns_on_upscaling(user_folder):
+    data = _data(
+        root=str(user_folder), category="widget", image_size=40, holdout_fraction=0.25,
+        holdout_seed=0,
+    )  # fmt: skip
+    summary = data_summary.summarize(data)
+    held = len(sources.load_split(data, split="holdout"))  # what the runs hold out
+    assert held == 3 and summary["images"]["train"] == {"good": 12}
+    assert summary["held_out"]["threshold"] == held
+    assert summary["held_out"]["left_for_training"] == 12 - held
+    assert len(sources.load_split(data, split="train")) == 12 - held
+    text = data_summary.format_summary(summary)
+    assert "train: 12 images (good 12); 3 held out for the decision threshold, 9 left" in text
+    # 002.png is 48 x 32 (width x height): not square, and smaller than 40 in height.
+    warnings = " ".join(summary["warnings"])
+    assert "not square (e.g. train/good/002.png (48x32))" in warnings
+    assert "1 image(s) are smaller than 40x40 (e.g. train/good/002.png (48x32))" in warnings
+    no_holdout = data_summary.summarize(_data(root=str(user_folder), category="widget"))
+    assert no_holdout["held_out"]["threshold"] == 0
+    assert "held out" not in data_summary.format_summary(no_holdout)
+
+
+def test_log_names_the_network_that_is_built(caplog):
+    from configs import cutpaste, patchcore
+    from wdam_jax.methods import cutpaste as cutpaste_method
+    from wdam_jax.methods import patchcore_method
+    from wdam_jax.models import wide_resnet
+
+    assert wide_resnet.network_name((3, 4, 6, 3), 64) == "WideResNet50-2"
+    assert wide_resnet.network_name((1, 1, 1, 1), 32) == "reduced WideResNet (1,1,1,1)/32"
+    model = cutpaste.get_config("demo").model
+    model.base_width, model.head_dims = 8, (16,)
+    with caplog.at_level("WARNING"):
+        cutpaste_method.create_model(model, seed=0)
+    assert "training a reduced WideResNet (1,1,1,1)/8 FROM SCRATCH" in caplog.text
+    member = patchcore.get_config("custom").members.plain
+    member.depths, member.base_width = (1, 1, 1, 1), 8
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        patchcore_method.load_member("plain", member, "widget")
+    assert "RANDOMLY INITIALISED reduced WideResNet (1,1,1,1)/8" in caplog.text
+    assert "WideResNet50-2" not in caplog.text.split("download")[0]
+
+
+def test_patchcore_custom_runs_from_another_directory_without_weights(user_folder, tmp_path):
+    workdir = tmp_path / "run"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.train",
+            "--config=configs/patchcore.py:custom",  # resolved against the package
+            f"--workdir={workdir}",
+            f"--config.data.root={user_folder}",
+            "--config.data.category=widget",
+            "--config.data.image_size=32",
+            "--config.members.plain.depths=(1,1,1,1)",
+            "--config.members.plain.base_width=8",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": str(REPO)},  # this checkout's code, from anywhere
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "RANDOMLY INITIALISED reduced WideResNet (1,1,1,1)/8: no ImageNet weights" in out.stderr
+    assert "fixed random filters" in out.stderr and "--config.members.plain.weights" in out.stderr
+    assert "2 held out for the decision threshold, 10 left for training" in out.stdout
+    assert (workdir / "thresholds.json").is_file()  # decisions from the held-out images
+    table = (workdir / "eval" / "step_0" / "metrics.md").read_text()
+    assert "| widget |" in table and "| widget: crack |" in table  # per defect type too
+
+
+def test_patchcore_custom_uses_imagenet_weights_where_given(tmp_path, monkeypatch, caplog):
+    from configs import patchcore
+    from wdam_jax.methods import patchcore_method
+    from wdam_jax.models import wide_resnet
+
+    config = patchcore.get_config("custom")
+    config.data.root, config.data.category = str(tmp_path), "widget"
+    config.members.plain.weights = str(tmp_path / "wrn50_2_imagenet")
+    problems = registry.method_class("patchcore")(config).check_inputs()
+    assert any("members.plain.weights" in p and "no converted weights" in p for p in problems)
+    loaded = []
+    monkeypatch.setattr(
+        wide_resnet, "load_pretrained", lambda path, **kw: loaded.append(path) or "the weights"
+    )
+    with caplog.at_level("WARNING"):
+        model = patchcore_method.load_member("plain", config.members.plain, "widget")
+    assert model == "the weights" and loaded == [config.members.plain.weights]
+    assert "RANDOMLY" not in caplog.text
+
+
+def test_draem_custom_reads_a_folder_and_holds_out_threshold_images(user_folder):
+    from configs import draem
+
+    config = draem.get_config("custom")
+    assert (config.data.dataset, config.data.root, config.data.category) == ("mvtec", "", "")
+    assert config.data.anomaly_source_dir == "procedural"  # no DTD needed
+    config.data.root, config.data.category = str(user_folder), "widget"
+    config.data.image_size = 32
+    method = registry.method_class("draem")(config)
+    assert method.check_inputs() == []
+    held = sources.load_split(config.data, split="holdout")
+    # 12 training images: 2 held out for the threshold, the other 10 split into training and
+    # validation; none of the held-out ones in either.
+    data = method.data
+    assert len(held) == 2 and len(data.images) + len(data.val_images) == 10
+    train_rows = {im.tobytes() for im in (*data.images, *data.val_images)}
+    assert not any(im.tobytes() in train_rows for im in held.images)

@@ -18,6 +18,7 @@ from test_contract import tiny_config
 
 from wdam_jax import evaluate, export, predict, thresholds, train
 from wdam_jax.data import datasets, sources
+from wdam_jax.errors import MissingFileError
 
 METHODS = ("cutpaste", "patchcore", "draem")
 
@@ -38,8 +39,8 @@ def runs(demo_data_root, tmp_path_factory):
 
 
 def _new_images(config, folder: pathlib.Path) -> list[pathlib.Path]:
-    """Test images of the demo copied into one folder, one saved at another size, plus a
-    truncated PNG and a text file."""
+    """Test images of the demo copied into one folder, one saved at another size and aspect
+    ratio, one tiny, plus a truncated PNG and a text file."""
     test = sources.dataset_root(config.data) / config.data.category / "test"
     picks = [sorted((test / d).glob("*.png"))[0] for d in ("good", "crack", "scratch")]
     folder.mkdir()
@@ -53,7 +54,9 @@ def _new_images(config, folder: pathlib.Path) -> list[pathlib.Path]:
     corrupt = folder / "4_corrupt.png"
     corrupt.write_bytes(picks[0].read_bytes()[:60])
     (folder / "5_notes.txt").write_text("not an image")
-    return [*copies, big]
+    tiny = folder / "6_tiny.png"
+    Image.open(picks[2]).resize((24, 24)).save(tiny)  # upscaled to the model's input
+    return [*copies, big, tiny]
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -77,6 +80,32 @@ def test_evaluation_stores_thresholds_from_the_holdout(name, runs):
 
 
 @pytest.mark.parametrize("name", METHODS)
+def test_evaluation_reports_every_defect_type_and_the_held_out_images(name, runs):
+    from sklearn.metrics import roc_auc_score
+
+    workdir = runs[name]
+    eval_dir = max((workdir / "eval").glob("step_*"), key=lambda p: int(p.name[5:]))
+    saved = np.load(eval_dir / "scores.npz")
+    kinds = np.array([pathlib.Path(p).parent.name for p in saved["paths"]])
+    labels, scores = saved["labels"], saved["image_scores"]
+    types = sorted(set(kinds[labels == 1]))
+    by_defect = json.loads((eval_dir / "metrics.json").read_text())["by_defect_type"]["washer"]
+    assert sorted(by_defect) == types and len(types) == 5
+    table = (eval_dir / "metrics.md").read_text()
+    for kind in types:  # each type's images against every normal one, by scikit-learn
+        keep = (labels == 0) | (kinds == kind)
+        expected = roc_auc_score(labels[keep], scores[keep])
+        assert by_defect[kind]["i_auroc"] == pytest.approx(expected, abs=1e-9)
+        assert f"| washer: {kind} | {100 * expected:.1f} |" in table
+    assert (eval_dir / "heatmaps.png").is_file()
+    summary = json.loads((workdir / train.DATA_SUMMARY).read_text())
+    n_train = summary["images"]["train"]["good"]
+    held = len(sources.holdout_indices(n_train, fraction=0.2, seed=0))
+    assert summary["held_out"]["threshold"] == held > 0
+    assert summary["held_out"]["left_for_training"] == n_train - held
+
+
+@pytest.mark.parametrize("name", METHODS)
 def test_predict_writes_rows_overlays_and_reports_bad_files(name, runs, tmp_path):
     workdir = runs[name]
     run = train.restore(workdir)
@@ -88,12 +117,23 @@ def test_predict_writes_rows_overlays_and_reports_bad_files(name, runs, tmp_path
     document = json.loads((out / predict.JSON_FILE).read_text())
     assert len(csv_rows) == len(rows) == len(document["predictions"]) == 6
     by_name = {pathlib.Path(r["path"]).name: r for r in csv_rows}
-    for bad in ("4_corrupt.png", "5_notes.txt"):
-        assert by_name[bad]["status"] == "error" and "Cannot read image" in by_name[bad]["error"]
-        assert by_name[bad]["score"] == "" and by_name[bad]["overlay"] == ""
-    assert "resized from 150x200" in by_name["3_big.png"]["note"]
-    # Scores equal the method's own on the same preprocessing (independent of the chunking).
+    bad = "4_corrupt.png"
+    assert by_name[bad]["status"] == "error" and "Cannot read image" in by_name[bad]["error"]
+    assert by_name[bad]["score"] == "" and by_name[bad]["overlay"] == ""
+    # A file without an image suffix is skipped and listed, as training does.
+    assert "5_notes.txt" not in by_name
+    assert [pathlib.Path(s["path"]).name for s in document["skipped"]] == ["5_notes.txt"]
+    # Width x height everywhere, as data_summary.json; the training warnings, for the inputs.
     size = run.config.data.image_size
+    assert by_name["3_big.png"]["original_size"] == "200x150"
+    assert f"resized from 200x150 to {size}x{size}" in by_name["3_big.png"]["note"]
+    assert "aspect ratio changed" in by_name["3_big.png"]["note"]
+    assert "upscaled" in by_name["6_tiny.png"]["note"]
+    warnings = document["input_warnings"]
+    assert any("not square" in w and "3_big.png (200x150)" in w for w in warnings), warnings
+    assert any(f"smaller than {size}x{size}" in w and "6_tiny.png (24x24)" in w for w in warnings)
+    assert any("5_notes.txt" in w and "skipped" in w for w in warnings), warnings
+    # Scores equal the method's own on the same preprocessing (independent of the chunking).
     batch = np.stack([datasets.resize_image(datasets.read_rgb(p), image_size=size) for p in images])
     expected = run.method.score(run.model, run.fitted, batch, step=run.step)
     stored = thresholds.read(workdir, step=run.step)["image"]
@@ -106,7 +146,8 @@ def test_predict_writes_rows_overlays_and_reports_bad_files(name, runs, tmp_path
         overlay = Image.open(out / row["overlay"])
         assert overlay.size[0] == 3 * max(predict.OVERLAY_MIN_SIDE, size)
     assert document["threshold"]["rule"] == "normal_fpr"
-    assert document["counts"]["errors"] == 2 and document["counts"]["files"] == 6
+    assert document["counts"]["errors"] == 1 and document["counts"]["files"] == 6
+    assert document["counts"]["skipped"] == 1
 
 
 def test_manual_threshold_and_glob(runs, tmp_path):
@@ -137,28 +178,77 @@ def test_predict_without_stored_thresholds_says_how_to_get_them(runs, tmp_path):
 
 # ---------------------------------------------------------------------------- export
 
+# Runs the loading instructions of metadata.json for one artefact in a process that can import
+# only the standard library and the packages the instructions name, with what pip would install
+# with them (their requirements, transitively): a fresh venv with just those packages.
 FRESH_PROCESS = """
-import json, sys
-import numpy as np
-import jax
-import tensorflow as tf
+import importlib.abc, importlib.metadata as md, json, os, re, sys, sysconfig
 
-out = {}
-data = np.load("inputs.npz")
-with open("export/model.stablehlo", "rb") as f:
-    exported = jax.export.deserialize(bytearray(f.read()))
-serving = tf.saved_model.load("export/saved_model").signatures["serving_default"]
-for name in data.files:
-    scores, maps = exported.call(data[name])
-    out[f"jax_{name}_scores"], out[f"jax_{name}_maps"] = np.asarray(scores), np.asarray(maps)
-    result = serving(images=tf.constant(data[name]))
-    out[f"tf_{name}_scores"] = result["image_scores"].numpy()
-    out[f"tf_{name}_maps"] = result["maps"].numpy()
-np.savez("outputs.npz", **out)
-meta = json.load(open("export/metadata.json"))
-print(json.dumps({"wdam_jax_imported": any(m.startswith("wdam_jax") for m in sys.modules),
-                  "batch": meta["input"]["shape"][0]}))
+artefact, without = sys.argv[1], set(sys.argv[2:])
+loading = json.load(open("export/metadata.json"))["loading"][artefact]
+norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+modules_of = md.packages_distributions()
+installed = {norm(d.metadata["Name"]): d for d in md.distributions()}
+todo = [re.match(r"[A-Za-z0-9._-]+", p).group() for p in loading["packages"]]
+allowed = set()
+while todo:
+    name = norm(todo.pop())
+    dists = [installed[name]] if name in installed else [
+        installed[norm(d)] for d in modules_of.get(name.replace("-", "_"), [])
+    ]
+    for dist in dists:
+        dist_name = norm(dist.metadata["Name"])
+        if dist_name in allowed or dist_name in without:
+            continue
+        allowed.add(dist_name)
+        for req in dist.requires or []:
+            if "extra ==" not in req:
+                todo.append(re.match(r"[A-Za-z0-9._-]+", req).group())
+modules = {m for m, ds in modules_of.items() if any(norm(d) in allowed for d in ds)}
+stdlib = {os.path.realpath(sysconfig.get_paths()[k]) for k in ("stdlib", "platstdlib")}
+
+
+class OnlyThesePackages(importlib.abc.MetaPathFinder):
+    # A top-level module is importable if it is the standard library's or an allowed package's.
+    def find_spec(self, name, path=None, target=None):
+        if "." in name or name in modules:
+            return None
+        for finder in sys.meta_path:
+            spec = None if finder is self else finder.find_spec(name, None)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.origin in ("built-in", "frozen"):
+            return None
+        where = os.path.realpath(spec.origin or next(iter(spec.submodule_search_locations)))
+        if "site-packages" not in where and any(where.startswith(s + os.sep) for s in stdlib):
+            return None
+        raise ModuleNotFoundError(f"No module named {name!r} (not installed here)", name=name)
+
+
+sys.meta_path.insert(0, OnlyThesePackages())
+import numpy as np
+
+data, out = np.load("inputs.npz"), {}
+os.chdir("export")  # the instructions run in the export folder
+for key in data.files:
+    scope = {"images": data[key]}
+    exec(loading["python"], scope)
+    out[f"{key}_scores"] = np.asarray(scope["image_scores"])
+    out[f"{key}_maps"] = np.asarray(scope["maps"])
+np.savez(f"../outputs_{artefact}.npz", **out)
+repo = [m for m in sys.modules if m.partition(".")[0] in ("wdam_jax", "launch", "configs")]
+print(json.dumps({"repository_modules": repo, "allowed": sorted(allowed)}))
 """
+
+
+def _load_in_fresh_process(folder: pathlib.Path, artefact: str, *without: str):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run(
+        [sys.executable, "-I", "-c", FRESH_PROCESS, artefact, *without], cwd=folder, env=env,
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
 
 
 def _test_images(run, n):
@@ -187,20 +277,34 @@ def test_exported_artefacts_reproduce_scores_in_a_fresh_process(name, runs, tmp_
     images = _test_images(run, 5)
     batches = {"three": images[:3], "five": images}  # one artefact, two batch sizes
     np.savez(tmp_path / "inputs.npz", **batches)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS], cwd=tmp_path, env=env, capture_output=True,
-        text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report == {"wdam_jax_imported": False, "batch": "b"}
-    outputs = np.load(tmp_path / "outputs.npz")
-    for key, batch in batches.items():
-        expected = run.method.score(run.model, run.fitted, batch, step=run.step)
-        for runtime in ("jax", "tf"):
-            scores, maps = outputs[f"{runtime}_{key}_scores"], outputs[f"{runtime}_{key}_maps"]
+    for artefact in ("stablehlo", "saved_model"):
+        result = _load_in_fresh_process(tmp_path, artefact)
+        assert result.returncode == 0, result.stderr[-3000:]
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        assert report["repository_modules"] == [], report
+        assert not {"wdam-jax", "flax", "torch"} & set(report["allowed"]), report["allowed"]
+        outputs = np.load(tmp_path / f"outputs_{artefact}.npz")
+        for key, batch in batches.items():
+            expected = run.method.score(run.model, run.fitted, batch, step=run.step)
+            scores, maps = outputs[f"{key}_scores"], outputs[f"{key}_maps"]
             assert maps.shape == expected.maps.shape
             np.testing.assert_allclose(scores, expected.image_scores, rtol=1e-5)
             atol = 1e-5 * np.abs(expected.maps).max()
             np.testing.assert_allclose(maps, expected.maps, rtol=1e-5, atol=atol)
+    if name == "patchcore":  # the instructions need every package they name: jax alone fails
+        result = _load_in_fresh_process(tmp_path, "stablehlo", "flatbuffers")
+        assert result.returncode != 0
+        assert "install 'flatbuffers'" in result.stderr.strip().splitlines()[-1], result.stderr
+
+
+def test_export_refuses_a_run_without_thresholds_unless_asked(runs, tmp_path):
+    workdir = tmp_path / "never_evaluated"
+    shutil.copytree(runs["patchcore"], workdir)
+    (workdir / thresholds.THRESHOLDS_FILE).unlink()
+    with pytest.raises(MissingFileError, match=r"--allow_no_thresholds.*Nothing was written"):
+        export.export(workdir, tmp_path / "refused", saved_model=False)
+    assert not (tmp_path / "refused").exists()
+    paths = export.export(workdir, tmp_path / "raw", saved_model=False, allow_no_thresholds=True)
+    meta = json.loads(paths["metadata"].read_text())
+    assert meta["thresholds"] is None and set(meta["loading"]) == {"stablehlo"}
+    assert meta["loading"]["stablehlo"]["packages"][1].startswith("flatbuffers")

@@ -108,3 +108,48 @@ def test_metrics_are_replaced_atomically_and_a_damaged_file_is_named(tmp_path, m
     paths["json"].write_text('{"bottle": {"i_auroc": 0.9')
     with pytest.raises(ValueError, match=r"metrics\.json is damaged .*launch\.evaluate"):
         reporting.read_metrics_json(paths["json"])
+
+
+def test_figure_selection_covers_every_defect_type_with_highest_and_lowest():
+    labels = np.array([0] * 5 + [1] * 4 + [1] * 3)
+    kinds = ["good"] * 5 + ["crack"] * 4 + ["hole"] * 3
+    scores = np.array([0.1, 0.5, 0.2, 0.9, 0.3, 2.0, 1.0, 3.0, 0.4, 5.0, 4.0, 6.0])
+    # Per group, highest first then lowest: crack 7 (3.0), 8 (0.4); hole 11 (6.0), 10 (4.0);
+    # good 3 (0.9, the likeliest false alarm), 0 (0.1). Round 1 takes each group's highest.
+    pick = lambda n: list(reporting.figure_selection(labels, n, scores=scores, defect_types=kinds))
+    assert pick(3) == [7, 11, 3]
+    assert pick(4) == [7, 11, 3, 0]  # round 2 starts with the normal images' lowest
+    assert pick(5) == [7, 8, 11, 3, 0]  # then crack's lowest (the likeliest miss)
+    assert pick(6) == [7, 8, 11, 10, 3, 0]
+    assert sorted(pick(50)) == list(range(12))  # all of them, each once
+
+
+def test_decision_caption_marks_the_decision_and_wrong_ones():
+    assert reporting.decision_caption(2.0, None, True) == ("score 2", "black")
+    text, colour = reporting.decision_caption(2.0, 2.0, True)  # score >= threshold: anomalous
+    assert text.endswith("-> anomalous") and ">= thr" in text and colour == "black"
+    text, colour = reporting.decision_caption(1.5, 2.0, True)  # a missed defect
+    assert text.endswith("-> normal (wrong)") and colour == "red"
+    assert reporting.decision_caption(3.0, 2.0, False)[1] == "red"  # a false alarm
+
+
+def test_metrics_per_defect_type_beside_the_category(tmp_path):
+    by_defect = {
+        "bottle": {
+            "broken": {"i_auroc": 1.0, "p_auroc": 0.95, "pro": 0.9},
+            "contamination": {"i_auroc": 0.5, "p_auroc": float("nan"), "pro": 0.25},
+        }
+    }
+    table = reporting.markdown_table(RESULTS, by_defect).splitlines()
+    bottle = next(i for i, line in enumerate(table) if line.startswith("| bottle |"))
+    assert table[bottle + 1] == "| bottle: broken | 100.0 | 95.0 | 90.0 |"
+    assert table[bottle + 2] == "| bottle: contamination | 50.0 | - | 25.0 |"
+    # The mean is over categories only, as without the defect rows.
+    mean = lambda lines: next(line for line in lines if line.startswith("| **mean**"))
+    assert mean(table) == mean(reporting.markdown_table(RESULTS).splitlines())
+    paths = reporting.write_metrics(RESULTS, tmp_path, by_defect=by_defect)
+    stored = json.loads(paths["json"].read_text())[reporting.BY_DEFECT_KEY]
+    assert stored["bottle"]["broken"] == by_defect["bottle"]["broken"]
+    assert stored["bottle"]["contamination"]["p_auroc"] is None
+    assert set(reporting.read_metrics_json(paths["json"])) == {"bottle", "screw", "mean"}
+    assert paths["markdown"].read_text() == reporting.markdown_table(RESULTS, by_defect)

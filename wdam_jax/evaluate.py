@@ -4,11 +4,14 @@ Restores the run (:func:`wdam_jax.train.restore`), scores the test split with th
 ``score``, and writes the report to ``<workdir>/eval/step_<step>/``:
 
 - ``metrics.json``, ``metrics.csv``, ``metrics.md``: I-AUROC, P-AUROC and PRO
-  (:mod:`wdam_jax.reporting`), then F1-max and AUPR at image and pixel level;
+  (:mod:`wdam_jax.reporting`), then F1-max and AUPR at image and pixel level; JSON and markdown
+  also per defect type (its images against all the normal test images, :func:`by_defect_type`);
 - ``thresholds.json``: the decision thresholds and normalisation of the run
   (:mod:`wdam_jax.thresholds`), also copied to ``<workdir>/thresholds.json`` for prediction;
 - ``scores.csv`` and ``scores.npz``: each test image's path, label and image score;
-- ``heatmaps.png``: image, ground truth and anomaly map (Fig. 6/7 style), defective images first;
+- ``heatmaps.png``: image, ground truth and anomaly map (Fig. 6/7 style) of images from every
+  defect type and the normal ones, the highest and the lowest scored of each
+  (:func:`wdam_jax.reporting.figure_selection`), with the image threshold and each decision;
 - ``learning_curves.png``: the logged training and validation scalars against the step, when the
   run logged any.
 """
@@ -85,13 +88,21 @@ def evaluate(
         }
     }
     outdir = workdir / EVAL_DIR / f"step_{run.step}"
-    store_thresholds(run, split, scores, maps, outdir=outdir, workdir=workdir)
-    paths = reporting.write_metrics(results, outdir)
+    stored = store_thresholds(run, split, scores, maps, outdir=outdir, workdir=workdir)
+    by_defect = {config.data.category: by_defect_type(split, scores.image_scores, maps, originals)}
+    paths = reporting.write_metrics(results, outdir, by_defect=by_defect)
     _write_scores(outdir, split, scores.image_scores)
-    # Defective images and some normal ones, with file names and image scores (0: no figure).
+    # Every defect type and the normal images, the highest and lowest scored of each, with file
+    # names, image scores and decisions (0: no figure).
     if config.score.num_figures > 0:
-        order = reporting.figure_selection(split.labels, config.score.num_figures)
+        order = reporting.figure_selection(
+            split.labels,
+            config.score.num_figures,
+            scores=scores.image_scores,
+            defect_types=list(split.defect_types),
+        )
         label = describe(config)["label"]
+        image_t = thresholds.read(workdir, step=run.step)["image"] if stored else None
         reporting.save_heatmap_figure(
             split.images[order],
             split.masks[order],
@@ -103,15 +114,50 @@ def evaluate(
                 for i in order
             ],
             scores={label: scores.image_scores[order]},
+            thresholds=None if image_t is None else {label: image_t.value},
+            labels=split.labels[order],
         )
     curves = train_lib.read_train_log(workdir)
     if curves:
         reporting.save_curves_figure(curves, outdir / "learning_curves.png")
-    table = reporting.markdown_table(results)
+    table = reporting.markdown_table(results, by_defect)
     logging.info("Metrics of %s at step %d written to %s.", workdir, run.step, paths["markdown"])
     label = describe(config)["label"]
     print(f"\n{label} {config.data.category}, step {run.step} ({outdir}):\n{table}", flush=True)
     return results
+
+
+def by_defect_type(
+    split, image_scores: np.ndarray, maps: list[np.ndarray], originals: list[np.ndarray]
+) -> dict[str, dict[str, float]]:
+    """I-AUROC, P-AUROC and PRO per defect type: each type's test images with all the normal
+    ones (the category's figure with the other types left out).
+
+    Args:
+      split: the test split (``labels`` [N], ``defect_types`` [N]).
+      image_scores: [N] image scores.
+      maps: N maps at their ground truth's resolution.
+      originals: N ground-truth masks (bool).
+
+    Returns:
+      ``{defect type: {"i_auroc", "p_auroc", "pro"}}`` in sorted order (empty without normal
+      images or with a single defect type, whose rows would repeat the category's).
+    """
+    labels, kinds = np.asarray(split.labels), np.asarray(split.defect_types)
+    good = np.flatnonzero(labels == 0)
+    types = sorted({str(k) for k, y in zip(kinds, labels, strict=True) if y != 0})
+    if not len(good) or len(types) < 2:
+        return {}
+    out = {}
+    for kind in types:
+        index = np.concatenate([good, np.flatnonzero((labels != 0) & (kinds == kind))])
+        out[kind] = metrics.evaluate_category(
+            np.asarray(image_scores)[index],
+            [maps[i] for i in index],
+            [originals[i] for i in index],
+            labels[index],
+        )
+    return out
 
 
 def store_thresholds(

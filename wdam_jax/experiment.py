@@ -37,7 +37,7 @@ from absl import logging
 
 from wdam_jax import checkpoints
 from wdam_jax import evaluate as evaluate_lib
-from wdam_jax.errors import ConfigError, InputsError
+from wdam_jax.errors import ConfigError, InputsError, check_config_variant
 from wdam_jax.methods import registry
 from wdam_jax.progress import Progress
 
@@ -74,6 +74,9 @@ def load_run_config(spec: str) -> ml_collections.ConfigDict:
             f"Run config {spec!r}: no module configs/{module.replace('.', '/')}.py ({e}). "
             "Use the name of a file in configs/ (e.g. 'cutpaste_wdam' or 'wdam_layers:2')."
         ) from e
+    check_config_variant(
+        f"configs/{module.replace('.', '/')}.py", getattr(mod, "VARIANTS", None), arg
+    )
     return mod.get_config(arg or None)
 
 

@@ -4,14 +4,19 @@
 
 - ``E/model.stablehlo``: ``jax.export`` serialised StableHLO of ``images -> (image_scores,
   maps)`` with the network, the fitted statistics (PatchCore's memory bank, CutPaste's Gaussian
-  densities) as constants; load it with ``jax.export.deserialize(bytearray(data)).call(images)``;
+  densities) as constants; load it with ``jax.export.deserialize(bytearray(data)).call(images)``
+  in a Python with ``jax`` and ``flatbuffers`` (jax does not install flatbuffers, and
+  ``deserialize`` needs it);
 - ``E/saved_model/``: the same function as a TensorFlow SavedModel (``jax2tf``, native
   serialisation) for TF Serving; signature ``serving_default``: ``images`` ->
   ``{"image_scores", "maps"}``;
 - ``E/metadata.json``: the input contract (shape with a symbolic batch ``b``, dtype, range,
   layout, the host preprocessing to apply before), the outputs, the run (method, step,
   workdir) and the decision thresholds with their rule and the normalisation (from
-  ``thresholds.json``). Thresholds and normalisation are metadata beside the graph, not in it:
+  ``thresholds.json``), and ``loading``: for each artefact the packages to install and the
+  Python that loads and calls it (:func:`loading_instructions`; ``tests/test_predict.py`` runs
+  them in a process that can import nothing else). Thresholds and normalisation are metadata
+  beside the graph, not in it:
   the graph returns raw scores, and a service decides with ``score >= threshold`` and normalises
   with ``sigmoid((score - threshold) / scale)`` where it can see and change them (anomalib
   #3033 hid them inside the export).
@@ -21,10 +26,15 @@ bilinear with antialiasing, as :func:`wdam_jax.data.datasets.resize_image`: deco
 resize are host work a service does with its own image library); the centre crop
 (``config.data.crop_size``), the model and the scoring are in the graph. The batch dimension is
 symbolic: one artefact serves any batch size.
+
+A run without stored thresholds (never evaluated, or evaluated at another step) is refused, as an
+artefact without a decision rule; ``allow_no_thresholds`` (``--allow_no_thresholds``) exports it
+with ``"thresholds": null``.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import pathlib
 from collections.abc import Callable
@@ -38,6 +48,7 @@ from absl import logging
 from wdam_jax import thresholds
 from wdam_jax import train as train_lib
 from wdam_jax.data import datasets
+from wdam_jax.errors import MissingFileError
 
 STABLEHLO_FILE = "model.stablehlo"
 SAVED_MODEL_DIR = "saved_model"
@@ -69,18 +80,81 @@ def _input_spec(size: int) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
 
 
-def metadata(run: train_lib.Restored, workdir: pathlib.Path, size: int) -> dict[str, Any]:
-    """``metadata.json``: input and output contract, the run, thresholds and normalisation."""
-    data = run.config.data
-    side = data.get("crop_size", 0) or size
+def stored_thresholds(workdir: pathlib.Path, step: int) -> dict[str, Any] | None:
+    """The run's ``thresholds.json`` if it is that of checkpoint ``step``, else None."""
     try:
         stored = json.loads((workdir / thresholds.THRESHOLDS_FILE).read_text())
-        if stored["step"] != run.step:
-            raise FileNotFoundError
     except FileNotFoundError:
-        logging.warning("%s has no thresholds for step %d: run launch.evaluate first for them "
-                        "to be in the export's metadata.", workdir, run.step)  # fmt: skip
-        stored = None
+        return None
+    return stored if stored.get("step") == step else None
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def _pinned(name: str, version: str) -> str:
+    return f"{name}=={version}" if version else name
+
+
+def loading_instructions() -> dict[str, dict[str, Any]]:
+    """How to load each artefact without this repository: ``{"stablehlo", "saved_model"}`` ->
+    ``{"packages": pip requirements, "python": code}``. The code runs in the export folder with
+    ``images`` a float32 ``[B, S, S, 3]`` array already preprocessed (``input.host_preprocessing``)
+    and leaves ``image_scores`` ``[B]`` and ``maps`` ``[B, C, C]``."""
+    tf_version = _version("tensorflow") or _version("tensorflow-cpu")
+    return {
+        "stablehlo": {
+            "packages": [
+                _pinned("jax", jax.__version__),
+                _pinned("flatbuffers", _version("flatbuffers")),
+            ],
+            "note": (
+                "jax.export.deserialize needs flatbuffers, which jax does not install; a newer "
+                "jax reads the artefact within jax.export's compatibility window."
+            ),
+            "python": (
+                "import jax\n"
+                f"with open({STABLEHLO_FILE!r}, 'rb') as f:\n"
+                "    exported = jax.export.deserialize(bytearray(f.read()))\n"
+                "image_scores, maps = exported.call(images)\n"
+            ),
+        },
+        "saved_model": {
+            "packages": [_pinned("tensorflow", tf_version)],
+            "note": "tensorflow-cpu of the same version serves as well; TF Serving loads the "
+            "folder as it is (signature serving_default).",
+            "python": (
+                "import tensorflow as tf\n"
+                f"serving = tf.saved_model.load({SAVED_MODEL_DIR!r}).signatures['serving_default']"
+                "\nout = serving(images=tf.constant(images))\n"
+                "image_scores, maps = out['image_scores'].numpy(), out['maps'].numpy()\n"
+            ),
+        },
+    }
+
+
+def metadata(
+    run: train_lib.Restored,
+    workdir: pathlib.Path,
+    size: int,
+    *,
+    saved_model: bool = True,
+) -> dict[str, Any]:
+    """``metadata.json``: input and output contract, the run, thresholds and normalisation, and
+    how to load each artefact written."""
+    data = run.config.data
+    side = data.get("crop_size", 0) or size
+    stored = stored_thresholds(workdir, run.step)
+    if stored is None:
+        logging.warning("%s has no thresholds for step %d: the export has no decision rule "
+                        "(\"thresholds\": null).", workdir, run.step)  # fmt: skip
+    loading = loading_instructions()
+    if not saved_model:
+        del loading["saved_model"]
     return {
         "method": run.config.method,
         "step": run.step,
@@ -106,6 +180,7 @@ def metadata(run: train_lib.Restored, workdir: pathlib.Path, size: int) -> dict[
         "thresholds": None
         if stored is None
         else {level: stored[level] for level in thresholds.LEVELS},
+        "loading": loading,
         "jax_version": jax.__version__,
     }
 
@@ -146,20 +221,41 @@ def export(
     *,
     step: int | None = None,
     saved_model: bool = True,
+    allow_no_thresholds: bool = False,
 ) -> dict[str, pathlib.Path]:
     """Exports the run in ``workdir`` (newest or ``step``'s checkpoint) into ``out``.
 
+    Args:
+      workdir: a trained and evaluated run directory.
+      out: the export folder (created).
+      step: checkpoint step (default: the newest).
+      saved_model: also write the TF SavedModel.
+      allow_no_thresholds: export a run without stored thresholds for that step (metadata
+        ``"thresholds": null``) instead of refusing it.
+
     Returns:
       ``{"stablehlo", "metadata"[, "saved_model"]}`` paths.
+
+    Raises:
+      MissingFileError: no thresholds for the step and not ``allow_no_thresholds``; nothing is
+        written.
     """
     workdir, out = pathlib.Path(workdir), pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     run = train_lib.restore(workdir, step=step)
+    if not allow_no_thresholds and stored_thresholds(workdir, run.step) is None:
+        raise MissingFileError(
+            f"{workdir} has no stored thresholds for step {run.step} ({thresholds.THRESHOLDS_FILE} "
+            "is missing or from another step): the export would have no decision rule. Run "
+            "python -m launch.evaluate "
+            f"--workdir={workdir}{'' if step is None else f' --step={step}'} first (it stores "
+            "them), or pass --allow_no_thresholds to export raw scores only. Nothing was written."
+        )
+    out.mkdir(parents=True, exist_ok=True)
     fn, size = inference_function(run)
     paths = {"stablehlo": export_stablehlo(fn, size, out / STABLEHLO_FILE)}
     if saved_model:
         paths["saved_model"] = export_saved_model(fn, size, out / SAVED_MODEL_DIR)
-    document = metadata(run, workdir, size)
+    document = metadata(run, workdir, size, saved_model=saved_model)
     paths["metadata"] = out / METADATA_FILE
     paths["metadata"].write_text(json.dumps(document, indent=2, default=_json_default) + "\n")
     logging.info("Exported %s (step %d) to %s.", workdir, run.step, out)

@@ -16,10 +16,15 @@
    ``<out>/overlays/<index>_<name>.png`` (input as the model sees it | heatmap of the normalised
    map, 0.5 = the pixel threshold | the predicted region's outline).
 
-A file that cannot be read as an image (corrupt, truncated, not an image) becomes a row with
-``status=error`` and the reason, and the other files are still scored. An image whose size is not
-the model's input size is resized (then centre-cropped) exactly as the run's data was; the row's
-``note`` says so.
+Inputs get the warnings training gives its data (:func:`wdam_jax.data.summary.size_warnings`,
+from the files' headers before anything is scored): images that are not square (their aspect
+ratio changes) and images smaller than the model's input (upscaled). Files without an image
+suffix (``notes.txt``) are skipped as training skips them, listed in the log and under
+``skipped`` in ``predictions.json``. A file with an image suffix that cannot be read (corrupt,
+truncated) becomes a row with ``status=error`` and the reason, and the other files are still
+scored. An image whose size is not the model's input size is resized (then centre-cropped)
+exactly as the run's data was; the row's ``note`` says so. Sizes are written width x height
+everywhere, as ``data_summary.json``.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from PIL import Image, ImageDraw
 from wdam_jax import thresholds
 from wdam_jax import train as train_lib
 from wdam_jax.data import datasets
+from wdam_jax.data import summary as data_summary
 from wdam_jax.errors import MissingFileError
 from wdam_jax.progress import Progress
 
@@ -62,21 +68,52 @@ COLUMNS = (
 OVERLAY_MIN_SIDE = 256  # panels are upscaled (nearest) to at least this many pixels
 
 
-def list_inputs(images: str | pathlib.Path) -> list[pathlib.Path]:
-    """The files to score: every non-hidden file of a folder, or the files a glob matches,
-    sorted. Non-image files are kept: they are reported as errors, not silently dropped."""
+def list_inputs(images: str | pathlib.Path) -> tuple[list[pathlib.Path], list[dict[str, str]]]:
+    """The files to score: every non-hidden image file of a folder, or the image files a glob
+    matches, sorted; and the files skipped (no image suffix, as training skips them).
+
+    Returns:
+      ``(files, skipped)``; ``skipped`` holds ``{"path", "why"}`` per file left out.
+    """
     path = pathlib.Path(images)
     if path.is_dir():
-        files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+        found = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
     else:
-        files = [pathlib.Path(p) for p in glob.glob(str(images), recursive=True)]
-        files = [p for p in files if p.is_file()]
+        found = [pathlib.Path(p) for p in glob.glob(str(images), recursive=True)]
+        found = [p for p in found if p.is_file()]
+    files = sorted(p for p in found if p.suffix.lower() in datasets.IMAGE_EXTENSIONS)
+    skipped = [
+        {"path": str(p), "why": f"not an image ({p.suffix or 'no'} suffix)"}
+        for p in sorted(found)
+        if p.suffix.lower() not in datasets.IMAGE_EXTENSIONS
+    ]
     if not files:
+        also = f" ({len(skipped)} file(s) without an image suffix skipped)" if skipped else ""
         raise MissingFileError(
-            f"--images={images}: no file there. Give a folder of images or a glob such as "
+            f"--images={images}: no image file there{also}. Give a folder of images "
+            f"({', '.join(datasets.IMAGE_EXTENSIONS)}) or a glob such as "
             "'line3/2026-11-24/*.png' (quoted, so that the shell does not expand it)."
         )
-    return sorted(files)
+    return files, skipped
+
+
+def input_warnings(
+    paths: Sequence[pathlib.Path], skipped: Sequence[dict[str, str]], *, image_size: int
+) -> list[str]:
+    """The warnings training gives its data, for these inputs: sizes from the files' headers
+    (:func:`wdam_jax.data.summary.size_warnings`) and the files skipped."""
+    sizes = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                sizes.append((str(path), *img.size))
+        except Exception:  # reported as an error row when it is read
+            continue
+    warnings = data_summary.size_warnings(sizes, image_size)
+    if skipped:
+        shown = ", ".join(s["path"] for s in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        warnings.append(f"{len(skipped)} file(s) without an image suffix skipped: {shown}.")
+    return warnings
 
 
 def preprocess(
@@ -85,7 +122,8 @@ def preprocess(
     """One file as the run's data pipeline reads it.
 
     Returns:
-      ``(image [S, S, 3] float32 in [0, 1], original size "HxW", note)``.
+      ``(image [S, S, 3] float32 in [0, 1], original size "WxH" (width x height, as
+      data_summary.json), note)``.
 
     Raises:
       datasets.DatasetError: not readable as an image.
@@ -95,10 +133,15 @@ def preprocess(
     image = datasets.resize_image(rgb, image_size=image_size, crop_size=crop_size)
     notes = []
     if (h, w) != (image_size, image_size):
-        notes.append(f"resized from {h}x{w} to {image_size}x{image_size} as the run's data")
+        changes = [
+            *(["aspect ratio changed"] if w != h else []),
+            *(["upscaled"] if min(w, h) < image_size else []),
+        ]
+        shown = f" ({', '.join(changes)})" if changes else ""
+        notes.append(f"resized from {w}x{h} to {image_size}x{image_size} as the run's data{shown}")
     if crop_size:
         notes.append(f"centre-cropped to {crop_size}x{crop_size}")
-    return image, f"{h}x{w}", "; ".join(notes)
+    return image, f"{w}x{h}", "; ".join(notes)
 
 
 def _panel(array: np.ndarray, side: int) -> Image.Image:
@@ -227,8 +270,11 @@ def predict(
       The rows written (one per file).
     """
     workdir, out = pathlib.Path(workdir), pathlib.Path(out)
-    paths = list_inputs(images)
+    paths, skipped = list_inputs(images)
     run = train_lib.restore(workdir, step=step, best=best)
+    warnings = input_warnings(paths, skipped, image_size=run.config.data.image_size)
+    for warning in warnings:
+        logging.warning("%s", warning)
     chosen = resolve_thresholds(run, workdir, threshold=threshold, pixel_threshold=pixel_threshold)
     image_t, pixel_t = chosen["image"], chosen["pixel"]
     assert image_t is not None  # resolve_thresholds raised otherwise
@@ -255,7 +301,7 @@ def predict(
             f.flush()
             rows.extend(chunk.rows)
             progress.update(start + len(chunk_paths))
-    _write_json(out / JSON_FILE, rows, run, workdir, image_t, pixel_t)
+    _write_json(out / JSON_FILE, rows, run, workdir, image_t, pixel_t, skipped, warnings)
     n_bad = sum(r["status"] != "ok" for r in rows)
     n_anomalous = sum(r["decision"] == "anomalous" for r in rows)
     logging.info(
@@ -297,7 +343,7 @@ def _write_overlay(out, row, image, amap, pixel_t) -> str:
     return str(pathlib.Path(OVERLAY_DIR) / name)
 
 
-def _write_json(path, rows, run, workdir, image_t, pixel_t) -> None:
+def _write_json(path, rows, run, workdir, image_t, pixel_t, skipped, warnings) -> None:
     data = run.config.data
     document = {
         "workdir": str(workdir),
@@ -317,7 +363,10 @@ def _write_json(path, rows, run, workdir, image_t, pixel_t) -> None:
             "anomalous": sum(r["decision"] == "anomalous" for r in rows),
             "normal": sum(r["decision"] == "normal" for r in rows),
             "errors": sum(r["status"] != "ok" for r in rows),
+            "skipped": len(skipped),
         },
+        "input_warnings": list(warnings),
+        "skipped": list(skipped),
         "predictions": [{k: (None if r[k] == "" else r[k]) for k in COLUMNS} for r in rows],
     }
     path.write_text(json.dumps(document, indent=2) + "\n")

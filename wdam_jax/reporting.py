@@ -4,6 +4,10 @@
 (``{"bottle": {"i_auroc": 0.99, "p_auroc": 0.97, "pro": 0.91}, ...}``); a metric a dataset does
 not report (VisA has no PRO in the paper) may be missing or NaN and shows as "-". The markdown
 table shows percent with one decimal, as the paper's tables.
+
+``by_defect`` (optional, :func:`write_metrics`, :func:`markdown_table`) maps a category to
+``{defect type: metrics}``, each computed on that defect type's test images with all the normal
+ones; those rows stand beside their category's and stay out of the mean.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ METRIC_TITLES = {
     "p_aupr": "P-AUPR",
 }
 MEAN_ROW = "mean"
+BY_DEFECT_KEY = "by_defect_type"  # metrics.json: {category: {defect type: metrics}}
 
 Results = Mapping[str, Mapping[str, float]]
 
@@ -68,12 +73,14 @@ def _with_mean(results: Results) -> dict[str, dict[str, float]]:
     return rows
 
 
-def markdown_table(results: Results) -> str:
+def markdown_table(results: Results, by_defect: Mapping[str, Results] | None = None) -> str:
     """Markdown table: rows = categories + a mean row, columns I-AUROC / P-AUROC / PRO (then the
     decision metrics the rows hold, see :func:`columns`) in %.
 
     Args:
       results: category -> {"i_auroc", "p_auroc", "pro"} as fractions.
+      by_defect: optional category -> {defect type -> metrics}: rows ``category: defect`` under
+        their category's (not in the mean); a metric a defect row lacks shows "-".
 
     Returns:
       The table, ending with a newline.
@@ -81,18 +88,28 @@ def markdown_table(results: Results) -> str:
     rows, metrics = _with_mean(results), columns(results)
     header = "| Category | " + " | ".join(METRIC_TITLES[m] for m in metrics) + " |"
     lines = [header, "|---|" + "---:|" * len(metrics)]
+
+    def line(name: str, row: Mapping[str, float]) -> str:
+        cells = [
+            "-" if math.isnan(_value(row, m)) else f"{100 * _value(row, m):.1f}" for m in metrics
+        ]
+        return f"| {name} | " + " | ".join(cells) + " |"
+
     for cat, row in rows.items():
-        cells = ["-" if math.isnan(row[m]) else f"{100 * row[m]:.1f}" for m in metrics]
-        name = f"**{cat}**" if cat == MEAN_ROW else cat
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(line(f"**{cat}**" if cat == MEAN_ROW else cat, row))
+        for defect, defect_row in ((by_defect or {}).get(cat) or {}).items():
+            lines.append(line(f"{cat}: {defect}", defect_row))
     return "\n".join(lines) + "\n"
 
 
-def write_metrics(results: Results, outdir: str | os.PathLike) -> dict[str, pathlib.Path]:
+def write_metrics(
+    results: Results, outdir: str | os.PathLike, *, by_defect: Mapping[str, Results] | None = None
+) -> dict[str, pathlib.Path]:
     """Writes ``metrics.json``, ``metrics.csv`` and ``metrics.md`` into ``outdir``.
 
     JSON and CSV hold the fractions at full precision (NaN as null / empty), including the mean
-    row; the markdown is :func:`markdown_table`.
+    row; the markdown is :func:`markdown_table`. ``by_defect`` (category -> defect type ->
+    metrics) goes into the JSON under ``"by_defect_type"`` and into the markdown's rows.
 
     Returns:
       {"json": path, "csv": path, "markdown": path}.
@@ -105,9 +122,17 @@ def write_metrics(results: Results, outdir: str | os.PathLike) -> dict[str, path
         "csv": outdir / "metrics.csv",
         "markdown": outdir / "metrics.md",
     }
-    as_json = {
+    as_json: dict = {
         c: {m: (None if math.isnan(v) else v) for m, v in r.items()} for c, r in rows.items()
     }
+    if by_defect:
+        as_json[BY_DEFECT_KEY] = {
+            c: {
+                d: {m: (None if math.isnan(_value(r, m)) else _value(r, m)) for m in r}
+                for d, r in defects.items()
+            }
+            for c, defects in by_defect.items()
+        }
     table = io.StringIO(newline="")
     writer = csv.writer(table)
     metrics = columns(results)
@@ -117,7 +142,7 @@ def write_metrics(results: Results, outdir: str | os.PathLike) -> dict[str, path
     texts = {
         "json": json.dumps(as_json, indent=2) + "\n",
         "csv": table.getvalue(),
-        "markdown": markdown_table(results),
+        "markdown": markdown_table(results, by_defect),
     }
     # All three composed first, then each through a temporary file and a rename: a failure or
     # a kill never leaves a truncated table.
@@ -127,7 +152,8 @@ def write_metrics(results: Results, outdir: str | os.PathLike) -> dict[str, path
 
 
 def read_metrics_json(path: str | os.PathLike) -> dict[str, dict[str, float]]:
-    """Reads ``metrics.json`` back (null -> NaN), mean row included.
+    """Reads ``metrics.json``'s category rows back (null -> NaN), mean row included (the
+    per-defect-type rows under ``"by_defect_type"`` are left out).
 
     Raises:
       ValueError: the file is not valid JSON (the message names it and how to rewrite it).
@@ -142,6 +168,7 @@ def read_metrics_json(path: str | os.PathLike) -> dict[str, dict[str, float]]:
     return {
         c: {m: float("nan") if v is None else float(v) for m, v in r.items()}
         for c, r in raw.items()
+        if c != BY_DEFECT_KEY
     }
 
 
@@ -167,6 +194,7 @@ def save_heatmap_figure(
     titles: list[str] | None = None,
     scores: Mapping[str, np.ndarray] | None = None,
     thresholds: Mapping[str, float] | None = None,
+    labels: np.ndarray | None = None,
 ) -> pathlib.Path:
     """Saves a figure like the paper's Fig. 6/7: columns = images; rows = image, ground truth,
     then one heatmap overlay per method (or run).
@@ -185,7 +213,10 @@ def save_heatmap_figure(
       cmap: matplotlib colormap of the heatmap.
       titles: optional column titles (e.g. file names).
       scores: optional {row label: [N] image scores}, printed under each heatmap.
-      thresholds: optional {row label: image threshold}; scores above it are marked.
+      thresholds: optional {row label: image threshold}: the row's label shows it and each
+        image's score is marked with its decision (``score >= threshold``: anomalous), in red
+        where ``labels`` says the decision is wrong.
+      labels: optional [N] ground truth (0 normal, 1 anomalous) the decisions are checked with.
 
     Returns:
       The written path.
@@ -219,9 +250,12 @@ def save_heatmap_figure(
             if scores is not None and name in scores:
                 value = float(scores[name][j])
                 limit = (thresholds or {}).get(name)
-                flag = "" if limit is None else (" > thr" if value > limit else " <= thr")
-                axes[i, j].set_xlabel(f"score {value:.3g}{flag}", fontsize=7)
-        axes[i, 0].set_ylabel(name, fontsize=8)
+                truth = None if labels is None else bool(labels[j])
+                text, color = decision_caption(value, limit, truth)
+                axes[i, j].set_xlabel(text, fontsize=7, color=color)
+        limit = (thresholds or {}).get(name)
+        row_label = name if limit is None else f"{name}\nthreshold {limit:.3g}"
+        axes[i, 0].set_ylabel(row_label, fontsize=8)
         fig.colorbar(shown, ax=list(axes[i, :]), shrink=0.9, pad=0.01).ax.tick_params(labelsize=6)
     axes[0, 0].set_ylabel("image", fontsize=8)
     axes[1, 0].set_ylabel("ground truth", fontsize=8)
@@ -241,15 +275,68 @@ def write_png(fig: Figure, path: str | os.PathLike, *, dpi: int = 100) -> pathli
     return atomic_write_bytes(path, buffer.getvalue())
 
 
-def figure_selection(labels: np.ndarray, count: int) -> np.ndarray:
-    """Indices of up to ``count`` images to draw: defective ones and about a quarter normal ones
-    (at least one of each when both exist), each group in its original order."""
+def decision_caption(score: float, threshold: float | None, truth: bool | None) -> tuple[str, str]:
+    """What the heatmap figure writes under an image: its score and, with a threshold, the
+    decision (``score >= threshold``: anomalous, as :mod:`wdam_jax.thresholds`) and whether the
+    ground truth ``truth`` (True: anomalous) agrees; returns ``(text, colour)``, red if wrong."""
+    text = f"score {score:.3g}"
+    if threshold is None:
+        return text, "black"
+    anomalous = score >= threshold
+    text += f" {'>=' if anomalous else '<'} thr\n-> {'anomalous' if anomalous else 'normal'}"
+    if truth is not None and truth != anomalous:
+        return text + " (wrong)", "red"
+    return text, "black"
+
+
+def figure_selection(
+    labels: np.ndarray,
+    count: int,
+    *,
+    scores: np.ndarray | None = None,
+    defect_types: list[str] | None = None,
+) -> np.ndarray:
+    """Indices of up to ``count`` images to draw.
+
+    Without ``scores``: defective ones and about a quarter normal ones (at least one of each
+    when both exist), each group in its original order.
+
+    With ``scores`` and ``defect_types`` ([N] each): every group (each defect type, and the
+    normal images) in turn gives its highest-scored image not yet shown, then in the next
+    round (normal images first) its lowest-scored one, and so on: each defect type and the
+    normal images appear, with the likeliest misses (a defect's lowest score) and false alarms
+    (a normal image's highest) among them. Returned grouped by defect type (normal last),
+    highest score first.
+    """
     labels = np.asarray(labels)
-    bad, good = np.flatnonzero(labels != 0), np.flatnonzero(labels == 0)
-    n_good = min(len(good), max(1 if len(bad) else count, count // 4))
-    n_bad = min(len(bad), count - n_good)
-    n_good = min(len(good), count - n_bad)
-    return np.concatenate([bad[:n_bad], good[:n_good]]).astype(int)
+    if scores is None or defect_types is None:
+        bad, good = np.flatnonzero(labels != 0), np.flatnonzero(labels == 0)
+        n_good = min(len(good), max(1 if len(bad) else count, count // 4))
+        n_bad = min(len(bad), count - n_good)
+        n_good = min(len(good), count - n_bad)
+        return np.concatenate([bad[:n_bad], good[:n_good]]).astype(int)
+    scores = np.asarray(scores, np.float64)
+    kinds = [str(d) if labels[i] != 0 else "good" for i, d in enumerate(defect_types)]
+    groups = sorted({k for k in kinds if k != "good"}) + (["good"] if "good" in kinds else [])
+    queues = {}
+    for group in groups:
+        ranked = sorted((i for i, k in enumerate(kinds) if k == group), key=lambda i: -scores[i])
+        queue = []  # highest, lowest, second highest, second lowest, ...
+        while ranked:
+            queue.append(ranked.pop(0))
+            if ranked:
+                queue.append(ranked.pop())
+        queues[group] = queue
+    chosen: list[int] = []
+    # Round 1 in the groups' order; later rounds start with the normal images, so that their
+    # lowest score is shown before a defect type's second image.
+    rounds = [groups, sorted(groups, key=lambda g: g != "good")]
+    while len(chosen) < min(count, len(labels)):
+        for group in rounds[bool(chosen)]:
+            if queues[group] and len(chosen) < count:
+                chosen.append(queues[group].pop(0))
+    order = {g: n for n, g in enumerate(groups)}
+    return np.asarray(sorted(chosen, key=lambda i: (order[kinds[i]], -scores[i])), int)
 
 
 def save_curves_figure(

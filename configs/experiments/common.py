@@ -23,6 +23,8 @@ DEMO_CATEGORIES = ("washer", "brick")  # an object and a texture of the built-in
 DEMO_SEEDS = (0,)
 MVTEC_ROOT = "data/mvtec_ad"
 DEMO_ROOT = "workdirs/demo_data"
+# The arguments every experiment config accepts (its VARIANTS); the launcher checks them.
+VARIANTS = ("", "demo")
 
 
 def row(

@@ -18,6 +18,8 @@ import ml_collections
 from configs.experiments import common, table3
 from configs.fmas_visa import VISA_CATEGORIES
 
+VARIANTS = common.VARIANTS
+
 VISA = {
     "dataset": "visa",
     "root": "data/visa_1cls",

@@ -16,6 +16,8 @@ import ml_collections
 from configs.experiments import common
 from configs.fmas_mvtec import MVTEC_CATEGORIES
 
+VARIANTS = common.VARIANTS
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     demo = common.parse_demo(arg)

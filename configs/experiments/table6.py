@@ -36,6 +36,8 @@ import ml_collections
 from configs.experiments import common
 from configs.fmas_mvtec import MVTEC_CATEGORIES
 
+VARIANTS = common.VARIANTS
+
 IMAGENET_WEIGHTS = "weights/wrn50_2_imagenet"
 
 

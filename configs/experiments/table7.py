@@ -21,6 +21,8 @@ from configs.experiments import common, table4
 from configs.fmas_mvtec import MVTEC_CATEGORIES
 from configs.fmas_visa import VISA_CATEGORIES
 
+VARIANTS = common.VARIANTS
+
 ROWS = (  # slug suffix, label, run config, paper column, extra overrides
     ("cutpaste", "CutPaste", "cutpaste", "CutPaste", {}),
     ("fmas", "+FMAS (with FM)", "cutpaste_fm", "FMAS", {}),

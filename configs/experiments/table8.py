@@ -18,6 +18,8 @@ import ml_collections
 from configs.experiments import common
 from configs.fmas_mvtec import MVTEC_CATEGORIES
 
+VARIANTS = common.VARIANTS
+
 LAYERS = (0, 1, 2, 3, 4)
 
 

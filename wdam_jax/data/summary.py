@@ -6,7 +6,9 @@ empty; files are hashed to find duplicates) and returns the counts per split and
 the image sizes, modes and formats, the files ignored and why, and the warnings:
 
 - grayscale, RGBA / alpha, palette and 16-bit images (converted to 8-bit RGB: say how);
-- images that are not square (resized to ``image_size`` squared: the aspect ratio changes);
+- images that are not square (resized to ``image_size`` squared: the aspect ratio changes) and
+  images smaller than ``image_size`` (upscaled: no detail is added), by :func:`size_warnings`,
+  which ``launch.predict`` uses for its inputs too;
 - mixed file formats;
 - defect images whose mask is empty (they count for image AUROC but add no anomalous pixel);
 - byte-identical duplicate files;
@@ -44,6 +46,36 @@ _MODE_NOTES = {
 _MASK_DIRS = ("ground_truth", "masks")
 
 
+def size_warnings(sizes: list[tuple[str, int, int]], image_size: int) -> list[str]:
+    """What resizing to ``image_size`` squared does to these images, one warning per kind.
+
+    Args:
+      sizes: ``(path, width, height)`` of each image (sizes are written width x height, as
+        Pillow and ``data_summary.json`` give them).
+      image_size: the side every image is resized to.
+
+    Returns:
+      A warning for the non-square images (the aspect ratio changes) and one for those smaller
+      than ``image_size`` in either side (upscaled), each with its count and an example.
+    """
+    non_square = [f"{p} ({w}x{h})" for p, w, h in sizes if w != h]
+    small = [f"{p} ({w}x{h})" for p, w, h in sizes if w < image_size or h < image_size]
+    warnings = []
+    if non_square:
+        warnings.append(
+            f"{len(non_square)} image(s) are not square (e.g. {non_square[0]}): each is resized "
+            f"to {image_size}x{image_size}, which changes its aspect ratio. Crop them square "
+            "beforehand if shape matters for the defects."
+        )
+    if small:
+        warnings.append(
+            f"{len(small)} image(s) are smaller than {image_size}x{image_size} (e.g. {small[0]}): "
+            "each is upscaled, which adds no detail (a defect a few pixels wide stays a blur). "
+            "Use images of at least that size, or a run with a smaller config.data.image_size."
+        )
+    return warnings
+
+
 def _split_and_kind(rel: pathlib.Path, data_config: ml_collections.ConfigDict) -> tuple[str, str]:
     """(split, defect type) of an image path relative to ``<root>/<category>``."""
     parts = rel.parts
@@ -65,7 +97,7 @@ def summarize(data_config: ml_collections.ConfigDict) -> dict[str, Any]:
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     modes, formats, sizes = collections.Counter(), collections.Counter(), collections.Counter()
     mode_examples: dict[str, str] = {}
-    non_square: list[str] = []
+    dims: list[tuple[str, int, int]] = []
     ignored: list[dict[str, str]] = []
     empty_masks: list[str] = []
     by_hash: dict[str, list[str]] = collections.defaultdict(list)
@@ -94,8 +126,7 @@ def summarize(data_config: ml_collections.ConfigDict) -> dict[str, Any]:
         modes[mode] += 1
         mode_examples.setdefault(mode, str(rel))
         sizes[f"{w}x{h}"] += 1
-        if w != h:
-            non_square.append(f"{rel} ({w}x{h})")
+        dims.append((str(rel), w, h))
     orphan_masks: list[str] = []
     if data_config.dataset != "folder" and (base / "ground_truth").is_dir():
         for mask in sorted((base / "ground_truth").rglob("*")):
@@ -115,12 +146,7 @@ def summarize(data_config: ml_collections.ConfigDict) -> dict[str, Any]:
         if mode != "RGB":
             note = _MODE_NOTES.get(mode, f"mode {mode}: converted to RGB")
             warnings.append(f"{n} image(s) are {note} (e.g. {mode_examples[mode]}).")
-    if non_square:
-        warnings.append(
-            f"{len(non_square)} image(s) are not square (e.g. {non_square[0]}): each is resized "
-            f"to {size}x{size}, which changes its aspect ratio. Crop them square beforehand if "
-            "shape matters for the defects."
-        )
+    warnings.extend(size_warnings(dims, size))
     if len(formats) > 1:
         shown = ", ".join(f"{n} {f}" for f, n in sorted(formats.items()))
         warnings.append(f"Mixed image formats ({shown}): all are read, but check they belong.")
@@ -148,6 +174,7 @@ def summarize(data_config: ml_collections.ConfigDict) -> dict[str, Any]:
         "dataset": data_config.dataset,
         "folder": str(base),
         "images": {split: dict(sorted(c.items())) for split, c in sorted(counts.items())},
+        "held_out": _held_out(data_config, sum(counts["train"].values())),
         "sizes": dict(sizes.most_common()),
         "modes": dict(modes.most_common()),
         "formats": dict(formats.most_common()),
@@ -159,14 +186,50 @@ def summarize(data_config: ml_collections.ConfigDict) -> dict[str, Any]:
     }
 
 
+def _held_out(data_config: ml_collections.ConfigDict, num_train: int) -> dict[str, Any]:
+    """How many of the ``num_train`` training images the run holds out, and what for."""
+    fraction = float(data_config.get("holdout_fraction", 0.0) or 0.0)
+    held = 0
+    if fraction and num_train:
+        try:
+            held = len(
+                sources.holdout_indices(
+                    num_train, fraction=fraction, seed=int(data_config.get("holdout_seed", 0))
+                )
+            )
+        except datasets.DatasetError:  # too few images: the loader names it with its fix
+            held = 0
+    out: dict[str, Any] = {
+        "threshold": held,
+        "left_for_training": num_train - held,
+        "why": "normal training images left out of training and fit; the decision threshold is "
+        "set on their scores (data.holdout_fraction)",
+    }
+    if data_config.get("val_fraction"):
+        out["validation_fraction_of_the_rest"] = float(data_config.val_fraction)
+    return out
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """A few readable lines: images per split and defect type, sizes, modes."""
     if "images" not in summary:
         return f"data: {summary.get('note', '')}"
     lines = [f"data: {summary['folder']} ({summary['dataset']})"]
+    held = summary.get("held_out", {})
     for split, kinds in summary["images"].items():
         shown = ", ".join(f"{k} {n}" for k, n in kinds.items())
-        lines.append(f"  {split}: {sum(kinds.values())} images ({shown})")
+        line = f"  {split}: {sum(kinds.values())} images ({shown})"
+        if split == "train" and held.get("threshold"):
+            line += (
+                f"; {held['threshold']} held out for the decision threshold, "
+                f"{held['left_for_training']} left for training"
+            )
+        if split == "train" and held.get("validation_fraction_of_the_rest"):
+            line += (
+                f"; {held['validation_fraction_of_the_rest']:.0%} of those held out for "
+                "validation (data.val_fraction)"
+            )
+        lines.append(line)
     top = lambda d: ", ".join(f"{k} x{n}" for k, n in list(d.items())[:4])
     lines.append(f"  sizes: {top(summary['sizes'])}; modes: {top(summary['modes'])}")
     return "\n".join(lines)

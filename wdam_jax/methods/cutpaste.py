@@ -64,6 +64,7 @@ from wdam_jax.models.wide_resnet import (
     WideResNet50_2,
     fill_random,
     load_pretrained,
+    network_name,
 )
 from wdam_jax.optim import staged
 
@@ -200,12 +201,13 @@ def create_model(
             )
         else:
             logging.warning(
-                "\n%s\nWARNING: config.model.pretrained is empty: training WideResNet50-2 FROM "
+                "\n%s\nWARNING: config.model.pretrained is empty: training a %s FROM "
                 "SCRATCH (random init). The paper starts from ImageNet weights; convert them with "
                 "`python -m launch.convert_weights --torchvision=wide_resnet50_2-<hash>.pth "
-                "--out=weights/wrn50_2_imagenet` and set --config.model.pretrained to that folder."
-                "\n%s",
+                "--out=weights/wrn50_2_imagenet` and set --config.model.pretrained to that folder"
+                " (with config.model.depths=(3, 4, 6, 3), base_width=64).\n%s",
                 "=" * 100,
+                network_name(model_config.depths, model_config.base_width),
                 "=" * 100,
             )
     for index in model.backbone.wdam_layers:

@@ -51,11 +51,15 @@ from wdam_jax.progress import Progress
 
 RANDOM_INIT_WARNING = (
     "\n" + "!" * 100 + "\n"
-    "PatchCore member {name!r} uses a RANDOMLY INITIALISED backbone: its scores say little about "
-    "PatchCore.\nPatchCore needs ImageNet weights: download torchvision's wide_resnet50_2 "
-    "IMAGENET1K_V1 .pth, run\n  python -m launch.convert_weights "
-    "--torchvision=wide_resnet50_2-<hash>.pth --out=weights/wrn50_2_imagenet\nand pass "
-    "--config.members.{name}.weights=weights/wrn50_2_imagenet.\n" + "!" * 100
+    "PatchCore member {name!r} uses a RANDOMLY INITIALISED {network}: no ImageNet weights.\n"
+    "Its features are fixed random filters, so the scores rank images by how far their local "
+    "colour and texture\nstatistics are from the normal training images', not by learnt "
+    "features. On the four demo categories it scored\n71 image AUROC on average against 84 "
+    "(CutPaste + WDAM) and 98 (DRAEM) trained from scratch (README.md, 'Your own images').\n"
+    "For PatchCore proper, download torchvision's wide_resnet50_2 IMAGENET1K_V1 .pth, run\n"
+    "  python -m launch.convert_weights --torchvision=wide_resnet50_2-<hash>.pth "
+    "--out=weights/wrn50_2_imagenet\nand pass --config.members.{name}.weights="
+    "weights/wrn50_2_imagenet.\n" + "!" * 100
 )
 STAT_KEYS = ("image_mean", "image_std", "pixel_mean", "pixel_std")
 NORMALISATIONS = ("train_standardise", "minmax_over_evaluated_set")
@@ -116,8 +120,9 @@ def load_member(
             )
             raise ValueError(f"PatchCore member {name!r} needs --config.members.{name}.{field} "
                              f"({what}).")  # fmt: skip
-        logging.warning(RANDOM_INIT_WARNING.format(name=name))
         depths, base_width = _member_shape(name, member, category)
+        network = wide_resnet.network_name(depths, base_width)
+        logging.warning(RANDOM_INIT_WARNING.format(name=name, network=network))
         return wide_resnet.create(
             seed=member.seed,
             wdam_layers=wdam_layers,

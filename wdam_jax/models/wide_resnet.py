@@ -39,6 +39,14 @@ FEATURES = ("stem", "layer1", "layer2", "layer3", "layer4", "pooled", "logits")
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+def network_name(depths: Sequence[int], base_width: int) -> str:
+    """What a log line calls the network built: ``"WideResNet50-2"`` for the full one, else
+    ``"reduced WideResNet (1,1,1,1)/32"`` (bottlenecks per layer / base width)."""
+    if tuple(depths) == DEPTHS and base_width == BASE_WIDTH:
+        return "WideResNet50-2"
+    return f"reduced WideResNet ({','.join(map(str, depths))})/{base_width}"
+
+
 def _conv(cin: int, cout: int, kernel: int, stride: int, *, dtype, rngs: nnx.Rngs) -> nnx.Conv:
     # Explicit symmetric padding: XLA's "SAME" pads (0, 1) at stride 2 where torch pads (1, 1).
     pad = kernel // 2
