@@ -187,16 +187,23 @@ def apply_demo(config: ml_collections.ConfigDict) -> None:
     # docs/cutpaste_demo_diagnosis.md).
     config.train.stage1_lr = 0.0075
     config.train.stage_epochs = ()  # fixed steps: the demo is sized by wall time
-    config.train.stage1_steps = 80
-    config.train.stage2_steps = 30
-    config.train.stage3_steps = 20
+    # From scratch, unclipped SGD spends its first steps overwriting the random network's
+    # per-location features (brick P-AUROC 97.7 -> 81.0 in 130 steps); a 10-step warm-up and
+    # stage-1 gradients clipped to global norm 1 keep them, and 300 steps then improve washer
+    # over its initialisation (I / P 80.5 / 90.6 -> 95.5 / 95.4). Chosen on the validation
+    # split (held-out normals + Perlin anomalies): docs/cutpaste_demo_diagnosis.md.
+    config.train.warmup_steps = 10
+    config.train.clip_norm = 1.0
+    config.train.stage1_steps = 200
+    config.train.stage2_steps = 60
+    config.train.stage3_steps = 40
     # Adam at 0.01 right after an SGD stage from scratch undid stage 1 (loss 0.70 -> 1.06);
     # the demo keeps the paper's tenfold drop at WDAM, one decade lower.
     config.train.stage2_lr = 1e-3
     config.train.stage3_lr = 1e-4
     config.train.log_every = 10
-    config.train.eval_every = 30
-    config.train.checkpoint_every = 130
+    config.train.eval_every = 100
+    config.train.checkpoint_every = 300
     config.train.keep_checkpoints = 1
     # Scoring: per-location Gaussian on layer2 + layer3 (16 x 16), the image score the map's
     # maximum (PaDiM / PatchCore); the Gaussian on the pooled 1024-d features of 30 images scored
