@@ -22,15 +22,17 @@ single process. Then (:mod:`wdam_jax.train`):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
 
-from wdam_jax.errors import InputsError
+from wdam_jax.errors import InputsError, UserError
 
 ENV = {
     "coordinator_address": "JAX_COORDINATOR_ADDRESS",
@@ -145,3 +147,35 @@ def local_copy(tree: Any) -> Any:
     if jax.process_count() == 1:
         return tree
     return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
+
+
+@contextlib.contextmanager
+def on_primary(enter: Callable[[], contextlib.AbstractContextManager]) -> Iterator[None]:
+    """Runs the body inside ``enter()``'s context entered by process 0 alone (the others wait
+    for it); if process 0 fails to enter, every process raises, so the job stops on every host.
+
+    Raises:
+      Whatever ``enter()`` raised, in process 0; :class:`UserError` in the others.
+    """
+    if jax.process_count() == 1:
+        with enter():
+            yield
+        return
+    from jax.experimental import multihost_utils
+
+    with contextlib.ExitStack() as stack:
+        failure = None
+        if is_primary():
+            try:
+                stack.enter_context(enter())
+            except Exception as e:  # reported below, once every process knows
+                failure = e
+        failed = multihost_utils.broadcast_one_to_all(np.int32(failure is not None))
+        if failure is not None:
+            raise failure
+        if int(failed):
+            raise UserError(
+                "Process 0 of this job was refused (its message says why); this process stops "
+                "with it."
+            )
+        yield
