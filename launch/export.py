@@ -3,17 +3,22 @@
   python -m launch.export --workdir=workdirs/cutpaste_wdam_demo --out=workdirs/export_demo
 
 Writes ``<out>/model.stablehlo``, ``<out>/saved_model/`` and ``<out>/metadata.json`` (see
-``wdam_jax/export.py``). Run ``launch.evaluate`` first so that the thresholds are in the metadata.
+``wdam_jax/export.py``), whole or not at all: a new or empty ``--out``, or a previous export
+with ``--overwrite``. Run ``launch.evaluate`` first so that the thresholds are in the metadata.
 """
 
 from absl import app, flags
 
+from launch import cli
 from wdam_jax import checkpoints, export
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Trained run directory.")
 _OUT = flags.DEFINE_string("out", None, "Output folder.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 _SAVED_MODEL = flags.DEFINE_bool("saved_model", True, "Also write the TF SavedModel.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace a previous export in --out (whole, once the new one is written)."
+)
 flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -21,8 +26,14 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     checkpoints.quiet_orbax()
-    export.export(_WORKDIR.value, _OUT.value, step=_STEP.value, saved_model=_SAVED_MODEL.value)
+    export.export(
+        _WORKDIR.value,
+        _OUT.value,
+        step=_STEP.value,
+        saved_model=_SAVED_MODEL.value,
+        overwrite=_OVERWRITE.value,
+    )
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, config_flag=None)

@@ -22,12 +22,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from wdam_jax import metrics, reporting, thresholds
+from wdam_jax import checkpoints, metrics, reporting, runlock, thresholds
 from wdam_jax import train as train_lib
 from wdam_jax.data import sources
 from wdam_jax.methods.base import Method, describe
 
-EVAL_DIR = "eval"
+EVAL_DIR = thresholds.EVAL_DIR
+METRICS_JSON = "metrics.json"  # what marks a folder as an evaluation report
 
 
 def _write_scores(outdir: pathlib.Path, split, image_scores: np.ndarray) -> None:
@@ -84,9 +85,47 @@ def evaluate(
             **metrics.decision_metrics(scores.image_scores, maps, originals, split.labels),
         }
     }
-    outdir = workdir / EVAL_DIR / f"step_{run.step}"
-    store_thresholds(run, split, scores, maps, outdir=outdir, workdir=workdir)
-    paths = reporting.write_metrics(results, outdir)
+    final = workdir / EVAL_DIR / f"step_{run.step}"
+    # The report is written whole into a staging folder and renamed into place: a second
+    # evaluation of the step is refused while this one writes, and a reader sees one report.
+    with runlock.publish(final, owns=_is_report, kind="evaluation report") as outdir:
+        _write_report(run, workdir, split, scores, maps, results, outdir)
+    share_thresholds(workdir, final)
+    table = reporting.markdown_table(results)
+    logging.info("Metrics of %s at step %d written to %s.", workdir, run.step, final)
+    label = describe(config)["label"]
+    print(f"\n{label} {config.data.category}, step {run.step} ({final}):\n{table}", flush=True)
+    return results
+
+
+def _is_report(folder: pathlib.Path) -> bool:
+    return (folder / METRICS_JSON).is_file()
+
+
+def share_thresholds(workdir: pathlib.Path, report: pathlib.Path) -> None:
+    """Copies a report's ``thresholds.json`` to the run's own (what ``launch.predict`` and
+    ``launch.export`` read first) under the run's lock; while another process writes the run
+    (a training still running), its copy is left to it: :func:`wdam_jax.thresholds.read` finds
+    the report's own copy by the step."""
+    source = report / thresholds.THRESHOLDS_FILE
+    if not source.is_file():
+        return
+    try:
+        with runlock.hold(workdir):
+            checkpoints.atomic_write_text(workdir / thresholds.THRESHOLDS_FILE, source.read_text())
+    except runlock.FolderBusyError as e:
+        logging.warning(
+            "Left %s as it is: the run is being written by %s. Prediction at this step reads %s.",
+            workdir / thresholds.THRESHOLDS_FILE,
+            e.holder,
+            source,
+        )
+
+
+def _write_report(run, workdir, split, scores, maps, results, outdir: pathlib.Path) -> None:
+    config = run.config
+    store_thresholds(run, split, scores, maps, outdir=outdir)
+    reporting.write_metrics(results, outdir)
     _write_scores(outdir, split, scores.image_scores)
     # Defective images and some normal ones, with file names and image scores (0: no figure).
     if config.score.num_figures > 0:
@@ -107,11 +146,6 @@ def evaluate(
     curves = train_lib.read_train_log(workdir)
     if curves:
         reporting.save_curves_figure(curves, outdir / "learning_curves.png")
-    table = reporting.markdown_table(results)
-    logging.info("Metrics of %s at step %d written to %s.", workdir, run.step, paths["markdown"])
-    label = describe(config)["label"]
-    print(f"\n{label} {config.data.category}, step {run.step} ({outdir}):\n{table}", flush=True)
-    return results
 
 
 def store_thresholds(
@@ -121,11 +155,10 @@ def store_thresholds(
     maps: list[np.ndarray],
     *,
     outdir: pathlib.Path,
-    workdir: pathlib.Path,
 ) -> pathlib.Path | None:
-    """Computes the run's decision thresholds and writes ``thresholds.json`` (see
-    :mod:`wdam_jax.thresholds`); returns the predictor's copy, or None when no held-out normal
-    image exists.
+    """Computes the run's decision thresholds and writes ``outdir/thresholds.json`` (see
+    :mod:`wdam_jax.thresholds`; :func:`share_thresholds` copies it to the run); returns its
+    path, or None when no held-out normal image exists.
 
     Held-out normal images: the ``holdout`` split when ``config.data.holdout_fraction > 0``
     (scored here; neither training nor ``fit`` saw it), else the normal images of the test split.
@@ -136,8 +169,7 @@ def store_thresholds(
       split: the test split it was evaluated on.
       scores: the method's ``ImageScores`` of ``split``.
       maps: those maps resized to ``split.original_masks`` (the pixel F1's resolution).
-      outdir: ``<workdir>/eval/step_<n>``.
-      workdir: the run directory.
+      outdir: the folder of the report (``<workdir>/eval/step_<n>``).
     """
     config = run.config
     if config.data.get("holdout_fraction", 0.0):
@@ -153,7 +185,7 @@ def store_thresholds(
         logging.warning(
             "No thresholds stored for %s: fewer than 2 held-out normal images; set "
             "config.data.holdout_fraction.",
-            workdir,
+            outdir,
         )
         return None
     labelled = {
@@ -173,7 +205,7 @@ def store_thresholds(
         rule=config.score.get("threshold_rule", "normal_fpr"),
     )
     document = thresholds.to_json(calibration, step=run.step, method=config.method)
-    return thresholds.write(document, eval_dir=outdir, workdir=workdir)
+    return thresholds.write(document, eval_dir=outdir)
 
 
 def train_and_evaluate(
@@ -188,5 +220,7 @@ def train_and_evaluate(
       The metrics: ``{category: {"i_auroc", "p_auroc", "pro"}}``.
     """
     method = train_lib.get_method(config)
-    train_lib.train(config, workdir, method=method, allow_config_change=allow_config_change)
-    return evaluate(config, workdir, method=method)
+    train_lib.check_run(method, pathlib.Path(workdir))
+    with runlock.hold(workdir):  # from the first step to the last report: one writer
+        train_lib.train(config, workdir, method=method, allow_config_change=allow_config_change)
+        return evaluate(config, workdir, method=method)

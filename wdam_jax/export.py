@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from wdam_jax import thresholds
+from wdam_jax import runlock, thresholds
 from wdam_jax import train as train_lib
 from wdam_jax.data import datasets
 
@@ -74,9 +74,7 @@ def metadata(run: train_lib.Restored, workdir: pathlib.Path, size: int) -> dict[
     data = run.config.data
     side = data.get("crop_size", 0) or size
     try:
-        stored = json.loads((workdir / thresholds.THRESHOLDS_FILE).read_text())
-        if stored["step"] != run.step:
-            raise FileNotFoundError
+        stored = thresholds.stored(workdir, step=run.step)
     except FileNotFoundError:
         logging.warning("%s has no thresholds for step %d: run launch.evaluate first for them "
                         "to be in the export's metadata.", workdir, run.step)  # fmt: skip
@@ -146,24 +144,38 @@ def export(
     *,
     step: int | None = None,
     saved_model: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, pathlib.Path]:
     """Exports the run in ``workdir`` (newest or ``step``'s checkpoint) into ``out``.
+
+    ``out`` is written whole or not at all (:func:`wdam_jax.runlock.publish`): it must be new,
+    empty, or (with ``overwrite``) a previous export, which is then replaced whole; a folder
+    holding other files, or one another process is exporting into, is refused untouched.
 
     Returns:
       ``{"stablehlo", "metadata"[, "saved_model"]}`` paths.
     """
-    workdir, out = pathlib.Path(workdir), pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    workdir = pathlib.Path(workdir)
+    kind = dict(owns=_is_export, overwrite=overwrite, kind="export")
+    out = runlock.check_output(out, **kind)  # before the slow part: a wrong --out fails at once
     run = train_lib.restore(workdir, step=step)
     fn, size = inference_function(run)
-    paths = {"stablehlo": export_stablehlo(fn, size, out / STABLEHLO_FILE)}
+    with runlock.publish(out, **kind) as staging:
+        export_stablehlo(fn, size, staging / STABLEHLO_FILE)
+        if saved_model:
+            export_saved_model(fn, size, staging / SAVED_MODEL_DIR)
+        document = metadata(run, workdir, size)
+        text = json.dumps(document, indent=2, default=_json_default) + "\n"
+        (staging / METADATA_FILE).write_text(text)
+    paths = {"stablehlo": out / STABLEHLO_FILE, "metadata": out / METADATA_FILE}
     if saved_model:
-        paths["saved_model"] = export_saved_model(fn, size, out / SAVED_MODEL_DIR)
-    document = metadata(run, workdir, size)
-    paths["metadata"] = out / METADATA_FILE
-    paths["metadata"].write_text(json.dumps(document, indent=2, default=_json_default) + "\n")
+        paths["saved_model"] = out / SAVED_MODEL_DIR
     logging.info("Exported %s (step %d) to %s.", workdir, run.step, out)
     return paths
+
+
+def _is_export(folder: pathlib.Path) -> bool:
+    return (folder / METADATA_FILE).is_file() and (folder / STABLEHLO_FILE).is_file()
 
 
 def _json_default(value):
