@@ -122,7 +122,12 @@ def holder(folder: str | os.PathLike, *, beside: bool = False) -> dict[str, Any]
         os.close(fd)
 
 
-def _acquire(path: pathlib.Path, *, wait: bool, what: str, fix: str) -> int:
+# A file system that cannot lock (some network or FUSE mounts): the command runs unlocked, as
+# before this module, with a warning, rather than not at all.
+_CANNOT_LOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+def _acquire(path: pathlib.Path, *, wait: bool, what: str, fix: str) -> int | None:
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -130,11 +135,16 @@ def _acquire(path: pathlib.Path, *, wait: bool, what: str, fix: str) -> int:
         except OSError as e:
             record = _read(fd)
             os.close(fd)
+            if e.errno in _CANNOT_LOCK:
+                logging.warning("%s: this file system cannot lock (%s); nothing stops a second "
+                                "writer.", path, e)  # fmt: skip
+                return None
             if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                 raise
+            subject = what[:1].upper() + what[1:]
             raise FolderBusyError(
-                f"{what[:1].upper()}{what[1:]} is being written by {_describe(record)}. {fix} (Lock: {path}; it is "
-                "released when that process ends, however it ends.)",
+                f"{subject} is being written by {_describe(record)}. {fix} (Lock: {path}; it "
+                "is released when that process ends, however it ends.)",
                 holder=_describe(record),
             ) from None
         try:
@@ -157,7 +167,9 @@ def _acquire(path: pathlib.Path, *, wait: bool, what: str, fix: str) -> int:
         return fd
 
 
-def _release(path: pathlib.Path, fd: int) -> None:
+def _release(path: pathlib.Path, fd: int | None) -> None:
+    if fd is None:
+        return
     try:
         path.unlink(missing_ok=True)  # while locked: see the module docstring
     finally:
