@@ -17,7 +17,8 @@ single process. Then (:mod:`wdam_jax.train`):
   batch (on CPU through gloo, JAX's default CPU collectives), so the run trains the same model
   as one process with the same global batch;
 - every process takes part in each orbax save and restore; process 0 alone writes the config,
-  the logs, the data summary and the checkpoints' checksums (:func:`is_primary`).
+  the logs, the data summary and the checkpoints' checksums (:func:`is_primary`), and holds the
+  run folder's writer lock for the job (:mod:`wdam_jax.runlock`, through :func:`on_primary`).
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """Evaluation of a run directory, the same for every method (Sec. 4.1).
 
 Restores the run (:func:`wdam_jax.train.restore`), scores the test split with the method's
-``score``, and writes the report to ``<workdir>/eval/step_<step>/``:
+``score``, and writes the report to ``<workdir>/eval/step_<step>/``, whole
+(:func:`wdam_jax.runlock.publish`; beside a training that still writes the run, too):
 
 - ``metrics.json``, ``metrics.csv``, ``metrics.md``: I-AUROC, P-AUROC and PRO
   (:mod:`wdam_jax.reporting`), then F1-max and AUPR at image and pixel level;
 - ``thresholds.json``: the decision thresholds and normalisation of the run
-  (:mod:`wdam_jax.thresholds`), also copied to ``<workdir>/thresholds.json`` for prediction;
+  (:mod:`wdam_jax.thresholds`), also copied to ``<workdir>/thresholds.json`` for prediction
+  (under the run's lock; left to a training that holds it);
 - ``scores.csv`` and ``scores.npz``: each test image's path, label and image score;
 - ``heatmaps.png``: image, ground truth and anomaly map (Fig. 6/7 style), defective images first;
 - ``learning_curves.png``: the logged training and validation scalars against the step, when the

@@ -15,6 +15,8 @@ fitted statistics. This module owns everything else:
   data position is the step and a re-run of the same command resumes exactly. After the last
   step the method's ``fit`` runs and its statistics are saved with the final checkpoint
   (without the optimiser state if ``config.train.save_final_params_only``);
+- one writer per run: the run folder's lock (:mod:`wdam_jax.runlock`) is held from the config
+  check to the last save, so a second trainer on the workdir is refused, naming this one;
 - ``method.validate`` every ``config.train.eval_every`` steps;
 - TensorBoard scalars (``<workdir>/tensorboard``), the same scalars as JSON lines
   (``<workdir>/train_log.jsonl``, read by the learning-curve figure), and a progress line with
