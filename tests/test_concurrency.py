@@ -253,7 +253,7 @@ def test_two_predictions_into_one_folder_never_mix(evaluated_run, demo_data_root
     (other / "notes.txt").write_text("mine")
     command = [*base[:-1], f"--out={other}", "--threshold=6", "--overwrite"]
     code, text = _run(_command(*command), log)
-    assert code == 2 and "holds no previous prediction" in text, text[-3000:]
+    assert code == 2 and "holds files that are not a previous prediction" in text, text[-3000:]
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
 
 

@@ -30,7 +30,12 @@ from wdam_jax.data import sources
 from wdam_jax.methods.base import Method, describe
 
 EVAL_DIR = thresholds.EVAL_DIR
-METRICS_JSON = "metrics.json"  # what marks a folder as an evaluation report
+# What an evaluation report holds (a folder with other files is not replaced).
+_REPORT = runlock.written_by(
+    "metrics.json",
+    {"metrics.json", "metrics.csv", "metrics.md", "scores.csv", "scores.npz", "heatmaps.png",
+     "learning_curves.png", thresholds.THRESHOLDS_FILE},
+)  # fmt: skip
 
 
 def _write_scores(outdir: pathlib.Path, split, image_scores: np.ndarray) -> None:
@@ -90,7 +95,7 @@ def evaluate(
     final = workdir / EVAL_DIR / f"step_{run.step}"
     # The report is written whole into a staging folder and renamed into place: a second
     # evaluation of the step is refused while this one writes, and a reader sees one report.
-    with runlock.publish(final, owns=_is_report, kind="evaluation report") as outdir:
+    with runlock.publish(final, owns=_REPORT, kind="evaluation report") as outdir:
         _write_report(run, workdir, split, scores, maps, results, outdir)
     share_thresholds(workdir, final)
     table = reporting.markdown_table(results)
@@ -98,10 +103,6 @@ def evaluate(
     label = describe(config)["label"]
     print(f"\n{label} {config.data.category}, step {run.step} ({final}):\n{table}", flush=True)
     return results
-
-
-def _is_report(folder: pathlib.Path) -> bool:
-    return (folder / METRICS_JSON).is_file()
 
 
 def share_thresholds(workdir: pathlib.Path, report: pathlib.Path) -> None:

@@ -156,7 +156,8 @@ def export(
       ``{"stablehlo", "metadata"[, "saved_model"]}`` paths.
     """
     workdir = pathlib.Path(workdir)
-    kind = dict(owns=_is_export, overwrite=overwrite, kind="export")
+    owns = runlock.written_by(METADATA_FILE, {METADATA_FILE, STABLEHLO_FILE, SAVED_MODEL_DIR})
+    kind = dict(owns=owns, overwrite=overwrite, kind="export")
     out = runlock.check_output(out, **kind)  # before the slow part: a wrong --out fails at once
     run = train_lib.restore(workdir, step=step)
     fn, size = inference_function(run)
@@ -172,10 +173,6 @@ def export(
         paths["saved_model"] = out / SAVED_MODEL_DIR
     logging.info("Exported %s (step %d) to %s.", workdir, run.step, out)
     return paths
-
-
-def _is_export(folder: pathlib.Path) -> bool:
-    return (folder / METADATA_FILE).is_file() and (folder / STABLEHLO_FILE).is_file()
 
 
 def _json_default(value):

@@ -239,7 +239,8 @@ def predict(
       runlock.FolderBusyError: another process predicts into ``out``.
     """
     workdir = pathlib.Path(workdir)
-    kind = dict(owns=_is_prediction, overwrite=overwrite, kind="prediction")
+    owns = runlock.written_by(JSON_FILE, {JSON_FILE, CSV_FILE, OVERLAY_DIR})
+    kind = dict(owns=owns, overwrite=overwrite, kind="prediction")
     out = runlock.check_output(out, **kind)  # before the slow part: a wrong --out fails at once
     paths = list_inputs(images)
     run = train_lib.restore(workdir, step=step, best=best)
@@ -259,10 +260,6 @@ def predict(
         out,
     )
     return rows
-
-
-def _is_prediction(folder: pathlib.Path) -> bool:
-    return (folder / JSON_FILE).is_file() and (folder / CSV_FILE).is_file()
 
 
 def _predict_into(out, paths, run, image_t, pixel_t, batch_size, overlays) -> list[dict]:

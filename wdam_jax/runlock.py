@@ -100,7 +100,9 @@ def _read(fd: int) -> dict[str, Any] | None:
 def lock_path(folder: str | os.PathLike, *, beside: bool = False) -> pathlib.Path:
     """The lock file of ``folder``: inside it, or (``beside``) next to it."""
     folder = pathlib.Path(folder).absolute()
-    return folder.parent / f".{folder.name}.wdam.lock" if beside else folder / LOCK_FILE
+    if beside:  # the parent's real path: one lock whatever the spelling (symlinks, "..")
+        return folder.parent.resolve() / f".{folder.name}.wdam.lock"
+    return folder.resolve() / LOCK_FILE
 
 
 def holder(folder: str | os.PathLike, *, beside: bool = False) -> dict[str, Any] | None:
@@ -225,14 +227,24 @@ def hold(
         "Wait for it to finish (re-running the same command then resumes or re-evaluates), stop "
         "it, or use another --workdir."
     )
-    path = lock_path(folder, beside=beside)
     (folder.parent if beside else folder).mkdir(parents=True, exist_ok=True)
+    path = lock_path(folder, beside=beside)
     with distributed.on_primary(lambda: _local(path, wait=wait, what=what, fix=fix)):
         yield
 
 
 # --------------------------------------------------------------------------------------------
 # Output folders.
+
+
+def written_by(marker: str, names: set[str]) -> Callable[[pathlib.Path], bool]:
+    """``owns`` for :func:`publish`: a folder holding ``marker`` and nothing but ``names`` (what
+    the command writes) is a previous output; anything else in it is someone else's."""
+
+    def owns(folder: pathlib.Path) -> bool:
+        return (folder / marker).is_file() and {p.name for p in folder.iterdir()} <= names
+
+    return owns
 
 
 def check_output(
@@ -267,7 +279,7 @@ def check_output(
     if out.is_dir() and any(out.iterdir()):
         if not owns(out):
             raise OutputFolderError(
-                f"{out} is not empty and holds no previous {kind}; nothing was written or "
+                f"{out} holds files that are not a previous {kind}; nothing was written or "
                 f"deleted. Name a new folder for the {kind}, e.g. {flag}={out / suggest}."
             )
         if not overwrite:
