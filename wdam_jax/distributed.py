@@ -158,7 +158,8 @@ def on_primary(enter: Callable[[], contextlib.AbstractContextManager]) -> Iterat
     Raises:
       Whatever ``enter()`` raised, in process 0; :class:`UserError` in the others.
     """
-    if jax.process_count() == 1:
+    # Not jax.process_count(), which would start a backend (and take a GPU) for a lock alone.
+    if not jax.distributed.is_initialized() or jax.process_count() == 1:
         with enter():
             yield
         return
