@@ -132,7 +132,8 @@ def test_one_writer_per_run_readers_beside_it_and_a_stale_lock_taken_over(demo_d
         # A second trainer, with another seed: refused at once, nothing of it written.
         code, out = _run(_command("launch.train", *args, "--config.seed=1"), log)
         assert code == 2, f"{why}\n{out[-3000:]}"
-        assert f"is being written by process {first.pid}" in out and "launch.train" in out, out
+        assert f"is being written by process {first.pid} on " in out, out[-3000:]
+        assert "(`python -m launch.train --config=" in out and " UTC)" in out, out[-3000:]
         assert json.loads((workdir / checkpoints.CONFIG_FILE).read_text())["seed"] == 0
         assert not list(workdir.glob("config.*.json"))
 

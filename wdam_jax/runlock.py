@@ -67,11 +67,21 @@ class OutputFolderError(UserError, FileExistsError):
 _held: dict[str, list] = {}  # lock path -> [fd, depth], the locks this process holds
 
 
+def _command() -> str:
+    """This process's command line as typed (``python -m launch.train --workdir=...``)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        program = f"python -m {spec.name.removesuffix('.__main__')}"
+    else:
+        program = pathlib.Path(sys.argv[0]).name
+    return " ".join([program, *sys.argv[1:]])[:1000]
+
+
 def _record() -> dict[str, Any]:
     return {
         "pid": os.getpid(),
         "host": socket.gethostname(),
-        "command": " ".join([pathlib.Path(sys.argv[0]).name, *sys.argv[1:]])[:1000],
+        "command": _command(),
         "since": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
     }
 
