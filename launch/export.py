@@ -4,8 +4,9 @@
 
 Writes ``<out>/model.stablehlo``, ``<out>/saved_model/`` and ``<out>/metadata.json`` (see
 ``wdam_jax/export.py``), with the packages and the Python that load each artefact in
-``metadata.json`` under ``loading``. A run without stored thresholds (run ``launch.evaluate``
-first) is refused with exit code 2 unless ``--allow_no_thresholds``.
+``metadata.json`` under ``loading``, whole or not at all: a new or empty ``--out``, or a previous
+export with ``--overwrite``. A run without stored thresholds (run ``launch.evaluate`` first) is
+refused with exit code 2 unless ``--allow_no_thresholds``.
 """
 
 from absl import app, flags
@@ -22,6 +23,9 @@ _ALLOW_NO_THRESHOLDS = flags.DEFINE_bool(
     False,
     "Export a run that has no stored thresholds (never evaluated): metadata thresholds null.",
 )
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace a previous export in --out (whole, once the new one is written)."
+)
 flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -35,6 +39,7 @@ def main(argv):
         step=_STEP.value,
         saved_model=_SAVED_MODEL.value,
         allow_no_thresholds=_ALLOW_NO_THRESHOLDS.value,
+        overwrite=_OVERWRITE.value,
     )
 
 

@@ -6,7 +6,8 @@
 
 Writes ``<out>/predictions.csv``, ``<out>/predictions.json`` and ``<out>/overlays/*.png`` (see
 ``wdam_jax/predict.py``). The threshold is the one ``launch.evaluate`` stored with the run, unless
-``--threshold`` (on the raw image score) is given.
+``--threshold`` (on the raw image score) is given. ``--out`` is written whole or not at all: a
+new or empty folder, or a previous prediction with ``--overwrite``.
 """
 
 from absl import app, flags
@@ -23,6 +24,9 @@ _PIXEL_THRESHOLD = flags.DEFINE_float(
 )
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Files read and scored at a time.")
 _OVERLAYS = flags.DEFINE_bool("overlays", True, "Write one overlay PNG per image.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace a previous prediction in --out (whole, once the new one is done)."
+)
 _CHECKPOINT = cli.CheckpointChoice()
 flags.mark_flags_as_required(["workdir", "images", "out"])
 
@@ -39,6 +43,7 @@ def main(argv):
         pixel_threshold=_PIXEL_THRESHOLD.value,
         batch_size=_BATCH_SIZE.value,
         overlays=_OVERLAYS.value,
+        overwrite=_OVERWRITE.value,
         **_CHECKPOINT.resolve(),
     )
 

@@ -23,7 +23,10 @@ PyTorch, and TensorFlow loaded before it crashes the process (issue 13).
 Two workers given the same ``--shard_index`` would write the same file names: each worker holds
 an exclusive lock on ``.fmas-<i>-of-<n>.lock`` in the output folder (:func:`shard_lock`; released
 by the kernel when the process dies, so a killed worker's re-run is never blocked), and the
-second is refused with a message naming the first's process id.
+second is refused with a message naming the first's process id. Workers of two splits of one
+folder (``--num_shards=1`` beside ``--num_shards=2``) would synthesise the same images: each
+holds a shared lock on ``.fmas-split-<n>.lock``, and a worker finding another split's held is
+refused.
 """
 
 from __future__ import annotations
@@ -130,11 +133,56 @@ def shard_lock(
     """Holds the exclusive lock of one shard of ``output_dir`` (created) while the body runs.
 
     Raises:
-      ShardBusyError: another process holds it (the message names its process id).
+      ShardBusyError: another process holds it (the message names its process id), or a live
+        worker writes the folder with another ``num_shards``.
     """
     _check_shard(shard_index, num_shards)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    with _split_lock(output_dir, num_shards):
+        with _shard_lock(output_dir, shard_index, num_shards) as path:
+            yield path
+
+
+@contextlib.contextmanager
+def _split_lock(output_dir: Path, num_shards: int) -> Iterator[None]:
+    """A shared lock on the folder's split into ``num_shards``: workers of one split share the
+    folder; a worker of another split (``--num_shards=1`` beside ``--num_shards=2``: their
+    shards overlap, so both would synthesise the same images) is refused."""
+    path = output_dir / f".fmas-split-{num_shards:05d}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        for other in sorted(output_dir.glob(".fmas-split-*.lock")):
+            if other != path and _held(other):
+                split = int(other.name.removeprefix(".fmas-split-").removesuffix(".lock"))
+                raise ShardBusyError(
+                    f"Another FMAS worker is writing {output_dir} split into {split} shards; this "
+                    f"one has --num_shards={num_shards}, so both would synthesise the same "
+                    f"images. Give every worker of a folder the same --num_shards (here "
+                    f"--num_shards={split} and its own --shard_index), or wait for it to finish."
+                )
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _held(path: Path) -> bool:
+    """Whether a live process holds a lock on ``path``."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+            raise
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+@contextlib.contextmanager
+def _shard_lock(output_dir: Path, shard_index: int, num_shards: int) -> Iterator[Path]:
     path = output_dir / f".fmas-{shard_index:05d}-of-{num_shards:05d}.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -13,9 +13,10 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from test_concurrency import HOLD_LOCK
 from test_contract import tiny_config
 
-from wdam_jax import distributed, train
+from wdam_jax import distributed, runlock, train
 from wdam_jax.errors import InputsError
 from wdam_jax.methods import registry
 
@@ -49,11 +50,16 @@ def _overrides(config) -> list[str]:
     return [f"--config.{k}={tuple(v) if isinstance(v, list) else v}" for k, v in fields.items()]
 
 
-def test_two_processes_train_the_one_process_model(demo_data_root, tmp_path):
+def _config(demo_data_root):
     config = tiny_config("cutpaste", demo_data_root)
     config.train.batch_size = 4  # two examples (six rows) per process
     config.train.stage1_steps = config.train.stage2_steps = config.train.stage3_steps = 1
     config.train.eval_every = 0
+    return config
+
+
+def _start_job(config, workdir: pathlib.Path) -> list[subprocess.Popen]:
+    """``launch.train`` as a two-process job on this machine (stderr piped)."""
     address = f"127.0.0.1:{_free_port()}"
     env = dict(
         os.environ,
@@ -66,7 +72,7 @@ def test_two_processes_train_the_one_process_model(demo_data_root, tmp_path):
         "-m",
         "launch.train",
         "--config=configs/cutpaste.py:demo",
-        f"--workdir={tmp_path / 'two'}",
+        f"--workdir={workdir}",
         *_overrides(config),
     ]
     # Process 0 from flags, process 1 from the environment: both ways are read.
@@ -74,14 +80,21 @@ def test_two_processes_train_the_one_process_model(demo_data_root, tmp_path):
     second_env = dict(
         env, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1"
     )
-    procs = [
+    return [
         subprocess.Popen(command + first, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True),
         subprocess.Popen(command, cwd=REPO, env=second_env, stderr=subprocess.PIPE, text=True),
     ]
+
+
+def test_two_processes_train_the_one_process_model(demo_data_root, tmp_path):
+    config = _config(demo_data_root)
+    procs = _start_job(config, tmp_path / "two")
     errors = [p.communicate(timeout=300)[1] for p in procs]
     for p, err in zip(procs, errors, strict=True):
         assert p.returncode == 0, err[-3000:]
     assert "Process 1 of 2 joined" in errors[1] and "launch.evaluate" in errors[0]
+    # The run's lock was the job's (process 0's): taken once, released at the end.
+    assert not (tmp_path / "two" / runlock.LOCK_FILE).exists()
 
     _, one = train.train(config, tmp_path / "one")
     two = train.restore(tmp_path / "two")
@@ -102,6 +115,25 @@ def test_two_processes_train_the_one_process_model(demo_data_root, tmp_path):
     fitted_one = train.restore(tmp_path / "one").fitted
     for k, v in fitted_one.items():
         assert np.linalg.norm(two.fitted[k] - v) <= 1e-2 * np.linalg.norm(v), k
+
+
+def test_a_job_whose_run_is_being_written_stops_on_every_host(demo_data_root, tmp_path):
+    workdir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(workdir)], cwd=REPO, stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        procs = _start_job(_config(demo_data_root), workdir)
+        errors = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [p.returncode for p in procs] == [2, 2], errors
+    assert f"is being written by process {holder.pid}" in errors[0], errors[0][-3000:]
+    assert "Process 0 of this job was refused" in errors[1], errors[1][-3000:]
+    assert sorted(p.name for p in workdir.iterdir()) == [runlock.LOCK_FILE]  # nothing written
 
 
 def test_batch_parts_hold_the_rows_of_the_whole_batch(demo_data_root):

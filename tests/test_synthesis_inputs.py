@@ -29,6 +29,20 @@ def test_a_second_worker_on_the_same_shard_is_refused(tmp_path):
             pass
 
 
+def test_a_worker_of_another_split_of_the_folder_is_refused(tmp_path):
+    with writer.shard_lock(tmp_path, shard_index=1, num_shards=2):
+        # Without shard flags (shard 0 of 1) it would redo shard 1's images beside it.
+        with pytest.raises(writer.ShardBusyError, match=r"split into 2 shards.*--num_shards=1"):
+            with writer.shard_lock(tmp_path, shard_index=0, num_shards=1):
+                pass
+        with writer.shard_lock(tmp_path, shard_index=0, num_shards=2):  # the same split: fine
+            pass
+    with writer.shard_lock(tmp_path, shard_index=0, num_shards=1):  # once that one has ended
+        with pytest.raises(writer.ShardBusyError, match=r"split into 1 shards.*--num_shards=2"):
+            with writer.shard_lock(tmp_path, shard_index=1, num_shards=2):
+                pass
+
+
 def test_temporary_files_are_unpredictable_and_cleaned(tmp_path):
     seen = []
 

@@ -237,8 +237,11 @@ def restore(
     """Restores checkpoint ``step`` (default: the newest readable one) into ``state``'s structure.
 
     Without ``step``, a damaged or unreadable newest step is skipped with a warning naming it and
-    the next older one is tried; ``set_aside_damaged`` (a resuming training run) then moves the
-    skipped steps to ``<workdir>/damaged_checkpoints/`` so the run continues from the one used.
+    the next older one is tried; a step deleted while being read (by the training run that
+    writes the workdir, which keeps only its newest checkpoints) is replaced by the newest step
+    then, so a reader beside a trainer always gets a complete checkpoint. ``set_aside_damaged``
+    (a resuming training run) then moves the skipped steps to ``<workdir>/damaged_checkpoints/``
+    so the run continues from the one used.
 
     Returns:
       ``(state, fitted)``; ``fitted`` is empty when the checkpoint holds none, and ``state`` has
@@ -255,10 +258,20 @@ def restore(
         )
     target = _abstract(state, NamedSharding(mesh, PartitionSpec()))
     failures: list[tuple[int, str]] = []
-    for candidate in [step] if step is not None else available:
+    candidates = [step] if step is not None else available
+    while candidates:
+        candidate = candidates.pop(0)
         try:
             restored = _restore_step(manager, candidate, target)
         except Exception as e:  # orbax/tensorstore raise plain Exceptions for damaged files
+            if step is None and not _step_dir(manager, candidate).exists():
+                # Deleted while we read it by the training that writes the run (it keeps only
+                # its newest checkpoints): read the newest one now, which is complete.
+                manager.reload()
+                candidates = sorted(manager.all_steps(), reverse=True)
+                logging.info("Checkpoint %d was replaced while being read; reading %s.",
+                             candidate, candidates[:1])  # fmt: skip
+                continue
             failures.append((candidate, f"{type(e).__name__}: {str(e)[:500]}"))
             logging.warning(
                 "Checkpoint %s is damaged or unreadable (%s).",

@@ -17,20 +17,23 @@ single process. Then (:mod:`wdam_jax.train`):
   batch (on CPU through gloo, JAX's default CPU collectives), so the run trains the same model
   as one process with the same global batch;
 - every process takes part in each orbax save and restore; process 0 alone writes the config,
-  the logs, the data summary and the checkpoints' checksums (:func:`is_primary`).
+  the logs, the data summary and the checkpoints' checksums (:func:`is_primary`), and holds the
+  run folder's writer lock for the job (:mod:`wdam_jax.runlock`, through :func:`on_primary`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
 
-from wdam_jax.errors import InputsError
+from wdam_jax.errors import InputsError, UserError
 
 ENV = {
     "coordinator_address": "JAX_COORDINATOR_ADDRESS",
@@ -145,3 +148,36 @@ def local_copy(tree: Any) -> Any:
     if jax.process_count() == 1:
         return tree
     return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
+
+
+@contextlib.contextmanager
+def on_primary(enter: Callable[[], contextlib.AbstractContextManager]) -> Iterator[None]:
+    """Runs the body inside ``enter()``'s context entered by process 0 alone (the others wait
+    for it); if process 0 fails to enter, every process raises, so the job stops on every host.
+
+    Raises:
+      Whatever ``enter()`` raised, in process 0; :class:`UserError` in the others.
+    """
+    # Not jax.process_count(), which would start a backend (and take a GPU) for a lock alone.
+    if not jax.distributed.is_initialized() or jax.process_count() == 1:
+        with enter():
+            yield
+        return
+    from jax.experimental import multihost_utils
+
+    with contextlib.ExitStack() as stack:
+        failure = None
+        if is_primary():
+            try:
+                stack.enter_context(enter())
+            except Exception as e:  # reported below, once every process knows
+                failure = e
+        failed = multihost_utils.broadcast_one_to_all(np.int32(failure is not None))
+        if failure is not None:
+            raise failure
+        if int(failed):
+            raise UserError(
+                "Process 0 of this job was refused (its message says why); this process stops "
+                "with it."
+            )
+        yield

@@ -1,13 +1,15 @@
 """Evaluation of a run directory, the same for every method (Sec. 4.1).
 
 Restores the run (:func:`wdam_jax.train.restore`), scores the test split with the method's
-``score``, and writes the report to ``<workdir>/eval/step_<step>/``:
+``score``, and writes the report to ``<workdir>/eval/step_<step>/``, whole
+(:func:`wdam_jax.runlock.publish`; beside a training that still writes the run, too):
 
 - ``metrics.json``, ``metrics.csv``, ``metrics.md``: I-AUROC, P-AUROC and PRO
   (:mod:`wdam_jax.reporting`), then F1-max and AUPR at image and pixel level; JSON and markdown
   also per defect type (its images against all the normal test images, :func:`by_defect_type`);
 - ``thresholds.json``: the decision thresholds and normalisation of the run
-  (:mod:`wdam_jax.thresholds`), also copied to ``<workdir>/thresholds.json`` for prediction;
+  (:mod:`wdam_jax.thresholds`), also copied to ``<workdir>/thresholds.json`` for prediction
+  (under the run's lock; left to a training that holds it);
 - ``scores.csv`` and ``scores.npz``: each test image's path, label and image score;
 - ``heatmaps.png``: image, ground truth and anomaly map (Fig. 6/7 style) of images from every
   defect type and the normal ones, the highest and the lowest scored of each
@@ -19,18 +21,25 @@ Restores the run (:func:`wdam_jax.train.restore`), scores the test split with th
 from __future__ import annotations
 
 import csv
+import json
 import pathlib
 
 import ml_collections
 import numpy as np
 from absl import logging
 
-from wdam_jax import metrics, reporting, thresholds
+from wdam_jax import checkpoints, metrics, reporting, runlock, thresholds
 from wdam_jax import train as train_lib
 from wdam_jax.data import sources
 from wdam_jax.methods.base import Method, describe
 
-EVAL_DIR = "eval"
+EVAL_DIR = thresholds.EVAL_DIR
+# What an evaluation report holds (a folder with other files is not replaced).
+_REPORT = runlock.written_by(
+    "metrics.json",
+    {"metrics.json", "metrics.csv", "metrics.md", "scores.csv", "scores.npz", "heatmaps.png",
+     "learning_curves.png", thresholds.THRESHOLDS_FILE},
+)  # fmt: skip
 
 
 def _write_scores(outdir: pathlib.Path, split, image_scores: np.ndarray) -> None:
@@ -87,10 +96,46 @@ def evaluate(
             **metrics.decision_metrics(scores.image_scores, maps, originals, split.labels),
         }
     }
-    outdir = workdir / EVAL_DIR / f"step_{run.step}"
-    stored = store_thresholds(run, split, scores, maps, outdir=outdir, workdir=workdir)
+    final = workdir / EVAL_DIR / f"step_{run.step}"
     by_defect = {config.data.category: by_defect_type(split, scores.image_scores, maps, originals)}
-    paths = reporting.write_metrics(results, outdir, by_defect=by_defect)
+    # The report is written whole into a staging folder and renamed into place: a second
+    # evaluation of the step is refused while this one writes, and a reader sees one report.
+    with runlock.publish(final, owns=_REPORT, kind="evaluation report") as outdir:
+        _write_report(run, workdir, split, scores, maps, results, outdir, by_defect=by_defect)
+    share_thresholds(workdir, final)
+    table = reporting.markdown_table(results, by_defect)
+    logging.info("Metrics of %s at step %d written to %s.", workdir, run.step, final)
+    label = describe(config)["label"]
+    print(f"\n{label} {config.data.category}, step {run.step} ({final}):\n{table}", flush=True)
+    return results
+
+
+def share_thresholds(workdir: pathlib.Path, report: pathlib.Path) -> None:
+    """Copies a report's ``thresholds.json`` to the run's own (what ``launch.predict`` and
+    ``launch.export`` read first) under the run's lock; while another process writes the run
+    (a training still running), its copy is left to it: :func:`wdam_jax.thresholds.read` finds
+    the report's own copy by the step."""
+    source = report / thresholds.THRESHOLDS_FILE
+    if not source.is_file():
+        return
+    try:
+        with runlock.hold(workdir):
+            checkpoints.atomic_write_text(workdir / thresholds.THRESHOLDS_FILE, source.read_text())
+    except runlock.FolderBusyError as e:
+        logging.warning(
+            "Left %s as it is: the run is being written by %s. Prediction at this step reads %s.",
+            workdir / thresholds.THRESHOLDS_FILE,
+            e.holder,
+            source,
+        )
+
+
+def _write_report(
+    run, workdir, split, scores, maps, results, outdir: pathlib.Path, *, by_defect
+) -> None:
+    config = run.config
+    stored = store_thresholds(run, split, scores, maps, outdir=outdir)
+    reporting.write_metrics(results, outdir, by_defect=by_defect)
     _write_scores(outdir, split, scores.image_scores)
     # Every defect type and the normal images, the highest and lowest scored of each, with file
     # names, image scores and decisions (0: no figure).
@@ -102,7 +147,9 @@ def evaluate(
             defect_types=list(split.defect_types),
         )
         label = describe(config)["label"]
-        image_t = thresholds.read(workdir, step=run.step)["image"] if stored else None
+        image_t = None
+        if stored:  # this report's own, not yet in the run folder
+            image_t = thresholds.parse(json.loads(stored.read_text()))["image"]
         reporting.save_heatmap_figure(
             split.images[order],
             split.masks[order],
@@ -120,11 +167,6 @@ def evaluate(
     curves = train_lib.read_train_log(workdir)
     if curves:
         reporting.save_curves_figure(curves, outdir / "learning_curves.png")
-    table = reporting.markdown_table(results, by_defect)
-    logging.info("Metrics of %s at step %d written to %s.", workdir, run.step, paths["markdown"])
-    label = describe(config)["label"]
-    print(f"\n{label} {config.data.category}, step {run.step} ({outdir}):\n{table}", flush=True)
-    return results
 
 
 def by_defect_type(
@@ -167,11 +209,10 @@ def store_thresholds(
     maps: list[np.ndarray],
     *,
     outdir: pathlib.Path,
-    workdir: pathlib.Path,
 ) -> pathlib.Path | None:
-    """Computes the run's decision thresholds and writes ``thresholds.json`` (see
-    :mod:`wdam_jax.thresholds`); returns the predictor's copy, or None when no held-out normal
-    image exists.
+    """Computes the run's decision thresholds and writes ``outdir/thresholds.json`` (see
+    :mod:`wdam_jax.thresholds`; :func:`share_thresholds` copies it to the run); returns its
+    path, or None when no held-out normal image exists.
 
     Held-out normal images: the ``holdout`` split when ``config.data.holdout_fraction > 0``
     (scored here; neither training nor ``fit`` saw it), else the normal images of the test split.
@@ -182,8 +223,7 @@ def store_thresholds(
       split: the test split it was evaluated on.
       scores: the method's ``ImageScores`` of ``split``.
       maps: those maps resized to ``split.original_masks`` (the pixel F1's resolution).
-      outdir: ``<workdir>/eval/step_<n>``.
-      workdir: the run directory.
+      outdir: the folder of the report (``<workdir>/eval/step_<n>``).
     """
     config = run.config
     if config.data.get("holdout_fraction", 0.0):
@@ -199,7 +239,7 @@ def store_thresholds(
         logging.warning(
             "No thresholds stored for %s: fewer than 2 held-out normal images; set "
             "config.data.holdout_fraction.",
-            workdir,
+            outdir,
         )
         return None
     labelled = {
@@ -219,7 +259,7 @@ def store_thresholds(
         rule=config.score.get("threshold_rule", "normal_fpr"),
     )
     document = thresholds.to_json(calibration, step=run.step, method=config.method)
-    return thresholds.write(document, eval_dir=outdir, workdir=workdir)
+    return thresholds.write(document, eval_dir=outdir)
 
 
 def train_and_evaluate(
@@ -234,5 +274,7 @@ def train_and_evaluate(
       The metrics: ``{category: {"i_auroc", "p_auroc", "pro"}}``.
     """
     method = train_lib.get_method(config)
-    train_lib.train(config, workdir, method=method, allow_config_change=allow_config_change)
-    return evaluate(config, workdir, method=method)
+    train_lib.check_run(method, pathlib.Path(workdir))
+    with runlock.hold(workdir):  # from the first step to the last report: one writer
+        train_lib.train(config, workdir, method=method, allow_config_change=allow_config_change)
+        return evaluate(config, workdir, method=method)

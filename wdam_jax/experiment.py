@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from wdam_jax import checkpoints
+from wdam_jax import checkpoints, runlock
 from wdam_jax import evaluate as evaluate_lib
 from wdam_jax.errors import ConfigError, InputsError, check_config_variant
 from wdam_jax.methods import registry
@@ -405,12 +405,19 @@ def _csv(results: Mapping[str, Any]) -> str:
 
 
 def write_results(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-    """Writes ``<workdir>/results.{md,csv,json}`` (atomically) from the finished runs."""
+    """Writes ``<workdir>/results.{md,csv,json}`` (each atomically) from the finished runs.
+
+    Shards finishing together take turns (the experiment folder's lock, waited for: the
+    aggregation takes milliseconds), and each aggregates inside its turn, after its own
+    ``done.json``: so the last to write has read every finished run, and the three files are
+    always of one aggregation."""
     workdir = pathlib.Path(workdir)
-    results = aggregate(config, workdir)
-    checkpoints.atomic_write_text(workdir / f"{RESULTS_STEM}.json", json.dumps(results, indent=2))
-    checkpoints.atomic_write_text(workdir / f"{RESULTS_STEM}.csv", _csv(results))
-    table = markdown(results)
-    checkpoints.atomic_write_text(workdir / f"{RESULTS_STEM}.md", table)
+    with runlock.hold(workdir, wait=True, what=f"the results of {workdir}"):
+        results = aggregate(config, workdir)
+        text = json.dumps(results, indent=2)
+        checkpoints.atomic_write_text(workdir / f"{RESULTS_STEM}.json", text)
+        checkpoints.atomic_write_text(workdir / f"{RESULTS_STEM}.csv", _csv(results))
+        table = markdown(results)
+        checkpoints.atomic_write_text(workdir / f"{RESULTS_STEM}.md", table)
     print(f"\n{table}\n({workdir / RESULTS_STEM}.{{md,csv,json}})", flush=True)
     return results

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from wdam_jax import thresholds
+from wdam_jax import runlock, thresholds
 from wdam_jax import train as train_lib
 from wdam_jax.data import datasets
 from wdam_jax.errors import MissingFileError
@@ -83,10 +83,9 @@ def _input_spec(size: int) -> jax.ShapeDtypeStruct:
 def stored_thresholds(workdir: pathlib.Path, step: int) -> dict[str, Any] | None:
     """The run's ``thresholds.json`` if it is that of checkpoint ``step``, else None."""
     try:
-        stored = json.loads((workdir / thresholds.THRESHOLDS_FILE).read_text())
-    except FileNotFoundError:
+        return thresholds.stored(workdir, step=step)
+    except FileNotFoundError:  # MissingFileError too: not evaluated, or at another step
         return None
-    return stored if stored.get("step") == step else None
 
 
 def _version(distribution: str) -> str:
@@ -222,16 +221,22 @@ def export(
     step: int | None = None,
     saved_model: bool = True,
     allow_no_thresholds: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, pathlib.Path]:
     """Exports the run in ``workdir`` (newest or ``step``'s checkpoint) into ``out``.
 
+    ``out`` is written whole or not at all (:func:`wdam_jax.runlock.publish`): it must be new,
+    empty, or (with ``overwrite``) a previous export, which is then replaced whole; a folder
+    holding other files, or one another process is exporting into, is refused untouched.
+
     Args:
       workdir: a trained and evaluated run directory.
-      out: the export folder (created).
+      out: the export folder.
       step: checkpoint step (default: the newest).
       saved_model: also write the TF SavedModel.
       allow_no_thresholds: export a run without stored thresholds for that step (metadata
         ``"thresholds": null``) instead of refusing it.
+      overwrite: replace a previous export in ``out``.
 
     Returns:
       ``{"stablehlo", "metadata"[, "saved_model"]}`` paths.
@@ -240,7 +245,10 @@ def export(
       MissingFileError: no thresholds for the step and not ``allow_no_thresholds``; nothing is
         written.
     """
-    workdir, out = pathlib.Path(workdir), pathlib.Path(out)
+    workdir = pathlib.Path(workdir)
+    owns = runlock.written_by(METADATA_FILE, {METADATA_FILE, STABLEHLO_FILE, SAVED_MODEL_DIR})
+    kind = dict(owns=owns, overwrite=overwrite, kind="export")
+    out = runlock.check_output(out, **kind)  # before the slow part: a wrong --out fails at once
     run = train_lib.restore(workdir, step=step)
     if not allow_no_thresholds and stored_thresholds(workdir, run.step) is None:
         raise MissingFileError(
@@ -250,14 +258,17 @@ def export(
             f"--workdir={workdir}{'' if step is None else f' --step={step}'} first (it stores "
             "them), or pass --allow_no_thresholds to export raw scores only. Nothing was written."
         )
-    out.mkdir(parents=True, exist_ok=True)
     fn, size = inference_function(run)
-    paths = {"stablehlo": export_stablehlo(fn, size, out / STABLEHLO_FILE)}
+    with runlock.publish(out, **kind) as staging:
+        export_stablehlo(fn, size, staging / STABLEHLO_FILE)
+        if saved_model:
+            export_saved_model(fn, size, staging / SAVED_MODEL_DIR)
+        document = metadata(run, workdir, size, saved_model=saved_model)
+        text = json.dumps(document, indent=2, default=_json_default) + "\n"
+        (staging / METADATA_FILE).write_text(text)
+    paths = {"stablehlo": out / STABLEHLO_FILE, "metadata": out / METADATA_FILE}
     if saved_model:
-        paths["saved_model"] = export_saved_model(fn, size, out / SAVED_MODEL_DIR)
-    document = metadata(run, workdir, size, saved_model=saved_model)
-    paths["metadata"] = out / METADATA_FILE
-    paths["metadata"].write_text(json.dumps(document, indent=2, default=_json_default) + "\n")
+        paths["saved_model"] = out / SAVED_MODEL_DIR
     logging.info("Exported %s (step %d) to %s.", workdir, run.step, out)
     return paths
 

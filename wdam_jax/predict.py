@@ -11,10 +11,15 @@
    image), scores the chunk with ``method.score`` (the contract's one scoring function, so every
    method, present or future, predicts the same way), and writes the chunk's rows and overlays
    before reading the next chunk: memory is bounded by one chunk whatever the folder's size;
-3. writes ``<out>/predictions.csv`` (one row per file, written as it goes), ``<out>/
-   predictions.json`` (the same rows with the threshold, its rule and the normalisation) and
-   ``<out>/overlays/<index>_<name>.png`` (input as the model sees it | heatmap of the normalised
-   map, 0.5 = the pixel threshold | the predicted region's outline).
+3. writes ``<out>/predictions.csv`` (one row per file, written as it goes into the staging
+   folder), ``<out>/predictions.json`` (the same rows with the threshold, its rule and the
+   normalisation) and ``<out>/overlays/<index>_<name>.png`` (input as the model sees it |
+   heatmap of the normalised map, 0.5 = the pixel threshold | the predicted region's outline).
+
+The output folder is written whole or not at all (:func:`wdam_jax.runlock.publish`: into a
+temporary sibling, renamed into place when complete): ``out`` must be new, empty, or (with
+``overwrite``) a previous prediction, replaced whole; two predictions into one ``out`` never
+mix, the second is refused while the first writes.
 
 Inputs get the warnings training gives its data (:func:`wdam_jax.data.summary.size_warnings`,
 from the files' headers before anything is scored): images that are not square (their aspect
@@ -43,7 +48,7 @@ import scipy.ndimage
 from absl import logging
 from PIL import Image, ImageDraw
 
-from wdam_jax import thresholds
+from wdam_jax import runlock, thresholds
 from wdam_jax import train as train_lib
 from wdam_jax.data import datasets
 from wdam_jax.data import summary as data_summary
@@ -252,6 +257,7 @@ def predict(
     overlays: bool = True,
     step: int | None = None,
     best: bool = False,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Scores every file of ``images`` with the run in ``workdir``; writes the outputs to ``out``.
 
@@ -265,11 +271,20 @@ def predict(
       overlays: write one overlay PNG per image.
       step: checkpoint step (default: newest).
       best: the checkpoint with the best validation score instead (``train.select_metric``).
+      overwrite: replace a previous prediction in ``out`` (whole); without it, one is refused.
 
     Returns:
       The rows written (one per file).
+
+    Raises:
+      runlock.OutputFolderError: ``out`` holds files this command did not write, or (without
+        ``overwrite``) a previous prediction; nothing is written or deleted.
+      runlock.FolderBusyError: another process predicts into ``out``.
     """
-    workdir, out = pathlib.Path(workdir), pathlib.Path(out)
+    workdir = pathlib.Path(workdir)
+    owns = runlock.written_by(JSON_FILE, {JSON_FILE, CSV_FILE, OVERLAY_DIR})
+    kind = dict(owns=owns, overwrite=overwrite, kind="prediction")
+    out = runlock.check_output(out, **kind)  # before the slow part: a wrong --out fails at once
     paths, skipped = list_inputs(images)
     run = train_lib.restore(workdir, step=step, best=best)
     warnings = input_warnings(paths, skipped, image_size=run.config.data.image_size)
@@ -278,6 +293,22 @@ def predict(
     chosen = resolve_thresholds(run, workdir, threshold=threshold, pixel_threshold=pixel_threshold)
     image_t, pixel_t = chosen["image"], chosen["pixel"]
     assert image_t is not None  # resolve_thresholds raised otherwise
+    with runlock.publish(out, **kind) as staging:
+        rows = _predict_into(staging, paths, run, image_t, pixel_t, batch_size, overlays)
+        _write_json(staging / JSON_FILE, rows, run, workdir, image_t, pixel_t, skipped, warnings)
+    n_bad = sum(r["status"] != "ok" for r in rows)
+    n_anomalous = sum(r["decision"] == "anomalous" for r in rows)
+    logging.info(
+        "Predicted %d files (%d anomalous, %d unreadable) into %s.",
+        len(rows),
+        n_anomalous,
+        n_bad,
+        out,
+    )
+    return rows
+
+
+def _predict_into(out, paths, run, image_t, pixel_t, batch_size, overlays) -> list[dict]:
     (out / OVERLAY_DIR).mkdir(parents=True, exist_ok=True)
     progress = Progress("predict", len(paths), unit="files")
     rows: list[dict[str, Any]] = []
@@ -301,16 +332,6 @@ def predict(
             f.flush()
             rows.extend(chunk.rows)
             progress.update(start + len(chunk_paths))
-    _write_json(out / JSON_FILE, rows, run, workdir, image_t, pixel_t, skipped, warnings)
-    n_bad = sum(r["status"] != "ok" for r in rows)
-    n_anomalous = sum(r["decision"] == "anomalous" for r in rows)
-    logging.info(
-        "Predicted %d files (%d anomalous, %d unreadable) into %s.",
-        len(rows),
-        n_anomalous,
-        n_bad,
-        out,
-    )
     return rows
 
 

@@ -50,6 +50,7 @@ from wdam_jax import checkpoints, metrics
 from wdam_jax.errors import MissingFileError
 
 THRESHOLDS_FILE = "thresholds.json"
+EVAL_DIR = "eval"  # <workdir>/eval/step_<n>/: the evaluation reports (wdam_jax.evaluate)
 RULES = ("normal_fpr", "f1_max")
 LEVELS = ("image", "pixel")
 DECISION = "anomalous iff score >= threshold"
@@ -222,14 +223,12 @@ def to_json(calibration: Mapping[str, Any], *, step: int, method: str) -> dict[s
     }
 
 
-def write(
-    document: Mapping[str, Any], *, eval_dir: pathlib.Path, workdir: pathlib.Path
-) -> pathlib.Path:
-    """Writes ``eval_dir/thresholds.json`` and the copy prediction reads,
-    ``workdir/thresholds.json`` (atomically: a predictor never reads half a file)."""
-    text = json.dumps(document, indent=2) + "\n"
-    checkpoints.atomic_write_text(eval_dir / THRESHOLDS_FILE, text)
-    return checkpoints.atomic_write_text(workdir / THRESHOLDS_FILE, text)
+def write(document: Mapping[str, Any], *, eval_dir: pathlib.Path) -> pathlib.Path:
+    """Writes ``eval_dir/thresholds.json`` (atomically: a predictor never reads half a file);
+    ``wdam_jax.evaluate.share_thresholds`` copies it to the run's own."""
+    return checkpoints.atomic_write_text(
+        eval_dir / THRESHOLDS_FILE, json.dumps(document, indent=2) + "\n"
+    )
 
 
 def _threshold(entry: Mapping[str, Any]) -> Threshold:
@@ -243,8 +242,27 @@ def read(workdir: str | pathlib.Path, *, step: int) -> dict[str, Threshold]:
     Raises:
       FileNotFoundError: the run was not evaluated (at this step) since thresholds exist.
     """
+    return parse(stored(workdir, step=step))
+
+
+def parse(document: Mapping[str, Any]) -> dict[str, Threshold]:
+    """A ``thresholds.json`` document as ``{"image", "pixel"}`` thresholds."""
+    return {level: _threshold(document[level]) for level in LEVELS}
+
+
+def stored(workdir: str | pathlib.Path, *, step: int) -> dict[str, Any]:
+    """The ``thresholds.json`` document of ``workdir``'s checkpoint ``step``: the run's own, or,
+    when that one is of another step, the evaluation report's (``eval/step_<step>/``: a run
+    evaluated beside its still running training keeps the run's copy for the training).
+
+    Raises:
+      FileNotFoundError: the run was not evaluated (at this step) since thresholds exist.
+    """
     path = pathlib.Path(workdir) / THRESHOLDS_FILE
     fix = f"run python -m launch.evaluate --workdir={workdir} (it computes and stores them)"
+    report = pathlib.Path(workdir) / EVAL_DIR / f"step_{step}" / THRESHOLDS_FILE
+    if report.is_file() and not (path.is_file() and json.loads(path.read_text())["step"] == step):
+        path = report
     if not path.is_file():
         raise MissingFileError(f"{path} not found: the run has no stored thresholds; {fix}.")
     document = json.loads(path.read_text())
@@ -253,7 +271,7 @@ def read(workdir: str | pathlib.Path, *, step: int) -> dict[str, Threshold]:
             f"{path} holds the thresholds of step {document['step']}, the checkpoint is step "
             f"{step}; {fix}."
         )
-    return {level: _threshold(document[level]) for level in LEVELS}
+    return document
 
 
 def manual(value: float, stored: Threshold | None) -> Threshold:

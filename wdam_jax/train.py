@@ -15,6 +15,8 @@ fitted statistics. This module owns everything else:
   data position is the step and a re-run of the same command resumes exactly. After the last
   step the method's ``fit`` runs and its statistics are saved with the final checkpoint
   (without the optimiser state if ``config.train.save_final_params_only``);
+- one writer per run: the run folder's lock (:mod:`wdam_jax.runlock`) is held from the config
+  check to the last save, so a second trainer on the workdir is refused, naming this one;
 - ``method.validate`` every ``config.train.eval_every`` steps;
 - TensorBoard scalars (``<workdir>/tensorboard``), the same scalars as JSON lines
   (``<workdir>/train_log.jsonl``, read by the learning-curve figure), and a progress line with
@@ -43,7 +45,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from wdam_jax import checkpoints, distributed
+from wdam_jax import checkpoints, distributed, runlock
 from wdam_jax.data import sources
 from wdam_jax.data import summary as data_summary
 from wdam_jax.errors import InputsError
@@ -408,6 +410,14 @@ class _Best:
             self.manager.close()
 
 
+def check_run(method: Method, workdir: pathlib.Path) -> None:
+    """Raises :class:`InputsError` listing every problem with the run's inputs and workdir,
+    before anything is written."""
+    problems = method.check_inputs() + checkpoints.check_workdir(workdir)
+    if problems:
+        raise InputsError(problems, what=f"{method.config.method} in {workdir}")
+
+
 def train(
     config: ml_collections.ConfigDict,
     workdir: str | pathlib.Path,
@@ -431,14 +441,17 @@ def train(
 
     Raises:
       FloatingPointError: the loss became NaN or infinite.
+      runlock.FolderBusyError: another process writes ``workdir`` (nothing was written).
     """
     workdir = pathlib.Path(workdir)
     method = get_method(config) if method is None else method
-    problems = method.check_inputs() + checkpoints.check_workdir(workdir)
-    if problems:
-        raise InputsError(problems, what=f"{config.method} in {workdir}")
+    check_run(method, workdir)
+    with runlock.hold(workdir):  # one writer per run, for as long as it writes
+        return _train(config, workdir, method, stop_at, allow_config_change)
+
+
+def _train(config, workdir, method, stop_at, allow_config_change) -> tuple[nnx.Module, State]:
     primary = distributed.is_primary()
-    workdir.mkdir(parents=True, exist_ok=True)
     checkpoints.write_config(config, workdir, allow_change=allow_config_change, write=primary)
     if "data" in config and primary:
         summary = data_summary.summarize(config.data)

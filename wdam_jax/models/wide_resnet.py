@@ -12,8 +12,6 @@ anomalies and real images share one range.
 from __future__ import annotations
 
 import pathlib
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,6 +21,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from wdam_jax import runlock
 from wdam_jax.errors import MissingFileError
 from wdam_jax.wdam import WDAM
 
@@ -405,6 +404,13 @@ def _is_converted_checkpoint(directory: pathlib.Path) -> bool:
     return isinstance(tree, Mapping) and {"conv1", "layer1"} <= set(tree)
 
 
+_OUTPUT = dict(
+    owns=_is_converted_checkpoint,
+    kind="converted WideResNet checkpoint",
+    suggest="wrn50_2_imagenet",
+)
+
+
 def check_output_folder(directory: str | pathlib.Path) -> pathlib.Path:
     """Refuses an output folder that :func:`save_pretrained` must not replace.
 
@@ -418,24 +424,15 @@ def check_output_folder(directory: str | pathlib.Path) -> pathlib.Path:
       FileExistsError: ``directory`` is a file, or a non-empty folder that does not hold a
         previous conversion (e.g. ``weights/`` beside the SAM and Stable Diffusion weights).
     """
-    directory = pathlib.Path(directory).absolute()
-    if directory.exists() and not directory.is_dir():
-        raise FileExistsError(f"{directory} is a file; name a new folder for the weights (--out).")
-    if directory.is_dir() and any(directory.iterdir()) and not _is_converted_checkpoint(directory):
-        raise FileExistsError(
-            f"{directory} is not empty and holds no previously converted WideResNet checkpoint; "
-            "nothing was written or deleted. Name a new folder for the weights, e.g. "
-            f"--out={directory / 'wrn50_2_imagenet'}."
-        )
-    return directory
+    return runlock.check_output(directory, **_OUTPUT)
 
 
 def save_pretrained(state_dict: Mapping[str, Any], directory: str | pathlib.Path) -> pathlib.Path:
     """Writes a torchvision-named state_dict as an orbax checkpoint that configs can name.
 
     The checkpoint is written into a temporary sibling folder and moved to ``directory`` only
-    once complete, so a previous conversion there is replaced only by a finished one and is
-    left as it was when writing fails.
+    once complete (:func:`wdam_jax.runlock.publish`), so a previous conversion there is replaced
+    only by a finished one and is left as it was when writing fails.
 
     Args:
       state_dict: torchvision names to arrays (torch tensors or numpy).
@@ -457,25 +454,10 @@ def save_pretrained(state_dict: Mapping[str, Any], directory: str | pathlib.Path
         for parent in parents:
             node = node.setdefault(parent, {})
         node[leaf] = _as_numpy(value)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    # A sibling, so the final moves are renames within one file system.
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        written, previous = staging / "new", staging / "previous"
+    with runlock.publish(directory, **_OUTPUT) as staging:
+        staging.rmdir()  # orbax makes the folder it saves into
         with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(written, tree)
-        if directory.is_dir() and any(directory.iterdir()):
-            directory.rename(previous)  # checked above: a previous conversion
-        elif directory.is_dir():
-            directory.rmdir()
-        try:
-            written.rename(directory)
-        except OSError:
-            if previous.is_dir():
-                previous.rename(directory)
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            checkpointer.save(staging, tree)
     return directory
 
 
