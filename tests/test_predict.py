@@ -302,7 +302,9 @@ def test_exported_artefacts_reproduce_scores_in_a_fresh_process(name, runs, tmp_
 def test_export_refuses_a_run_without_thresholds_unless_asked(runs, tmp_path):
     workdir = tmp_path / "never_evaluated"
     shutil.copytree(runs["patchcore"], workdir)
-    (workdir / thresholds.THRESHOLDS_FILE).unlink()
+    # The run's copy and the evaluation reports' own (which thresholds.stored falls back to).
+    for path in [workdir / thresholds.THRESHOLDS_FILE, *workdir.glob("eval/*/thresholds.json")]:
+        path.unlink()
     with pytest.raises(MissingFileError, match=r"--allow_no_thresholds.*Nothing was written"):
         export.export(workdir, tmp_path / "refused", saved_model=False)
     assert not (tmp_path / "refused").exists()
