@@ -176,6 +176,21 @@ def test_inference_fn_equals_score(name, runs):
     np.testing.assert_allclose(maps, expected.maps, rtol=1e-5, atol=1e-5 * np.abs(maps).max())
 
 
+def test_patchcore_inference_fn_equals_score_with_anomalib_scoring(runs):
+    """The export path follows ``patchcore.scoring`` too (the run above scores "official")."""
+    run = train.restore(runs["patchcore"])
+    assert run.config.patchcore.scoring == "official"
+    run.method.config.patchcore.scoring = "anomalib"
+    images = _test_images(run, 3)
+    expected = run.method.score(run.model, run.fitted, images, step=run.step)
+    official = train.restore(runs["patchcore"])
+    official = official.method.score(official.model, official.fitted, images, step=run.step)
+    assert not np.allclose(expected.image_scores, official.image_scores)
+    scores, maps = jax.jit(run.method.inference_fn(run.model, run.fitted, step=run.step))(images)
+    np.testing.assert_allclose(scores, expected.image_scores, rtol=1e-5)
+    np.testing.assert_allclose(maps, expected.maps, rtol=1e-5, atol=1e-5 * np.abs(maps).max())
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_exported_artefacts_reproduce_scores_in_a_fresh_process(name, runs, tmp_path):
     workdir = runs[name]
