@@ -18,6 +18,7 @@ import wdam_jax
 from configs import patchcore as patchcore_config
 from configs import patchcore_wdam as patchcore_wdam_config
 from wdam_jax import metrics
+from wdam_jax.errors import ConfigError
 from wdam_jax.methods import patchcore as pc
 from wdam_jax.methods import patchcore_method
 
@@ -365,7 +366,9 @@ def _fake_runs(tmp_path, monkeypatch, categories):
         run = tmp_path / f"run_{category}"
         run.mkdir()
         (run / "config.json").write_text(
-            json.dumps({"model": {"depths": [1, 1, 1, 1], "base_width": 8}})
+            json.dumps(
+                {"model": {"depths": [1, 1, 1, 1], "base_width": 8}, "data": {"category": category}}
+            )
         )
     fake = SimpleNamespace(restore_backbone=restore_backbone)
     monkeypatch.setitem(sys.modules, "wdam_jax.train", fake)
@@ -391,6 +394,24 @@ def test_each_category_uses_its_own_finetuned_run(tmp_path, monkeypatch):
     a = patchcore_method.load_member("wdam", member, "bottle")
     b = patchcore_method.load_member("wdam", member, "cable")
     assert restored == ["run_bottle", "run_cable"] and a.name != b.name
+
+
+def test_a_member_run_of_another_category_is_refused(tmp_path, monkeypatch):
+    """A member path written by hand without {category} names one category's run for all."""
+    restored = _fake_runs(tmp_path, monkeypatch, ["bottle"])
+    config = patchcore_wdam_config.get_config()
+    config.data.category = "cable"
+    config.members.wdam.workdir = str(tmp_path / "run_bottle")
+    config.members.wdam.wdam_layers = ()
+    config.members.plain.allow_random_init = True
+    with pytest.raises(ConfigError, match=r"run of category 'bottle', but this PatchCore run is "
+                       r"for 'cable'.*\{category\}"):  # fmt: skip
+        patchcore_method.load_member("wdam", config.members.wdam, "cable")
+    problems = patchcore_method.PatchCore(config).check_inputs()
+    assert any("run of category 'bottle'" in p for p in problems), problems
+    assert restored == []
+    # The same path for its own category is accepted.
+    assert patchcore_method.load_member("wdam", config.members.wdam, "bottle").name == "run_bottle"
 
 
 def _minmax_reference(members):

@@ -91,6 +91,25 @@ def member_workdir(member: ml_collections.ConfigDict, category: str) -> pathlib.
     return pathlib.Path(member.workdir.format(category=category))
 
 
+def member_category_problem(
+    name: str, member: ml_collections.ConfigDict, category: str
+) -> str | None:
+    """Why a ``kind="run"`` member cannot serve ``category`` (its run recorded another
+    ``data.category``: a path written without ``{category}``), or None.
+
+    A run whose recorded config has no category is not judged."""
+    run = member_workdir(member, category)
+    recorded = checkpoints.read_config(run).get("data", {}).get("category")
+    if recorded is None or recorded == category:
+        return None
+    return (
+        f"PatchCore member {name!r}: {run} is a run of category {recorded!r}, but this PatchCore "
+        f"run is for {category!r}; the fine-tuned member must be the same category's. Put "
+        f"{{category}} in --config.members.{name}.workdir (e.g. "
+        f"'workdirs/cutpaste_wdam_{{category}}') or point it at the {category!r} run."
+    )
+
+
 def _member_shape(name: str, member: ml_collections.ConfigDict, category: str):
     """``(depths, base_width)`` of a member's network."""
     if member.kind == "run" and member.workdir:
@@ -101,6 +120,9 @@ def _member_shape(name: str, member: ml_collections.ConfigDict, category: str):
                 f"python -m launch.train --config=configs/cutpaste_wdam.py --workdir={run}, or "
                 f"set --config.members.{name}.workdir."
             )
+        problem = member_category_problem(name, member, category)
+        if problem:
+            raise ConfigError(problem)
         model_config = checkpoints.read_config(run).model
         return tuple(model_config.depths), model_config.base_width
     return tuple(member.depths), member.base_width
@@ -220,6 +242,8 @@ class PatchCore(Method):
                         f"category {category!r} (train it with python -m launch.train "
                         f"--config=configs/cutpaste_wdam.py --workdir={run})."
                     )
+                elif problem := member_category_problem(name, member, category):
+                    problems.append(problem)
             elif member.kind not in ("imagenet", "run"):
                 problems.append(f"{field}.kind={member.kind!r}: use 'imagenet' or 'run'.")
             elif not member.allow_random_init:
