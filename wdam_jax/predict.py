@@ -230,6 +230,7 @@ def predict(
     paths = list_inputs(images)
     run = train_lib.restore(workdir, step=step, best=best)
     chosen = resolve_thresholds(run, workdir, threshold=threshold, pixel_threshold=pixel_threshold)
+    thresholds.deployment_warnings(chosen, workdir)
     image_t, pixel_t = chosen["image"], chosen["pixel"]
     assert image_t is not None  # resolve_thresholds raised otherwise
     (out / OVERLAY_DIR).mkdir(parents=True, exist_ok=True)
