@@ -95,6 +95,10 @@ def test_placeholders_and_dependent_rows_share_a_shard(tmp_path):
     assert experiment.run_config(config, final, tmp_path).patchcore.normalisation == (
         "minmax_over_evaluated_set"
     )
+    # Both PatchCore rows score as the official implementation (max of squared L2 distances).
+    plain = next(r for r in runs if r.row == "patchcore")
+    for run in (plain, final):
+        assert experiment.run_config(config, run, tmp_path).patchcore.scoring == "official"
     with pytest.raises(ConfigError, match="shard_index"):
         experiment.shard(runs, 2, 2)
 
