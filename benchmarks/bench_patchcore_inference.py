@@ -6,9 +6,10 @@
 
 Both sides get the same random-init torchvision ``wide_resnet50_2`` weights (loaded into
 anomalib's timm extractor; converted by ``from_torchvision`` for JAX), the same test images and
-the same memory bank rows. Ours is :meth:`PatchCore.score` (``configs/patchcore.py``: the jitted
-backbone + ``patch_features``, then ``score_patches``: kNN, reweighted image score, bilinear
-upsampling and Gaussian map); anomalib's is ``PatchcoreModel.forward`` in eval mode. Threads:
+the same memory bank rows. Ours is :meth:`PatchCore.score` (``configs/patchcore.py`` with
+``patchcore.scoring = "anomalib"``: the jitted backbone + ``patch_features``, then
+``score_patches``: kNN, reweighted image score, bilinear upsampling and Gaussian map);
+anomalib's is ``PatchcoreModel.forward`` in eval mode. Threads:
 ``torch.set_num_threads(--threads)``; XLA's CPU client uses the machine's cores (as the other
 benchmarks). Timed round-robin in one process, medians of ``--repeats`` after a warm-up call.
 
@@ -131,6 +132,7 @@ def main() -> None:
     anomalib = build_anomalib(state_dict)
     config = patchcore_config.get_config()
     config.score.eval_batch_size = args.batch_size
+    config.patchcore.scoring = "anomalib"  # compared with anomalib's scores below
     cfg = config.patchcore
     if (cfg.pretrain_dim, cfg.target_dim, cfg.patch_size) != (1024, 1024, 3):
         raise SystemExit("configs/patchcore.py changed its feature dims: update anomalib_to_ours")
@@ -184,8 +186,8 @@ def main() -> None:
         ref_dist, ref_index = anomalib.nearest_neighbors(emb, n_neighbors=1)
     ref_scores, ref_maps = ref.pred_score.numpy(), ref.anomaly_map.numpy()[:, 0]
     scores_1536, maps_1536 = pc.score_patches(
-        bank_anomalib.numpy(), emb_hwd, image_size=(size, size), num_neighbors=cfg.num_neighbors,
-        sigma=cfg.sigma,
+        bank_anomalib.numpy(), emb_hwd, image_size=(size, size), scoring=cfg.scoring,
+        num_neighbors=cfg.num_neighbors, sigma=cfg.sigma,
     )  # fmt: skip
     dist_1536, index_1536 = pc.knn_search(bank_anomalib.numpy(), emb.numpy(), k=1)
     check("2. kNN patch distances, anomalib's D=1536 inputs", relative_error(
@@ -214,7 +216,7 @@ def main() -> None:
     ours = method.score(net, fitted, test_images, step=0)
     e2e_scores, e2e_maps = pc.score_patches(
         bank_ours, anomalib_to_ours(emb_hwd), image_size=(size, size),
-        num_neighbors=cfg.num_neighbors, sigma=cfg.sigma,
+        scoring=cfg.scoring, num_neighbors=cfg.num_neighbors, sigma=cfg.sigma,
     )  # fmt: skip
     check("3. PatchCore.score scores vs score_patches(emb @ P, bank @ P)", relative_error(
         ours.image_scores, e2e_scores), SCORE_TOL)  # fmt: skip

@@ -41,6 +41,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.anomaly_source_dir = "data/dtd/images"  # textures; or "procedural" (generated)
     config.data.fmas_records = ""  # glob of FMAS TFRecord shards (anomaly_source="fmas")
     config.data.val_fraction = 0.1  # training images held out for validation (not trained on)
+    # Normal training images held out of training, validation and the threshold's choice, to
+    # set the decision threshold (wdam_jax/thresholds.py); 0 keeps the paper's protocol.
+    config.data.holdout_fraction = 0.0
+    config.data.holdout_seed = 0
 
     config.augment = ml_collections.ConfigDict()
     config.augment.perlin_scale_exponents = (0, 6)  # Perlin scale 2**k per axis, k in [0, 6)
@@ -112,6 +116,7 @@ def apply_demo(config: ml_collections.ConfigDict) -> None:
     config.data.image_size = 64
     config.data.anomaly_source_dir = "procedural"
     config.data.val_fraction = 0.2
+    config.data.holdout_fraction = 0.1  # a decision threshold from unseen normal images
     config.model.recon_width = 16
     config.model.disc_width = 16
     config.train.epochs = 250

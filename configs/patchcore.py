@@ -71,7 +71,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "target_dim": 1024,  # patch feature dimension D
             "coreset_ratio": 0.1,  # memory bank = 10% of the training patches
             "proj_dim": 128,  # random projection of the coreset selection
-            "num_neighbors": 9,  # b of the image-score reweighting
+            # How patch distances become scores: "official" (patchcore-inspection, the paper's
+            # "official PatchCore implementation": maximum patch score of squared L2 distances,
+            # maps from squared distances) or "anomalib" (reweighted score w s* on Euclidean
+            # distances, maps from Euclidean distances).
+            "scoring": "official",
+            "num_neighbors": 9,  # b of the image-score reweighting (scoring "anomalib" only)
             "sigma": 4.0,  # Gaussian smoothing of the maps (input pixels)
             "calibration_images": 16,  # ensemble: normal images giving each member's statistics
             # Ensemble: "train_standardise" (deployable: statistics of normal training images)

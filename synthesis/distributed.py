@@ -43,7 +43,8 @@ class _Worker:
         self.prompt_pairs = prompt_pairs
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        columns = ("source", "record", "foreground", "worker", "device", "load_seconds", "error")
+        columns = ("source", "record", "foreground", "worker", "device", "load_seconds", "error",
+                   "lpips_candidates")  # fmt: skip
         out: dict[str, list] = {k: [] for k in columns}
         for category, source in zip(batch["category"], batch["source"], strict=True):
             item = pipeline.WorkItem(str(category), str(source))
@@ -57,6 +58,7 @@ class _Worker:
             out["record"].append(result.record)
             out["foreground"].append(json.dumps(result.foreground))
             out["worker"].append(result.worker)
+            out["lpips_candidates"].append(json.dumps(list(result.lpips_candidates)))
             out["device"].append(self.synth.device)
             out["load_seconds"].append(self.synth.load_seconds)
             out["error"].append(error)
@@ -127,8 +129,9 @@ def synthesize_ray(
                 {"device": str(row["device"]), "model_loading_s": float(row["load_seconds"])},
             )
             yield pipeline.Result(
-                str(row["source"]), bytes(row["record"]), json.loads(row["foreground"]), worker
-            )
+                str(row["source"]), bytes(row["record"]), json.loads(row["foreground"]), worker,
+                tuple(json.loads(row["lpips_candidates"])),
+            )  # fmt: skip
     finally:
         if started_here:
             ray.shutdown()

@@ -23,7 +23,7 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -208,12 +208,16 @@ def synthesize_one(
     pipe,
     lpips_model,
     prompt_pair: prompts.PromptPair,
+    on_distances: Callable[[np.ndarray], None] | None = None,
 ) -> bytes:
     """One record for one normal image (Sec. 3.1).
 
     1. ``M_fg`` (SAM or whole image, cached); 2. ``M = M_fg ∩ M_rect`` (eq. 1, 2);
     3. CFG, strength and K seeds; 4. K inpainted, composited candidates ``I_A^(k)``;
     5. LPIPS to ``I_N`` and eq. 3; 6. the serialised Example.
+
+    ``on_distances``, if given, receives the ``[K]`` candidates' distances of step 5 (the
+    manifest's ``lpips`` summary, from which ``selector.tau`` can be chosen).
     """
     image = read_rgb(Path(config.data.root).expanduser() / item.source)
     fg = foreground(image, category=item.category, rel_to_category=item.rel_to_category)
@@ -241,6 +245,8 @@ def synthesize_one(
     )
     distances = selector.lpips_distances(lpips_model, image, candidates)
     k = selector.select_closest(distances, config.selector.tau)
+    if on_distances is not None:
+        on_distances(distances)
     return writer.make_example(
         image=candidates[k],
         mask=m,
@@ -305,6 +311,7 @@ class Synthesizer:
     def __call__(self, item: WorkItem, prompt_pair: prompts.PromptPair) -> Result:
         """The record of one image, with how its foreground was obtained."""
         before = dict(self.foreground.stats)
+        distances: list[float] = []
         record = synthesize_one(
             item,
             config=self.config,
@@ -312,9 +319,10 @@ class Synthesizer:
             pipe=self.pipe,
             lpips_model=self.lpips_model,
             prompt_pair=prompt_pair,
+            on_distances=lambda d: distances.extend(float(x) for x in d),
         )
         foreground = {k: v - before[k] for k, v in self.foreground.stats.items()}
-        return Result(item.source, record, foreground, self.worker)
+        return Result(item.source, record, foreground, self.worker, tuple(distances))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,6 +333,7 @@ class Result:
     record: bytes  # the serialised Example
     foreground: dict[str, int]  # this image's increments of ``ForegroundProvider.stats``
     worker: str  # "<host>:<pid>" of the process that made it
+    lpips_candidates: tuple[float, ...] = ()  # eq. 3's distance of each candidate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -462,6 +471,8 @@ def _run_fmas(
     )
     workers: dict[str, dict[str, Any]] = {}  # "<host>:<pid>" -> device, model loading time
     records_per_worker: Counter[str] = Counter()
+    candidates: list[float] = []  # eq. 3's LPIPS(I_A^(k), I_N) of every candidate of this run
+    selected: list[float] = []  # that of each image's selected candidate
     files: list[str] = []
     if plan.todo:
         if engine == "ray":
@@ -483,6 +494,10 @@ def _run_fmas(
                 written_per_category[category_of[result.source]] += 1
                 foreground.update(result.foreground)
                 records_per_worker[result.worker] += 1
+                candidates.extend(result.lpips_candidates)
+                if result.lpips_candidates:  # the kept one: eq. 3's argmin
+                    d = np.asarray(result.lpips_candidates)
+                    selected.append(float(d[selector.select_closest(d, config.selector.tau)]))
                 progress.update(count, result.source)
         files = out.files_written
     for name, info in workers.items():
@@ -507,6 +522,12 @@ def _run_fmas(
         "files_written_this_run": files,
         "record_glob": writer.RECORD_GLOB,
         "prompts": {c: dataclasses.asdict(p) for c, p in sorted(plan.prompt_pairs.items())},
+        # The distribution of eq. 3's distances, to choose selector.tau from (docs/design.md).
+        "lpips": {
+            "tau": config.selector.tau,
+            "candidates_this_run": selector.distance_summary(candidates, config.selector.tau),
+            "selected_this_run": selector.distance_summary(selected, config.selector.tau),
+        },
         "models": model_identities(config, sam_used=foreground["sam"] > 0),
         "engine": {"name": engine, "workers": dict(sorted(workers.items()))},
         "device": ",".join(sorted({w["device"] for w in workers.values()}))
@@ -520,4 +541,5 @@ def _run_fmas(
     )
     atomic_write_text(path, json.dumps(manifest, indent=2, default=list))
     log.info("%s done: %s", plan.label, json.dumps(manifest["counts"]))
+    log.info("%s: eq. 3 distances of the candidates: %s", plan.label, json.dumps(manifest["lpips"]))
     return manifest

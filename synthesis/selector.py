@@ -41,6 +41,32 @@ def select_closest(distances: np.ndarray, tau: float) -> int:
     return int(np.argmin(np.abs(distances - tau)))
 
 
+QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
+
+
+def distance_summary(distances, tau: float) -> dict:
+    """Quantiles of eq. 3's distances ``LPIPS(I_A^(k), I_N)``, to choose ``tau`` from.
+
+    Args:
+      distances: ``[N]`` distances (any iterable of floats).
+      tau: the selector's target, reported with the share of distances below it.
+
+    Returns:
+      ``{"n", "mean", "quantiles": {"q0": ..., "q0.05": ..., "q1": ...}, "below_tau"}``;
+      ``{"n": 0}`` for no distances.
+    """
+    d = np.asarray(list(distances), np.float64)
+    if d.size == 0:
+        return {"n": 0}
+    values = np.quantile(d, QUANTILES)
+    return {
+        "n": int(d.size),
+        "mean": float(d.mean()),
+        "quantiles": {f"q{q:g}": float(v) for q, v in zip(QUANTILES, values, strict=True)},
+        "below_tau": float(np.mean(d < tau)),
+    }
+
+
 def backbone_weights_path(net: str, backbone_weights: str) -> Path | None:
     """Resolves ``selector.backbone_weights`` to a file path (None for ``"random"``)."""
     if backbone_weights == "random":

@@ -95,6 +95,10 @@ def test_placeholders_and_dependent_rows_share_a_shard(tmp_path):
     assert experiment.run_config(config, final, tmp_path).patchcore.normalisation == (
         "minmax_over_evaluated_set"
     )
+    # Both PatchCore rows score as the official implementation (max of squared L2 distances).
+    plain = next(r for r in runs if r.row == "patchcore")
+    for run in (plain, final):
+        assert experiment.run_config(config, run, tmp_path).patchcore.scoring == "official"
     with pytest.raises(ConfigError, match="shard_index"):
         experiment.shard(runs, 2, 2)
 
@@ -222,3 +226,61 @@ def test_launcher_aggregates_and_names_bad_shards(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["table"] == "Table 8"
     out = _launch(config, f"--workdir={tmp_path}", "--shard_index=2", "--num_shards=2")
     assert out.returncode == 2 and "--shard_index=2 --num_shards=2" in out.stderr
+
+
+@pytest.mark.skipif(not _has_draem(), reason="configs/draem.py not present")
+def test_a_method_that_selects_a_checkpoint_is_reported_from_it(
+    demo_data_root, tmp_path, monkeypatch
+):
+    """DRAEM keeps the checkpoint with the best validation AUROC (train.select_metric): the
+    experiment scores that one, records it in done.json and says so in results.md. Validation
+    is made to peak at step 0 (the untrained network) so that the best and final checkpoints
+    differ."""
+    from wdam_jax.methods import draem
+
+    monkeypatch.setattr(
+        draem.Draem, "validate", lambda self, model, *, step: {"val/mean_auroc": -float(step)}
+    )
+    config = _config("table5", "demo")
+    config.order = ("draem",)
+    config.categories, config.seeds = ("washer",), (0,)
+    config.overrides.data = {"root": str(demo_data_root), "image_size": 32}
+    config.overrides.model = {"recon_width": 2, "disc_width": 2}
+    config.overrides.train = {"batch_size": 2, "epochs": 1, "eval_every": 2}
+    config.overrides.score = {"eval_batch_size": 8, "num_figures": 0}
+    workdir = tmp_path / "table5"
+    results = experiment.run_experiment(config, workdir)
+    (run,) = experiment.expand(config, workdir)
+    done = json.loads((run.workdir / experiment.DONE_FILE).read_text())
+    selected = json.loads((run.workdir / "best_checkpoint.json").read_text())
+    assert selected == {"metric": "val/mean_auroc", "value": 0.0, "step": 0}
+    assert done["checkpoint"] == {"which": "best", **selected}
+    # Only the best checkpoint was scored: step 0's report, no final step's.
+    assert [p.name for p in (run.workdir / "eval").iterdir()] == ["step_0"]
+    again = evaluate.evaluate(None, run.workdir, best=True)
+    assert again["washer"] == pytest.approx(done["metrics"])
+    assert results["sections"]["MVTec AD"]["draem"]["selected_on"] == ["val/mean_auroc"]
+    table = (workdir / "results.md").read_text()
+    assert "validation-selected checkpoint" in table and "DRAEM (val/mean_auroc)" in table
+
+
+@pytest.mark.parametrize("arg", [None, "demo"])
+def test_table7_rows_that_print_table3_and_4_numbers_are_the_same_runs(arg, tmp_path):
+    """Table 7's CutPaste, FMAS and FMAS + WDAM rows print Table 3's CutPaste, +FM and final
+    averages (Table 4's for VisA): their run configs must be identical, field for field."""
+    table7 = _config("table7", arg)
+    pairs = {"cutpaste": "cutpaste", "fmas": "fm", "final": "cutpaste_wdam"}
+    for prefix, other in (("mvtec", "table3"), ("visa", "table4")):
+        reference = _config(other, arg)
+        ours = {r.name: r for r in experiment.expand(table7, tmp_path)}
+        for run in experiment.expand(reference, tmp_path):
+            if run.row not in pairs.values() or run.seed != reference.seeds[0]:
+                continue
+            suffix = next(k for k, v in pairs.items() if v == run.row)
+            mine = ours[f"{prefix}_{suffix}/{run.category}/seed{run.seed}"]
+            got = experiment.run_config(table7, mine, tmp_path).to_dict()
+            want = experiment.run_config(reference, run, tmp_path).to_dict()
+            assert got == want, (prefix, suffix, run.category)
+    assert table7.rows.mvtec_cutpaste.config == ("cutpaste:published,demo" if arg else
+                                                 "cutpaste:published")  # fmt: skip
+    assert "mvtec_cutpaste_staged" in table7.rows and "mvtec_cutpaste_staged" not in table7.order

@@ -117,6 +117,7 @@ def test_patchcore_paper_config(module):
     assert config.members.plain.kind == "imagenet"
     p = config.patchcore
     assert (p.patch_size, p.coreset_ratio, p.num_neighbors, p.sigma) == (3, 0.1, 9, 4.0)
+    assert p.scoring == "official"  # patchcore-inspection: max of squared L2 distances
     if module is patchcore:  # "resize to 256, centre crop 224"
         assert (config.data.image_size, config.data.crop_size) == (256, 224)
     else:  # "Input 256 x 256 (no crop)"; the WDAM member is a CutPaste + WDAM run

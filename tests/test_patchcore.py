@@ -18,6 +18,7 @@ import wdam_jax
 from configs import patchcore as patchcore_config
 from configs import patchcore_wdam as patchcore_wdam_config
 from wdam_jax import metrics
+from wdam_jax.errors import ConfigError
 from wdam_jax.methods import patchcore as pc
 from wdam_jax.methods import patchcore_method
 
@@ -209,6 +210,56 @@ def test_reweighting_matches_numpy():
     assert np.all(np.isfinite(big))
 
 
+def _reference_map(patch, size, sigma=4.0):
+    """patchcore-inspection's ``RescaleSegmentor``: torch bilinear upsampling (align_corners=False),
+    then ``scipy.ndimage.gaussian_filter``; ``patch`` ``[h, w]``."""
+    up = torch.nn.functional.interpolate(
+        torch.from_numpy(np.asarray(patch, np.float32))[None, None], size=size, mode="bilinear",
+        align_corners=False,
+    )[0, 0].numpy()  # fmt: skip
+    return scipy.ndimage.gaussian_filter(up, sigma=sigma)
+
+
+@pytest.mark.parametrize("scoring", pc.SCORINGS)
+def test_score_patches_matches_its_reference_formula(scoring):
+    """Scoring "official": max patch score of SQUARED L2 distances (faiss IndexFlatL2 and
+    PatchMaker.score), maps from the squared distances; "anomalib": w s* on Euclidean distances,
+    Euclidean maps. Both written here in numpy from brute-force distances, the maps as the
+    official code makes them."""
+    rng = np.random.default_rng(3)
+    bank = rng.standard_normal((60, 8)).astype(np.float32)
+    feats = rng.standard_normal((3, 6, 6, 8)).astype(np.float32)
+    scores, maps = pc.score_patches(
+        bank, feats, image_size=(24, 24), scoring=scoring, num_neighbors=4
+    )
+    flat = feats.reshape(3, 36, 8).astype(np.float64)
+    sq = ((flat[:, :, None, :] - bank[None, None].astype(np.float64)) ** 2).sum(-1)  # [3, 36, 60]
+    nearest_sq, nearest = sq.min(-1), sq.argmin(-1)
+    for b in range(3):
+        if scoring == "official":
+            patch, expected = nearest_sq[b], nearest_sq[b].max()
+        else:
+            patch = np.sqrt(nearest_sq[b])
+            j = patch.argmax()
+            m_test, m_star = flat[b, j], bank[nearest[b, j]].astype(np.float64)
+            support = np.argsort(((bank - m_star) ** 2).sum(1))[:4]
+            d = np.sqrt(((bank[support] - m_test) ** 2).sum(1))
+            expected = (1 - np.exp(d[0]) / np.exp(d).sum()) * patch[j]
+        np.testing.assert_allclose(float(scores[b]), expected, rtol=1e-4)
+        ref = _reference_map(patch.reshape(6, 6), (24, 24))
+        np.testing.assert_allclose(np.asarray(maps[b]), ref, rtol=1e-4, atol=1e-4 * ref.max())
+    with pytest.raises(ValueError, match="scoring='max'"):
+        pc.score_patches(bank, feats, image_size=(24, 24), scoring="max")
+
+
+def test_scoring_default_is_official_and_old_runs_keep_anomalib():
+    for module in (patchcore_config, patchcore_wdam_config):
+        config = module.get_config()
+        assert patchcore_method.scoring(config) == "official"
+        del config.patchcore["scoring"]  # a run recorded before the field existed
+        assert patchcore_method.scoring(config) == "anomalib"
+
+
 def test_identical_training_images_score_zero_and_bank_roundtrip(tmp_path):
     rng = np.random.default_rng(0)
     train = np.tile(rng.standard_normal((1, 6, 6, 16)).astype(np.float32), (4, 1, 1, 1))
@@ -315,7 +366,9 @@ def _fake_runs(tmp_path, monkeypatch, categories):
         run = tmp_path / f"run_{category}"
         run.mkdir()
         (run / "config.json").write_text(
-            json.dumps({"model": {"depths": [1, 1, 1, 1], "base_width": 8}})
+            json.dumps(
+                {"model": {"depths": [1, 1, 1, 1], "base_width": 8}, "data": {"category": category}}
+            )
         )
     fake = SimpleNamespace(restore_backbone=restore_backbone)
     monkeypatch.setitem(sys.modules, "wdam_jax.train", fake)
@@ -341,6 +394,24 @@ def test_each_category_uses_its_own_finetuned_run(tmp_path, monkeypatch):
     a = patchcore_method.load_member("wdam", member, "bottle")
     b = patchcore_method.load_member("wdam", member, "cable")
     assert restored == ["run_bottle", "run_cable"] and a.name != b.name
+
+
+def test_a_member_run_of_another_category_is_refused(tmp_path, monkeypatch):
+    """A member path written by hand without {category} names one category's run for all."""
+    restored = _fake_runs(tmp_path, monkeypatch, ["bottle"])
+    config = patchcore_wdam_config.get_config()
+    config.data.category = "cable"
+    config.members.wdam.workdir = str(tmp_path / "run_bottle")
+    config.members.wdam.wdam_layers = ()
+    config.members.plain.allow_random_init = True
+    with pytest.raises(ConfigError, match=r"run of category 'bottle', but this PatchCore run is "
+                       r"for 'cable'.*\{category\}"):  # fmt: skip
+        patchcore_method.load_member("wdam", config.members.wdam, "cable")
+    problems = patchcore_method.PatchCore(config).check_inputs()
+    assert any("run of category 'bottle'" in p for p in problems), problems
+    assert restored == []
+    # The same path for its own category is accepted.
+    assert patchcore_method.load_member("wdam", config.members.wdam, "bottle").name == "run_bottle"
 
 
 def _minmax_reference(members):

@@ -164,6 +164,36 @@ def test_manual_threshold_and_glob(runs, tmp_path):
     assert not any((tmp_path / "out" / predict.OVERLAY_DIR).iterdir())
 
 
+def test_predict_warns_on_a_test_split_or_unsupported_threshold(runs, tmp_path, monkeypatch):
+    workdir = tmp_path / "copy"
+    shutil.copytree(runs["patchcore"], workdir)
+    path = workdir / thresholds.THRESHOLDS_FILE
+    document = json.loads(path.read_text())
+    image = document["image"]
+    assert image["source"].startswith("holdout split")
+    assert image["rule_supported"] == (image["num_images"] * 0.1 >= 1)  # the fixture's FPR 0.1
+    source = "test split, normal images (the run has no holdout split)"
+    document["image"] = {
+        **image,
+        "rule_supported": False,
+        "unsupported_because": "too few",
+        "source": source,
+    }
+    path.write_text(json.dumps(document))
+    warned = []
+    monkeypatch.setattr(
+        thresholds.logging, "warning", lambda msg, *args: warned.append(msg % args if args else msg)
+    )
+    (tmp_path / "new").mkdir()
+    Image.new("RGB", (40, 40)).save(tmp_path / "new" / "a.png")
+    predict.predict(workdir, tmp_path / "new", tmp_path / "out", overlays=False)
+    assert any("TEST SPLIT" in w and "--config.data.holdout_fraction" in w for w in warned)
+    assert any("does not hold its rule: too few" in w for w in warned)
+    warned.clear()
+    predict.predict(workdir, tmp_path / "new", tmp_path / "out", threshold=1.0, pixel_threshold=1.0)
+    assert not any("TEST SPLIT" in w or "its rule" in w for w in warned)
+
+
 def test_predict_without_stored_thresholds_says_how_to_get_them(runs, tmp_path):
     workdir = tmp_path / "copy"
     shutil.copytree(runs["patchcore"], workdir)
@@ -264,6 +294,21 @@ def test_inference_fn_equals_score(name, runs):
     expected = run.method.score(run.model, run.fitted, images, step=run.step)
     fn = jax.jit(run.method.inference_fn(run.model, run.fitted, step=run.step))
     scores, maps = fn(images)
+    np.testing.assert_allclose(scores, expected.image_scores, rtol=1e-5)
+    np.testing.assert_allclose(maps, expected.maps, rtol=1e-5, atol=1e-5 * np.abs(maps).max())
+
+
+def test_patchcore_inference_fn_equals_score_with_anomalib_scoring(runs):
+    """The export path follows ``patchcore.scoring`` too (the run above scores "official")."""
+    run = train.restore(runs["patchcore"])
+    assert run.config.patchcore.scoring == "official"
+    run.method.config.patchcore.scoring = "anomalib"
+    images = _test_images(run, 3)
+    expected = run.method.score(run.model, run.fitted, images, step=run.step)
+    official = train.restore(runs["patchcore"])
+    official = official.method.score(official.model, official.fitted, images, step=run.step)
+    assert not np.allclose(expected.image_scores, official.image_scores)
+    scores, maps = jax.jit(run.method.inference_fn(run.model, run.fitted, step=run.step))(images)
     np.testing.assert_allclose(scores, expected.image_scores, rtol=1e-5)
     np.testing.assert_allclose(maps, expected.maps, rtol=1e-5, atol=1e-5 * np.abs(maps).max())
 

@@ -626,6 +626,27 @@ def test_end_to_end_records(env, e2e):
         assert (fg_root / Path(s).with_suffix(".png")).is_file()
 
 
+def test_manifest_summarises_every_candidates_lpips_distance(e2e):
+    """The manifest's eq. 3 distances are those the selector saw, all K per image (to set tau)."""
+    summary = e2e["manifest"]["lpips"]
+    seen = np.concatenate(e2e["distances"])
+    assert summary["tau"] == e2e["config"].selector.tau
+    got = summary["candidates_this_run"]
+    assert got["n"] == len(e2e["records"]) * e2e["config"].inpaint.num_candidates == seen.size
+    expected = np.quantile(seen.astype(np.float64), selector.QUANTILES)
+    np.testing.assert_allclose(list(got["quantiles"].values()), expected, rtol=1e-6)
+    assert got["mean"] == pytest.approx(seen.mean(), rel=1e-6)
+    assert got["below_tau"] == pytest.approx(np.mean(seen < e2e["config"].selector.tau))
+    kept = np.array([r["fmas/lpips"] for r in e2e["records"]], np.float64)
+    chosen = summary["selected_this_run"]
+    assert chosen["n"] == len(e2e["records"])
+    np.testing.assert_allclose(chosen["mean"], kept.mean(), rtol=1e-5)
+    np.testing.assert_allclose(
+        list(chosen["quantiles"].values()), np.quantile(kept, selector.QUANTILES), rtol=1e-5
+    )
+    assert selector.distance_summary([], 0.13) == {"n": 0}
+
+
 def test_end_to_end_selector_keeps_candidate_closest_to_tau(e2e):
     config, records = e2e["config"], e2e["records"]
     tau = config.selector.tau

@@ -141,3 +141,39 @@ def test_report_shows_decision_metrics_after_the_paper_metrics(tmp_path):
     assert header == "| Category | I-AUROC | P-AUROC | PRO | I-F1max | I-AUPR | P-F1max | P-AUPR |"
     back = reporting.read_metrics_json(reporting.write_metrics(results, tmp_path)["json"])
     assert back["washer"] == results["washer"]
+
+
+def test_a_rule_the_held_out_images_cannot_support_is_flagged():
+    """10 normal images cannot resolve a 1 % false-positive rate (a short demo run recorded
+    observed_fpr 0.1 for target 0.01): the threshold says so; 100 can."""
+    rng = np.random.default_rng(0)
+    for n, supported in ((10, False), (99, False), (100, True)):
+        scores, maps = rng.normal(size=n), rng.normal(size=(n, 4, 4))
+        cal = thresholds.calibrate(
+            normal_scores=scores, normal_maps=maps, normal_source="holdout split", fpr=0.01
+        )
+        image = cal["image"].as_json()
+        assert image["rule_supported"] is supported, n
+        assert ("unsupported_because" in image) is not supported
+        assert cal["pixel"].as_json()["rule_supported"] is (n * 16 >= 100)
+        chosen = {level: cal[level] for level in thresholds.LEVELS}
+        warnings = thresholds.deployment_warnings(chosen, "runs/x")
+        assert len(warnings) == (0 if supported else 1)
+        if not supported:
+            assert "holdout_fraction" in warnings[0] and f"{n} held-out" in warnings[0]
+    assert thresholds.rule_supported(10, 0.1) and not thresholds.rule_supported(9, 0.1)
+
+
+def test_a_threshold_from_the_test_split_warns_and_names_the_fix():
+    rng = np.random.default_rng(1)
+    cal = thresholds.calibrate(
+        normal_scores=rng.normal(size=200),
+        normal_maps=rng.normal(size=(200, 2, 2)),
+        normal_source="test split, normal images (the run has no holdout split)",
+    )
+    chosen = {level: cal[level] for level in thresholds.LEVELS}
+    warnings = thresholds.deployment_warnings(chosen, "runs/x")
+    assert len(warnings) == 2  # image and pixel
+    assert all("TEST SPLIT" in w and "--config.data.holdout_fraction" in w for w in warnings)
+    manual = {"image": thresholds.manual(1.0, cal["image"]), "pixel": None}
+    assert thresholds.deployment_warnings(manual, "runs/x") == []

@@ -81,6 +81,13 @@ def evaluate(
     workdir = pathlib.Path(workdir)
     run = train_lib.restore(workdir, step=step, config=config, method=method, best=best)
     config = run.config
+    if not best and (workdir / checkpoints.BEST_RECORD).is_file():
+        logging.warning(
+            "Scoring step %d of %s; the run also keeps a validation-selected checkpoint "
+            "(%s), which launch.experiment reports: python -m launch.evaluate --workdir=%s "
+            "--checkpoint=best scores that one.",
+            run.step, workdir, (workdir / checkpoints.BEST_RECORD).read_text().strip(), workdir,
+        )  # fmt: skip
     split = sources.load_split(config.data, split="test")
     if not split.has_pixel_labels:
         logging.warning(
@@ -262,13 +269,21 @@ def store_thresholds(
     return thresholds.write(document, eval_dir=outdir)
 
 
+def selects_checkpoint(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run keeps a validation-selected checkpoint (``train.select_metric``, e.g.
+    DRAEM's ``val/mean_auroc`` on its held-out normal images), which experiments report."""
+    return bool(config.train.get("select_metric", ""))
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str | pathlib.Path,
     *,
     allow_config_change: bool = False,
+    best: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """Trains (or resumes, or fits) and then evaluates the final checkpoint (``launch/train.py``).
+    """Trains (or resumes, or fits) and then evaluates the final checkpoint (``launch/train.py``),
+    or with ``best`` the validation-selected one (:func:`selects_checkpoint`).
 
     Returns:
       The metrics: ``{category: {"i_auroc", "p_auroc", "pro"}}``.
@@ -277,4 +292,4 @@ def train_and_evaluate(
     train_lib.check_run(method, pathlib.Path(workdir))
     with runlock.hold(workdir):  # from the first step to the last report: one writer
         train_lib.train(config, workdir, method=method, allow_config_change=allow_config_change)
-        return evaluate(config, workdir, method=method)
+        return evaluate(config, workdir, method=method, best=best)

@@ -13,6 +13,9 @@ depends on another runs after it), marks each finished one with ``done.json`` (w
 after ``train_and_evaluate`` returns, so a killed run is resumed, not skipped), and
 :func:`write_results` aggregates whatever is finished into ``<workdir>/results.{md,csv,json}``
 beside the paper's published numbers (``config.paper_values``: JSON transcribed from the paper).
+A run whose method selects a checkpoint on validation data (``train.select_metric``: DRAEM) is
+scored from that checkpoint, not the final one; ``done.json`` records which, and ``results.md``
+names the rows so scored (``python -m launch.evaluate --checkpoint=best`` re-scores one).
 
 Sharding: runs are grouped so that a run and the runs it depends on (``depends_on`` rows, same
 category and seed) form one group; groups are dealt to shards round-robin, so shards are disjoint
@@ -249,12 +252,15 @@ def run_experiment(
             if not is_done(needed):
                 raise ConfigError(f"{run.name} depends on {needed.name}, which is not finished.")
         logging.info("%s: starting %s in %s", what, run.name, run.workdir)
-        results = evaluate_lib.train_and_evaluate(configs[run], run.workdir)
+        # A method that selects a checkpoint on validation data (DRAEM) is reported from it.
+        best = evaluate_lib.selects_checkpoint(configs[run])
+        results = evaluate_lib.train_and_evaluate(configs[run], run.workdir, best=best)
         record = {
             "row": run.row,
             "category": run.category,
             "seed": run.seed,
             "config": config.rows[run.row].config,
+            "checkpoint": _checkpoint_record(run.workdir, best=best),
             "metrics": results[run.category],
             "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
@@ -262,6 +268,14 @@ def run_experiment(
         count += 1
         progress.update(count, run.name)
     return write_results(config, workdir)
+
+
+def _checkpoint_record(workdir: pathlib.Path, *, best: bool) -> dict[str, Any]:
+    """Which checkpoint a finished run's metrics come from (``done.json``'s ``checkpoint``)."""
+    if not best:
+        return {"which": "final"}
+    selected = json.loads((workdir / checkpoints.BEST_RECORD).read_text())
+    return {"which": "best", **selected}  # metric, value, step
 
 
 def _load_paper(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -298,10 +312,14 @@ def aggregate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
     paper = _load_paper(config).get("sections", {})
     runs = expand(config, workdir)
     records = {}
+    selected: dict[str, set[str]] = {}  # row -> validation metrics its checkpoints were chosen on
     for run in runs:
         if is_done(run):
-            record = json.loads((run.workdir / DONE_FILE).read_text())["metrics"]
-            records[run.row, run.category, run.seed] = record
+            done = json.loads((run.workdir / DONE_FILE).read_text())
+            records[run.row, run.category, run.seed] = done["metrics"]
+            checkpoint = done.get("checkpoint", {"which": "final"})  # older runs: the final one
+            if checkpoint["which"] == "best":
+                selected.setdefault(run.row, set()).add(checkpoint["metric"])
     sections: dict[str, dict[str, Any]] = {}
     for slug in _rows(config):
         row = config.rows[slug]
@@ -331,6 +349,7 @@ def aggregate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
         sections.setdefault(section, {})[slug] = {
             "label": row.label,
             "paper_column": row.paper_column,
+            "selected_on": sorted(selected.get(slug, ())),
             "cells": cells,
         }
     return {
@@ -366,6 +385,18 @@ def markdown(results: Mapping[str, Any]) -> str:
     ]
     if results["missing"]:
         lines.append(f"Not finished (shown as -): {', '.join(results['missing'])}.")
+    chosen = [
+        f"{row['label']} ({', '.join(row['selected_on'])})"
+        for rows in results["sections"].values()
+        for row in rows.values()
+        if row.get("selected_on")
+    ]
+    if chosen:
+        lines.append(
+            "Scored from the validation-selected checkpoint (train.select_metric; validation on "
+            f"held-out training images, never the test split): {'; '.join(chosen)}. Other rows: "
+            "the final checkpoint."
+        )
     for section, rows in results["sections"].items():
         categories = list(next(iter(rows.values()))["cells"])
         for metric in results["metrics"]:

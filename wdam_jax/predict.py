@@ -291,6 +291,7 @@ def predict(
     for warning in warnings:
         logging.warning("%s", warning)
     chosen = resolve_thresholds(run, workdir, threshold=threshold, pixel_threshold=pixel_threshold)
+    thresholds.deployment_warnings(chosen, workdir)
     image_t, pixel_t = chosen["image"], chosen["pixel"]
     assert image_t is not None  # resolve_thresholds raised otherwise
     with runlock.publish(out, **kind) as staging:

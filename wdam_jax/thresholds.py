@@ -45,6 +45,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 from wdam_jax import checkpoints, metrics
 from wdam_jax.errors import MissingFileError
@@ -132,22 +133,80 @@ def normal_fpr_threshold(normal_scores: np.ndarray, *, fpr: float) -> float:
     return float(np.quantile(x, 1.0 - fpr))
 
 
+def rule_supported(num_scores: int, fpr: float) -> bool:
+    """Whether ``num_scores`` held-out normal scores can resolve a false-positive rate ``fpr``:
+    at least ``1 / fpr`` of them (below that, the ``1 - fpr`` quantile is an interpolation
+    between the top scores, and one normal image above it is already a rate above ``fpr``)."""
+    return num_scores * fpr >= 1.0 - 1e-9
+
+
 def _normal_candidate(scores: np.ndarray, *, fpr: float, source: str, n_images: int) -> Threshold:
     value = normal_fpr_threshold(scores, fpr=fpr)
     x = np.asarray(scores).reshape(-1)
-    return Threshold(
-        value=value,
-        scale=robust_scale(x),
-        rule="normal_fpr",
-        details={
-            "target_fpr": fpr,
-            "observed_fpr": float(np.mean(x >= value)),
-            "source": source,
-            "num_images": n_images,
-            "normal_min": float(x.min()),
-            "normal_max": float(x.max()),
-        },
-    )
+    details = {
+        "target_fpr": fpr,
+        "observed_fpr": float(np.mean(x >= value)),
+        "source": source,
+        "num_images": n_images,
+        "normal_min": float(x.min()),
+        "normal_max": float(x.max()),
+        # Image level: one score per image; pixel level: every pixel of those images.
+        "rule_supported": rule_supported(x.size, fpr),
+    }
+    if not details["rule_supported"]:
+        details["unsupported_because"] = (
+            f"{x.size} held-out normal scores cannot resolve target_fpr={fpr} (it needs at "
+            f"least {math.ceil(1 / fpr - 1e-9)}); raise config.data.holdout_fraction or "
+            "config.score.threshold_fpr"
+        )
+    return Threshold(value=value, scale=robust_scale(x), rule="normal_fpr", details=details)
+
+
+_BANNER = "!" * 100
+TEST_SPLIT_WARNING = (
+    f"\n{_BANNER}\n"
+    "The stored {level} threshold of {workdir} ({rule}) was chosen on the TEST SPLIT ({source}):\n"
+    "the data the run's metrics are reported on, not images held out for it. Decisions made with\n"
+    "it are optimistic. Retrain with --config.data.holdout_fraction=0.1 (normal training images\n"
+    "held out of training and fit, which set the threshold instead), or pass a threshold.\n"
+    f"{_BANNER}"
+)
+
+
+def deployment_warnings(
+    chosen: Mapping[str, Threshold | None], workdir: str | pathlib.Path
+) -> list[str]:
+    """Warnings about the thresholds a prediction uses (:mod:`wdam_jax.predict`): one chosen on
+    the test split (``data.holdout_fraction = 0``, the paper configs' protocol), or one whose
+    rule its held-out images cannot support (:func:`rule_supported`). Manual thresholds have
+    none.
+
+    Args:
+      chosen: ``{"image": Threshold, "pixel": Threshold or None}``.
+      workdir: the run directory (named in the messages).
+
+    Returns:
+      The messages, also logged as warnings.
+    """
+    out = []
+    for level, t in chosen.items():
+        if t is None or t.rule == "manual":
+            continue
+        source = str(t.details.get("source", ""))
+        if source.startswith("test split"):
+            out.append(
+                TEST_SPLIT_WARNING.format(level=level, workdir=workdir, rule=t.rule, source=source)
+            )
+        if t.details.get("rule_supported") is False:
+            out.append(
+                f"The stored {level} threshold of {workdir} does not hold its rule: "
+                f"{t.details['unsupported_because']}. Its observed false-positive rate on the "
+                f"held-out images was {t.details['observed_fpr']:.3g}, the target "
+                f"{t.details['target_fpr']:.3g}."
+            )
+    for message in out:
+        logging.warning(message)
+    return out
 
 
 def calibrate(

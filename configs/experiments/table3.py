@@ -10,10 +10,11 @@ Rows (cumulative, as the paper's columns): CutPaste, +FMAS, +FM, +WDAM (final mo
 run config of the same name (``configs/cutpaste*.py``), so a row differs from the previous one in
 one component. The CutPaste row runs CutPaste's published schedule, the SGD stage alone
 (``configs/cutpaste.py:published``, whose docstring says why that is the paper's first column);
-the optional row ``cutpaste_staged`` is the three-stage CutPaste. Three seeds ("All results
-represent averages across three independent runs"). The FMAS rows need the FMAS records
-(``python -m launch.synthesize --config=configs/fmas_mvtec.py``) and the FM rows the foreground
-masks it writes.
+the optional row ``cutpaste_staged`` is the three-stage CutPaste. Table 7's first row prints the
+same numbers as this CutPaste column and runs the same config (``configs/experiments/table7.py``).
+Three seeds ("All results represent averages across three independent runs"). The FMAS rows need
+the FMAS records (``python -m launch.synthesize --config=configs/fmas_mvtec.py``) and the FM rows
+the foreground masks it writes.
 
 ``:demo`` runs the same rows on two demo categories with one seed; its FMAS rows read the
 records of ``python -m synthesis.tiny_models --out_dir=workdirs/tiny_models`` then

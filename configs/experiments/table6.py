@@ -20,7 +20,10 @@ The paper used "the official PatchCore implementation with its original hyperpar
 ensemble min-max normalises each member's scores over the evaluated test set
 (``run_patchcore.py``); the project's default (statistics of normal training images) is
 deployable but is not what produced the published numbers, and a different per-member scaling
-changes the ensemble's average and so its AUROC and PRO.
+changes the ensemble's average and so its AUROC and PRO. Scores: ``patchcore.scoring =
+"official"`` (the configs' default, both rows): the maximum patch score of squared L2 distances,
+as that implementation's faiss search and ``PatchMaker.score``; anomalib's reweighted Euclidean
+score is ``"anomalib"``.
 
 The official 3-backbone "PatchCore Ensemble" (320 px) and THFR, RD++, Dinomaly are quoted in
 ``table6_paper.json``, not run. One seed (the paper gives none for this table; PatchCore's fit is

@@ -515,22 +515,55 @@ def anomaly_maps(
     return gaussian_blur(up, sigma=sigma)
 
 
+# How patch distances become scores (``config.patchcore.scoring``):
+# - "official": patchcore-inspection (the paper's "official PatchCore implementation"): faiss
+#   ``IndexFlatL2`` returns SQUARED L2 distances, ``PatchMaker.score`` takes the image's maximum
+#   patch score, and the maps are made from the same squared distances;
+# - "anomalib": anomalib's ``PatchcoreModel``: Euclidean distances, the reweighted image score
+#   ``w s*`` (``num_neighbors`` = b), maps from the Euclidean distances.
+SCORINGS = ("official", "anomalib")
+
+
+def patch_scores(dist: ArrayLike, *, scoring: str) -> Array:
+    """Per-patch anomaly scores from the Euclidean nearest-bank distances.
+
+    Args:
+      dist: ``[...]`` Euclidean distance of each patch to its nearest bank row.
+      scoring: one of :data:`SCORINGS`.
+
+    Returns:
+      ``[...]``: ``dist ** 2`` for "official" (faiss's squared L2), ``dist`` for "anomalib".
+    """
+    dist = jnp.asarray(dist, jnp.float32)
+    if scoring == "official":
+        return jnp.square(dist)
+    if scoring == "anomalib":
+        return dist
+    raise ValueError(f"PatchCore scoring={scoring!r}: use one of {', '.join(SCORINGS)}.")
+
+
 def score_patches(
     bank: ArrayLike,
     feats: ArrayLike,
     *,
     image_size: tuple[int, int],
+    scoring: str = "official",
     num_neighbors: int = 9,
     sigma: float = 4.0,
 ) -> tuple[Array, Array]:
     """Image scores and anomaly maps of images given their patch features.
+
+    "official": image score = max over patches of the squared distance, maps from squared
+    distances; "anomalib": the reweighted score (:func:`reweighted_image_scores`) on Euclidean
+    distances, maps from Euclidean distances (see :data:`SCORINGS`).
 
     Args:
       bank: ``[M, D]`` memory bank, or a row-sharded one
         (:class:`wdam_jax.methods.patchcore_sharded.ShardedBank`).
       feats: ``[B, h, w, D]`` patch features of the test images.
       image_size: ``(H, W)`` of the maps.
-      num_neighbors: ``b`` of the reweighting.
+      scoring: one of :data:`SCORINGS`.
+      num_neighbors: ``b`` of the reweighting ("anomalib" only).
       sigma: map smoothing.
 
     Returns:
@@ -542,10 +575,14 @@ def score_patches(
     dist, index = _bank_search(bank, flat, k=1)
     dist = dist[:, 0].reshape(b, h * w)
     index = index[:, 0].reshape(b, h * w)
-    scores = reweighted_image_scores(
-        bank, flat.reshape(b, h * w, d), dist, index, num_neighbors=num_neighbors
-    )
-    maps = anomaly_maps(dist.reshape(b, h, w), image_size=image_size, sigma=sigma)
+    patch = patch_scores(dist, scoring=scoring)
+    if scoring == "official":
+        scores = jnp.max(patch, axis=1)
+    else:
+        scores = reweighted_image_scores(
+            bank, flat.reshape(b, h * w, d), dist, index, num_neighbors=num_neighbors
+        )
+    maps = anomaly_maps(patch.reshape(b, h, w), image_size=image_size, sigma=sigma)
     return scores, maps
 
 

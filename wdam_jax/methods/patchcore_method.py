@@ -5,10 +5,12 @@ gradient steps (``total_steps == 0``). ``fit`` extracts the patch features of th
 images, selects each member's coreset memory bank and, with several members, each member's
 score statistics on ``patchcore.calibration_images`` normal training images; the loop saves them
 in the checkpoint (orbax item ``fitted``), so ``python -m launch.evaluate`` and prediction use
-exactly the fitted bank. ``score`` is the kNN patch score with the reweighted image score and the
-smoothed map; with ``patchcore.shard_bank`` the bank and the coreset are sharded by rows over
-this host's devices (:mod:`wdam_jax.methods.patchcore_sharded`). Several members are combined
-as ``patchcore.normalisation`` says:
+exactly the fitted bank. ``score`` is the kNN patch score, the image score and the smoothed map
+as ``patchcore.scoring`` says (``"official"``: patchcore-inspection's maximum squared L2
+distance, the paper configs' default; ``"anomalib"``: anomalib's reweighted Euclidean score);
+with ``patchcore.shard_bank`` the bank and the coreset are sharded by rows over this host's
+devices (:mod:`wdam_jax.methods.patchcore_sharded`). Several members are combined as
+``patchcore.normalisation`` says:
 
 - ``"train_standardise"`` (default, deployable): each member standardised by its statistics on
   normal training images (``patchcore.ensemble_scores``); an image's score does not depend on
@@ -70,6 +72,12 @@ def normalisation(config: ml_collections.ConfigDict) -> str:
     return config.patchcore.get("normalisation", NORMALISATIONS[0])
 
 
+def scoring(config: ml_collections.ConfigDict) -> str:
+    """``config.patchcore.scoring`` (:data:`patchcore.SCORINGS`); runs recorded before the field
+    existed were scored as anomalib, and re-scoring them keeps that."""
+    return config.patchcore.get("scoring", "anomalib")
+
+
 class PatchCoreNet(nnx.Module):
     """The ensemble's backbones by member name."""
 
@@ -87,6 +95,25 @@ def member_workdir(member: ml_collections.ConfigDict, category: str) -> pathlib.
     return pathlib.Path(member.workdir.format(category=category))
 
 
+def member_category_problem(
+    name: str, member: ml_collections.ConfigDict, category: str
+) -> str | None:
+    """Why a ``kind="run"`` member cannot serve ``category`` (its run recorded another
+    ``data.category``: a path written without ``{category}``), or None.
+
+    A run whose recorded config has no category is not judged."""
+    run = member_workdir(member, category)
+    recorded = checkpoints.read_config(run).get("data", {}).get("category")
+    if recorded is None or recorded == category:
+        return None
+    return (
+        f"PatchCore member {name!r}: {run} is a run of category {recorded!r}, but this PatchCore "
+        f"run is for {category!r}; the fine-tuned member must be the same category's. Put "
+        f"{{category}} in --config.members.{name}.workdir (e.g. "
+        f"'workdirs/cutpaste_wdam_{{category}}') or point it at the {category!r} run."
+    )
+
+
 def _member_shape(name: str, member: ml_collections.ConfigDict, category: str):
     """``(depths, base_width)`` of a member's network."""
     if member.kind == "run" and member.workdir:
@@ -97,6 +124,9 @@ def _member_shape(name: str, member: ml_collections.ConfigDict, category: str):
                 f"python -m launch.train --config=configs/cutpaste_wdam.py --workdir={run}, or "
                 f"set --config.members.{name}.workdir."
             )
+        problem = member_category_problem(name, member, category)
+        if problem:
+            raise ConfigError(problem)
         model_config = checkpoints.read_config(run).model
         return tuple(model_config.depths), model_config.base_width
     return tuple(member.depths), member.base_width
@@ -189,6 +219,11 @@ class PatchCore(Method):
     def check_inputs(self) -> list[str]:
         problems = super().check_inputs()
         category = self.config.data.category
+        if scoring(self.config) not in pc.SCORINGS:
+            problems.append(
+                f"config.patchcore.scoring={scoring(self.config)!r}: use one of "
+                f"{', '.join(pc.SCORINGS)}."
+            )
         if normalisation(self.config) not in NORMALISATIONS:
             problems.append(
                 f"config.patchcore.normalisation={normalisation(self.config)!r}: use one of "
@@ -212,6 +247,8 @@ class PatchCore(Method):
                         f"category {category!r} (train it with python -m launch.train "
                         f"--config=configs/cutpaste_wdam.py --workdir={run})."
                     )
+                elif problem := member_category_problem(name, member, category):
+                    problems.append(problem)
             elif member.kind not in ("imagenet", "run"):
                 problems.append(f"{field}.kind={member.kind!r}: use 'imagenet' or 'run'.")
             elif not member.allow_random_init:
@@ -292,7 +329,12 @@ class PatchCore(Method):
         )
         return pipeline.map_batches(
             lambda f: pc.score_patches(
-                bank, f, image_size=size, num_neighbors=cfg.num_neighbors, sigma=cfg.sigma
+                bank,
+                f,
+                image_size=size,
+                scoring=scoring(self.config),
+                num_neighbors=cfg.num_neighbors,
+                sigma=cfg.sigma,
             ),
             feats,
             batch_size=self.config.score.eval_batch_size,
@@ -365,7 +407,7 @@ class PatchCore(Method):
         (:func:`_reweighted_score`): ``top_k`` serialises as a StableHLO composite that
         TensorFlow's older StableHLO cannot read."""
         del step
-        cfg = self.config.patchcore
+        cfg, kind = self.config.patchcore, scoring(self.config)
         members = []
         for name in self.names:
             graphdef, state = nnx.split(model.member(name))
@@ -391,12 +433,14 @@ class PatchCore(Method):
                 def one(f, bank=bank):
                     h, w, d = f.shape
                     dist, index = pc.knn_search(bank, f.reshape(h * w, d), k=1)
-                    score = _reweighted_score(
-                        bank, f.reshape(h * w, d), dist[:, 0], index[:, 0], cfg.num_neighbors
-                    )
-                    maps = pc.anomaly_maps(
-                        dist[:, 0].reshape(1, h, w), image_size=size, sigma=cfg.sigma
-                    )
+                    patch = pc.patch_scores(dist[:, 0], scoring=kind)
+                    if kind == "official":
+                        score = jnp.max(patch)
+                    else:
+                        score = _reweighted_score(
+                            bank, f.reshape(h * w, d), dist[:, 0], index[:, 0], cfg.num_neighbors
+                        )
+                    maps = pc.anomaly_maps(patch.reshape(1, h, w), image_size=size, sigma=cfg.sigma)
                     return score, maps[0]
 
                 outputs.append(jax.lax.map(one, feats))
