@@ -10,7 +10,9 @@ Restores the run (:func:`wdam_jax.train.restore`), scores the test split with th
 - ``scores.csv`` and ``scores.npz``: each test image's path, label and image score;
 - ``heatmaps.png``: image, ground truth and anomaly map (Fig. 6/7 style), defective images first;
 - ``learning_curves.png``: the logged training and validation scalars against the step, when the
-  run logged any.
+  run logged any;
+- ``report.html`` with ``report_assets/`` (one thumbnail per test image): the page a person
+  opens (:mod:`wdam_jax.report`); ``<workdir>/report.html`` redirects to the newest one.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from wdam_jax import metrics, reporting, thresholds
+from wdam_jax import metrics, report, reporting, thresholds
 from wdam_jax import train as train_lib
 from wdam_jax.data import sources
 from wdam_jax.methods.base import Method, describe
 
-EVAL_DIR = "eval"
+EVAL_DIR = report.EVAL_DIR
 
 
 def _write_scores(outdir: pathlib.Path, split, image_scores: np.ndarray) -> None:
@@ -107,10 +109,14 @@ def evaluate(
     curves = train_lib.read_train_log(workdir)
     if curves:
         reporting.save_curves_figure(curves, outdir / "learning_curves.png")
+    page = report.write_evaluation_report(
+        workdir, outdir, images=split.images, masks=split.masks, maps=scores.maps
+    )
     table = reporting.markdown_table(results)
     logging.info("Metrics of %s at step %d written to %s.", workdir, run.step, paths["markdown"])
     label = describe(config)["label"]
     print(f"\n{label} {config.data.category}, step {run.step} ({outdir}):\n{table}", flush=True)
+    print(f"Open {page} in a browser (no server needed).", flush=True)
     return results
 
 

@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from wdam_jax import checkpoints
+from wdam_jax import checkpoints, report
 from wdam_jax import evaluate as evaluate_lib
 from wdam_jax.errors import ConfigError, InputsError
 from wdam_jax.methods import registry
@@ -402,12 +402,14 @@ def _csv(results: Mapping[str, Any]) -> str:
 
 
 def write_results(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-    """Writes ``<workdir>/results.{md,csv,json}`` (atomically) from the finished runs."""
+    """Writes ``<workdir>/results.{md,csv,json}`` (atomically) from the finished runs, and the
+    page ``<workdir>/report.html`` (:func:`wdam_jax.report.experiment_page`)."""
     workdir = pathlib.Path(workdir)
     results = aggregate(config, workdir)
     checkpoints.atomic_write_text(workdir / f"{RESULTS_STEM}.json", json.dumps(results, indent=2))
     checkpoints.atomic_write_text(workdir / f"{RESULTS_STEM}.csv", _csv(results))
     table = markdown(results)
     checkpoints.atomic_write_text(workdir / f"{RESULTS_STEM}.md", table)
-    print(f"\n{table}\n({workdir / RESULTS_STEM}.{{md,csv,json}})", flush=True)
+    page = report.experiment_page(workdir)
+    print(f"\n{table}\n({workdir / RESULTS_STEM}.{{md,csv,json}}, {page})", flush=True)
     return results

@@ -14,7 +14,10 @@
 3. writes ``<out>/predictions.csv`` (one row per file, written as it goes), ``<out>/
    predictions.json`` (the same rows with the threshold, its rule and the normalisation) and
    ``<out>/overlays/<index>_<name>.png`` (input as the model sees it | heatmap of the normalised
-   map, 0.5 = the pixel threshold | the predicted region's outline).
+   map, 0.5 = the pixel threshold | the predicted region's outline);
+4. writes ``<out>/report.html``, the page a person opens (:func:`wdam_jax.report.prediction_page`:
+   one card per file with a thumbnail from ``<out>/report_assets/``, sortable and filterable, and
+   a threshold control).
 
 A file that cannot be read as an image (corrupt, truncated, not an image) becomes a row with
 ``status=error`` and the reason, and the other files are still scored. An image whose size is not
@@ -38,7 +41,7 @@ import scipy.ndimage
 from absl import logging
 from PIL import Image, ImageDraw
 
-from wdam_jax import thresholds
+from wdam_jax import report, thresholds
 from wdam_jax import train as train_lib
 from wdam_jax.data import datasets
 from wdam_jax.errors import MissingFileError
@@ -256,6 +259,7 @@ def predict(
             rows.extend(chunk.rows)
             progress.update(start + len(chunk_paths))
     _write_json(out / JSON_FILE, rows, run, workdir, image_t, pixel_t)
+    report.prediction_page(out)
     n_bad = sum(r["status"] != "ok" for r in rows)
     n_anomalous = sum(r["decision"] == "anomalous" for r in rows)
     logging.info(
@@ -294,6 +298,10 @@ def _write_overlay(out, row, image, amap, pixel_t) -> str:
     )
     name = f"{row['index']:05d}_{pathlib.Path(row['path']).stem}.png"
     overlay(image, normalised, caption, outline=pixel_t is not None).save(out / OVERLAY_DIR / name)
+    report.save_thumbnail(
+        out / report.ASSETS / report.thumb_name(row["index"]),
+        report.thumbnail(image, normalised, outline=pixel_t is not None),
+    )
     return str(pathlib.Path(OVERLAY_DIR) / name)
 
 
