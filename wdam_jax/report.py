@@ -58,7 +58,6 @@ THUMB_SIDE = 128  # each panel of a card's thumbnail, in pixels
 EVAL_DIR = "eval"  # wdam_jax.evaluate.EVAL_DIR (that module imports this one)
 DATA_SUMMARY = "data_summary.json"  # as wdam_jax.train.DATA_SUMMARY
 CONFIG_SUMMARY = (
-    "method",
     "seed",
     "data.dataset",
     "data.category",
@@ -646,7 +645,8 @@ details { margin-top:8px; } summary { cursor:pointer; color:var(--accent); }
 button { font:inherit; font-size:12px; padding:2px 9px; border:1px solid var(--line);
   border-radius:12px; background:#eef2fa; cursor:pointer; }
 .stats { display:flex; flex-wrap:wrap; gap:10px; margin-top:8px; }
-.stat { border:1px solid var(--line); border-radius:6px; padding:6px 12px; min-width:112px; }
+.stat { border:1px solid var(--line); border-radius:6px; padding:6px 12px; flex:1 1 0;
+  min-width:120px; }
 .stat b { display:block; font-size:20px; font-variant-numeric:tabular-nums; }
 .stat span { color:var(--muted); font-size:12px; }
 .stat.bad b { color:var(--bad); }
@@ -683,11 +683,11 @@ _RUN_BODY = """
 <a href="#threshold-section">threshold</a><a href="#images">images</a>
 <a href="#curves">learning curves</a></nav></header>
 <section id="run"><h2>Run</h2><div class="cols">
-<div><table class="kv" id="summary-table"></table></div>
+<div><table class="kv" id="summary-table"></table>
+<h3>Data</h3><div id="data"></div><div id="warnings"></div></div>
 <div><table class="kv" id="config-table"></table>
 <details><summary>every config field</summary><table class="kv" id="config-all"></table></details>
-</div></div>
-<h3>Data</h3><div id="data"></div><div id="warnings"></div></section>
+</div></div></section>
 <section id="metrics-section"><h2>Metrics <span class="sub">(%)</span></h2><div class="cols">
 <div id="metrics-box"><table id="metrics"></table></div>
 <div id="defects-box"><table id="defects"></table></div></div></section>
