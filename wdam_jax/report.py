@@ -656,7 +656,8 @@ button { font:inherit; font-size:12px; padding:2px 9px; border:1px solid var(--l
 .toolbar { display:flex; flex-wrap:wrap; gap:12px; align-items:center; margin-bottom:10px; }
 .toolbar select { font:inherit; padding:2px 4px; }
 #cards { display:grid; grid-template-columns:repeat(auto-fill, minmax(300px, 1fr)); gap:12px; }
-.card { background:#fff; border:1px solid var(--line); border-radius:7px; overflow:hidden; }
+.card { background:#fff; border:1px solid var(--line); border-radius:7px; overflow:hidden;
+  content-visibility:auto; contain-intrinsic-size:auto 300px auto 190px; }
 .card img { display:block; width:100%; height:auto; background:#e8ebf0; image-rendering:auto;
   cursor:zoom-in; }
 .card.zoom { grid-column:1 / -1; } .card.zoom img { cursor:zoom-out; }
@@ -664,6 +665,7 @@ button { font:inherit; font-size:12px; padding:2px 9px; border:1px solid var(--l
 .card .name { font-weight:600; font-size:13px; white-space:nowrap; overflow:hidden;
   text-overflow:ellipsis; }
 .card .line { display:flex; flex-wrap:wrap; gap:6px; align-items:center; margin-top:3px; }
+.card .line .line { margin-top:0; }
 .chip { background:#eef0f4; border-radius:10px; padding:0 7px; }
 .score { font-variant-numeric:tabular-nums; color:var(--muted); }
 .badge { border-radius:10px; padding:0 8px; color:#fff; font-weight:600; }
@@ -900,7 +902,7 @@ const cards = items.map((it, i) => {
   }
   const name = el("div", {class: "name", title: it.path, text: it.name});
   const dec = el("span", {class: "badge"});
-  const tags = el("span");
+  const tags = el("span", {class: "line"});
   const line1 = el("div", {class: "line"}, el("span", {class: "chip", text: it.defect}),
     el("span", {class: "score", text: it.status === "ok" ? "score " + num(it.score) : ""}));
   const line2 = el("div", {class: "line"}, dec, tags);
@@ -1032,4 +1034,5 @@ if (t0 !== null && isFinite(parseFloat(t0))) {
   if (v > hi) slider.max = v;
   setThreshold(v);
 } else setThreshold(stored);
+document.body.dataset.renderedMs = performance.now().toFixed(0);  // page start to ready
 """
