@@ -233,6 +233,16 @@ def test_launcher_rebuilds_the_page_of_an_existing_run(run, tmp_path):
     done = _launch(f"--workdir={run}")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(page) and page.read_text() == before
+    # The data summary's warnings are shown (here one added to the run's recorded summary).
+    summary_path = run / report.DATA_SUMMARY
+    summary = json.loads(summary_path.read_text())
+    summary_path.write_text(json.dumps({**summary, "warnings": ["3 image(s) are <grayscale>"]}))
+    try:
+        assert _launch(f"--workdir={run}").returncode == 0
+        dom = Dom(browse(page, "", tmp_path, "--dump-dom"))
+    finally:
+        summary_path.write_text(json.dumps(summary))
+    assert [e["text"] for e in dom.with_class("warn")] == ["⚠ 3 image(s) are <grayscale>"]
     done = _launch(f"--workdir={tmp_path}")
     assert done.returncode == 2 and "python -m launch.evaluate" in done.stderr
     done = _launch(f"--workdir={run}", "--step=12345")
@@ -247,3 +257,25 @@ def test_the_page_escapes_what_it_embeds(tmp_path):
     embedded = text[start:].split(">", 1)[1].split("</script>", 1)[0]
     assert json.loads(embedded)["items"][0]["name"] == "</script><b>bold</b>"
     assert report.DATA_SUMMARY == train.DATA_SUMMARY and report.EVAL_DIR == evaluate.EVAL_DIR
+
+
+def test_thumbnail_panels_show_the_image_the_map_and_the_truth():
+    """A hand-made case: a grey image, a map hot in one square, ground truth in another."""
+    side = report.THUMB_SIDE
+    image = np.full((32, 32, 3), 0.5, np.float32)
+    amap = np.zeros((32, 32), np.float32)
+    amap[4:12, 4:12] = 1.0
+    mask = np.zeros((32, 32), bool)
+    mask[20:28, 20:28] = True
+    strip = np.asarray(report.thumbnail(image, amap, mask=mask), np.float64)
+    assert strip.shape == (side, 3 * side, 3)
+    first, heat, truth = strip[:, :side], strip[:, side : 2 * side], strip[:, 2 * side :]
+    assert np.abs(first - 127.5).max() <= 1
+    # Jet (dark red at 1, dark blue at 0) half over grey, the squares upscaled 4x.
+    assert heat[32, 32, 0] > heat[32, 32, 2] + 40 and heat[100, 100, 2] > heat[100, 100, 0] + 40
+    white = truth.min(axis=-1) > 200
+    expected = np.zeros((side, side), bool)
+    expected[80:112, 80:112] = True
+    assert np.mean(white == expected) > 0.99
+    red = (truth[..., 0] > 200) & (truth[..., 1] < 60)
+    assert red[16:48, 16:48].sum() > 50 and not red[60:, 60:].any()  # outline of the hot square
