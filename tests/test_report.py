@@ -19,6 +19,7 @@ from test_contract import tiny_config
 
 from wdam_jax import evaluate, predict, report, thresholds, train
 from wdam_jax.data import sources
+from wdam_jax.errors import MissingFileError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"}
@@ -238,15 +239,17 @@ def test_launcher_rebuilds_the_page_of_an_existing_run(run, tmp_path):
     summary = json.loads(summary_path.read_text())
     summary_path.write_text(json.dumps({**summary, "warnings": ["3 image(s) are <grayscale>"]}))
     try:
-        assert _launch(f"--workdir={run}").returncode == 0
+        assert report.build(run) == page
         dom = Dom(browse(page, "", tmp_path, "--dump-dom"))
     finally:
         summary_path.write_text(json.dumps(summary))
+        report.build(run)
     assert [e["text"] for e in dom.with_class("warn")] == ["⚠ 3 image(s) are <grayscale>"]
+    # Nothing to make a page of: one message naming the fix, exit code 2.
     done = _launch(f"--workdir={tmp_path}")
     assert done.returncode == 2 and "python -m launch.evaluate" in done.stderr
-    done = _launch(f"--workdir={run}", "--step=12345")
-    assert done.returncode == 2 and f"evaluated steps: {step}" in done.stderr
+    with pytest.raises(MissingFileError, match=f"evaluated steps: {step}"):
+        report.build(run, step=12345)
 
 
 def test_the_page_escapes_what_it_embeds(tmp_path):

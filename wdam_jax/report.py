@@ -329,6 +329,7 @@ def evaluation_page(workdir: str | os.PathLike, outdir: str | os.PathLike) -> pa
         "curves": _png_data_url(outdir / "learning_curves.png"),
         "threshold": _threshold_data(stored, items),
         "panels": ["image", "anomaly map", "ground truth, predicted region in red"],
+        "group": "defect type",
         "thumb_size": [3 * THUMB_SIDE, THUMB_SIDE],
         "items": items,
     }
@@ -451,6 +452,7 @@ def prediction_page(out: str | os.PathLike) -> pathlib.Path:
         "curves": None,
         "threshold": {"value": threshold["threshold"], "rule": threshold["rule"], "presets": {}},
         "panels": ["image", "anomaly map"],
+        "group": "folder",
         "thumb_size": [2 * THUMB_SIDE, THUMB_SIDE],
         "items": items,
     }
@@ -709,7 +711,7 @@ _RUN_BODY = """
 <option value="score_asc">score, lowest first</option>
 <option value="name">file name</option><option value="order">as evaluated</option>
 </select></label>
-<label>defect type <select id="defect"></select></label>
+<label><span id="defect-label">defect type</span> <select id="defect"></select></label>
 <label>decision <select id="decision"></select></label>
 <span id="n-shown"></span> <span class="panels" id="panels"></span></div>
 <div id="cards"></div></section>
@@ -891,6 +893,7 @@ const S = labelled ? {
 
 // ---- cards
 $("panels").textContent = "panels: " + D.panels.join(" | ");
+$("defect-label").textContent = D.group;
 const [tw, th] = D.thumb_size;
 const cards = items.map((it, i) => {
   const kids = [];
