@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup lock test demo lint complexity bench clean
+.PHONY: setup lock browser test demo lint complexity bench clean
 
 # The dependencies come from requirements.lock (every package pinned, with its SHA-256), then the
 # package itself without dependencies, built with the locked setuptools (no unpinned download).
@@ -28,7 +28,15 @@ lock:
 	  --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
 	  --custom-compile-command 'make lock' $(UPGRADE) -o requirements.lock
 
-# The test command CI runs (.ci/run).
+# Headless Chromium for the page tests (tests/test_report.py load report.html in it): Debian's
+# package, installed with apt (root, or sudo); nothing when a chromium is already on PATH.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; }
+
+# The test command CI runs (.ci/run, after make browser).
 test: setup
 	$(BIN)/python -m pytest -n 2 --dist loadfile tests
 

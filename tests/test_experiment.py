@@ -6,6 +6,7 @@ paper's numbers are transcribed consistently."""
 import importlib
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -196,6 +197,14 @@ def test_killed_experiment_resumes_without_redoing_finished_runs(
     assert "| **mean** |" in table and "93.23" in table and "4/4 runs finished" in table
     csv_lines = (workdir / "results.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + 2 * 3 * 3  # header + rows x (2 categories + mean) x metrics
+    # The page: the same tables, each of our cells linking to its run's page.
+    page = (workdir / "report.html").read_text()
+    links = re.findall(r"href='([^']+)'", page)
+    assert len(links) == 3 * 2 * 2 and all((workdir / link).is_file() for link in links)
+    seed = written["seeds"][0]
+    mean = rows["cutpaste"]["cells"]["washer"]["i_auroc"]["mean"]
+    assert f"<a href='cutpaste/washer/seed{seed}/report.html'>{mean:.2f}</a>" in page
+    assert "<td class='paper'>93.23</td>" in page
     # Each run directory is an ordinary one: launch.evaluate's function re-scores it.
     again = evaluate.evaluate(None, runs[3].workdir)
     recorded = json.loads((runs[3].workdir / experiment.DONE_FILE).read_text())["metrics"]

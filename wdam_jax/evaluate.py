@@ -15,7 +15,9 @@ Restores the run (:func:`wdam_jax.train.restore`), scores the test split with th
   defect type and the normal ones, the highest and the lowest scored of each
   (:func:`wdam_jax.reporting.figure_selection`), with the image threshold and each decision;
 - ``learning_curves.png``: the logged training and validation scalars against the step, when the
-  run logged any.
+  run logged any;
+- ``report.html`` with ``report_assets/`` (one thumbnail per test image): the page a person
+  opens (:mod:`wdam_jax.report`); ``<workdir>/report.html`` redirects to the newest one.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from wdam_jax import checkpoints, metrics, reporting, runlock, thresholds
+from wdam_jax import checkpoints, metrics, report, reporting, runlock, thresholds
 from wdam_jax import train as train_lib
 from wdam_jax.data import sources
 from wdam_jax.methods.base import Method, describe
@@ -38,7 +40,7 @@ EVAL_DIR = thresholds.EVAL_DIR
 _REPORT = runlock.written_by(
     "metrics.json",
     {"metrics.json", "metrics.csv", "metrics.md", "scores.csv", "scores.npz", "heatmaps.png",
-     "learning_curves.png", thresholds.THRESHOLDS_FILE},
+     "learning_curves.png", thresholds.THRESHOLDS_FILE, report.REPORT_FILE, report.ASSETS},
 )  # fmt: skip
 
 
@@ -110,10 +112,15 @@ def evaluate(
     with runlock.publish(final, owns=_REPORT, kind="evaluation report") as outdir:
         _write_report(run, workdir, split, scores, maps, results, outdir, by_defect=by_defect)
     share_thresholds(workdir, final)
+    # The page reads the published report (its step from the folder's name) and adds to it.
+    page = report.write_evaluation_report(
+        workdir, final, images=split.images, masks=split.masks, maps=scores.maps
+    )
     table = reporting.markdown_table(results, by_defect)
     logging.info("Metrics of %s at step %d written to %s.", workdir, run.step, final)
     label = describe(config)["label"]
     print(f"\n{label} {config.data.category}, step {run.step} ({final}):\n{table}", flush=True)
+    print(f"Open {page} in a browser (no server needed).", flush=True)
     return results
 
 

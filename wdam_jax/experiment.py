@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from wdam_jax import checkpoints, runlock
+from wdam_jax import checkpoints, report, runlock
 from wdam_jax import evaluate as evaluate_lib
 from wdam_jax.errors import ConfigError, InputsError, check_config_variant
 from wdam_jax.methods import registry
@@ -436,7 +436,8 @@ def _csv(results: Mapping[str, Any]) -> str:
 
 
 def write_results(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-    """Writes ``<workdir>/results.{md,csv,json}`` (each atomically) from the finished runs.
+    """Writes ``<workdir>/results.{md,csv,json}`` (each atomically) from the finished runs, and
+    the page ``<workdir>/report.html`` (:func:`wdam_jax.report.experiment_page`).
 
     Shards finishing together take turns (the experiment folder's lock, waited for: the
     aggregation takes milliseconds), and each aggregates inside its turn, after its own
@@ -450,5 +451,6 @@ def write_results(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
         checkpoints.atomic_write_text(workdir / f"{RESULTS_STEM}.csv", _csv(results))
         table = markdown(results)
         checkpoints.atomic_write_text(workdir / f"{RESULTS_STEM}.md", table)
-    print(f"\n{table}\n({workdir / RESULTS_STEM}.{{md,csv,json}})", flush=True)
+        page = report.experiment_page(workdir)
+    print(f"\n{table}\n({workdir / RESULTS_STEM}.{{md,csv,json}}, {page})", flush=True)
     return results

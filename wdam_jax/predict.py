@@ -14,7 +14,10 @@
 3. writes ``<out>/predictions.csv`` (one row per file, written as it goes into the staging
    folder), ``<out>/predictions.json`` (the same rows with the threshold, its rule and the
    normalisation) and ``<out>/overlays/<index>_<name>.png`` (input as the model sees it |
-   heatmap of the normalised map, 0.5 = the pixel threshold | the predicted region's outline).
+   heatmap of the normalised map, 0.5 = the pixel threshold | the predicted region's outline);
+4. writes ``<out>/report.html``, the page a person opens (:func:`wdam_jax.report.prediction_page`:
+   one card per file with a thumbnail from ``<out>/report_assets/``, sortable and filterable, and
+   a threshold control).
 
 The output folder is written whole or not at all (:func:`wdam_jax.runlock.publish`: into a
 temporary sibling, renamed into place when complete): ``out`` must be new, empty, or (with
@@ -48,7 +51,7 @@ import scipy.ndimage
 from absl import logging
 from PIL import Image, ImageDraw
 
-from wdam_jax import runlock, thresholds
+from wdam_jax import report, runlock, thresholds
 from wdam_jax import train as train_lib
 from wdam_jax.data import datasets
 from wdam_jax.data import summary as data_summary
@@ -282,7 +285,9 @@ def predict(
       runlock.FolderBusyError: another process predicts into ``out``.
     """
     workdir = pathlib.Path(workdir)
-    owns = runlock.written_by(JSON_FILE, {JSON_FILE, CSV_FILE, OVERLAY_DIR})
+    owns = runlock.written_by(
+        JSON_FILE, {JSON_FILE, CSV_FILE, OVERLAY_DIR, report.REPORT_FILE, report.ASSETS}
+    )
     kind = dict(owns=owns, overwrite=overwrite, kind="prediction")
     out = runlock.check_output(out, **kind)  # before the slow part: a wrong --out fails at once
     paths, skipped = list_inputs(images)
@@ -297,6 +302,7 @@ def predict(
     with runlock.publish(out, **kind) as staging:
         rows = _predict_into(staging, paths, run, image_t, pixel_t, batch_size, overlays)
         _write_json(staging / JSON_FILE, rows, run, workdir, image_t, pixel_t, skipped, warnings)
+    page = report.prediction_page(out)  # from the published rows (thumbnails came with them)
     n_bad = sum(r["status"] != "ok" for r in rows)
     n_anomalous = sum(r["decision"] == "anomalous" for r in rows)
     logging.info(
@@ -306,6 +312,7 @@ def predict(
         n_bad,
         out,
     )
+    print(f"Open {page} in a browser (no server needed).", flush=True)
     return rows
 
 
@@ -362,6 +369,10 @@ def _write_overlay(out, row, image, amap, pixel_t) -> str:
     )
     name = f"{row['index']:05d}_{pathlib.Path(row['path']).stem}.png"
     overlay(image, normalised, caption, outline=pixel_t is not None).save(out / OVERLAY_DIR / name)
+    report.save_thumbnail(
+        out / report.ASSETS / report.thumb_name(row["index"]),
+        report.thumbnail(image, normalised, outline=pixel_t is not None),
+    )
     return str(pathlib.Path(OVERLAY_DIR) / name)
 
 
