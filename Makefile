@@ -36,8 +36,8 @@ browser:
 	  $(SUDO) apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; }
 
-# The test command CI runs (.ci/run, after make browser).
-test: setup
+# The test command CI runs (.ci/run); the page tests need the browser.
+test: setup browser
 	$(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 # The main job on the built-in demo data: trains, checkpoints, evaluates, prints the metrics.
