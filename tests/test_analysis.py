@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from test_contract import tiny_config
 
-from wdam_jax import train
+from wdam_jax import batch_norm, train
 from wdam_jax.analysis import compare, subband_figure, subband_weights
 from wdam_jax.data import sources
 from wdam_jax.errors import UserError
@@ -134,9 +134,10 @@ def test_cutpaste_gate_and_final_weights(demo_data_root, tmp_path):
     run = train.restore(tmp_path / "cp")
     split = sources.load_split(run.config.data, split="test")
     set_wdam_gate(run.model, True)
-    run.model(jnp.asarray(split.images), train=False)
+    scoring = batch_norm.apply_batch_stats(run.model, run.fitted)  # as CutPaste scores
+    scoring(jnp.asarray(split.images), train=False)
     direct = {p: np.asarray(m.subband_weights.get_value())
-              for p, m in subband_weights.wdam_modules(run.model).items()}  # fmt: skip
+              for p, m in subband_weights.wdam_modules(scoring).items()}  # fmt: skip
     assert list(result.weights) == list(direct) == ["backbone.layer1.0.wdam.wdam"]
     np.testing.assert_allclose(result.weights["backbone.layer1.0.wdam.wdam"],
                                direct["backbone.layer1.0.wdam.wdam"], atol=1e-6)  # fmt: skip

@@ -190,7 +190,14 @@ def test_predict_warns_on_a_test_split_or_unsupported_threshold(runs, tmp_path, 
     assert any("TEST SPLIT" in w and "--config.data.holdout_fraction" in w for w in warned)
     assert any("does not hold its rule: too few" in w for w in warned)
     warned.clear()
-    predict.predict(workdir, tmp_path / "new", tmp_path / "out", threshold=1.0, pixel_threshold=1.0)
+    predict.predict(
+        workdir,
+        tmp_path / "new",
+        tmp_path / "out",
+        threshold=1.0,
+        pixel_threshold=1.0,
+        overwrite=True,
+    )
     assert not any("TEST SPLIT" in w or "its rule" in w for w in warned)
 
 

@@ -297,6 +297,7 @@ def evaluation_page(workdir: str | os.PathLike, outdir: str | os.PathLike) -> pa
     step = int(outdir.name.removeprefix("step_"))
     stored = _read_json(outdir / thresholds.THRESHOLDS_FILE)
     raw = _read_json(outdir / "metrics.json")
+    raw = {k: v for k, v in raw.items() if k != reporting.BY_DEFECT_KEY}  # the page's own below
     columns = [
         c
         for c in reporting.METRICS + reporting.DECISION_METRICS
