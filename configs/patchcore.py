@@ -85,6 +85,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # Memory bank and coreset sharded by rows over this host's devices (a bank bounded
             # by their total memory); the same results (wdam_jax/methods/patchcore_sharded.py).
             "shard_bank": False,
+            # Exact kNN that skips the bank rows a proven lower bound rules out (the same
+            # neighbours as brute force; wdam_jax/methods/patchcore_index.py), its index built
+            # at fit and saved with the bank. The sharded bank searches by brute force.
+            "knn_index": True,
         }
     )
     config.members = ml_collections.ConfigDict({"plain": member("imagenet")})

@@ -46,6 +46,7 @@ from wdam_jax import checkpoints
 from wdam_jax.data import pipeline
 from wdam_jax.errors import ConfigError, MissingFileError
 from wdam_jax.methods import patchcore as pc
+from wdam_jax.methods import patchcore_index as pindex
 from wdam_jax.methods import patchcore_sharded as sharded
 from wdam_jax.methods.base import Fitted, ImageScores, Method
 from wdam_jax.models import wide_resnet
@@ -70,6 +71,22 @@ NORMALISATIONS = ("train_standardise", "minmax_over_evaluated_set")
 def normalisation(config: ml_collections.ConfigDict) -> str:
     """``config.patchcore.normalisation`` (runs recorded before the field existed: the default)."""
     return config.patchcore.get("normalisation", NORMALISATIONS[0])
+
+
+def knn_index(config: ml_collections.ConfigDict) -> bool:
+    """``config.patchcore.knn_index``: the pruned exact search (:mod:`patchcore_index`); runs
+    recorded before the field existed get it too (same answers; their index is built on load)."""
+    return bool(config.patchcore.get("knn_index", True))
+
+
+def index_arrays(fitted: Fitted, name: str) -> dict[str, np.ndarray] | None:
+    """Member ``name``'s saved index (``<name>.index.<key>``), or None (fitted without one)."""
+    keys = [f"{name}.index.{k}" for k in pindex.INDEX_KEYS]
+    return (
+        {k: fitted[f"{name}.index.{k}"] for k in pindex.INDEX_KEYS}
+        if all(k in fitted for k in keys)
+        else None
+    )
 
 
 def scoring(config: ml_collections.ConfigDict) -> str:
@@ -322,11 +339,33 @@ class PatchCore(Method):
         )
         return feats
 
-    def _score_member(self, bank: np.ndarray, feats: np.ndarray, size: tuple[int, int]):
+    def _search_bank(self, bank: np.ndarray, index: dict[str, np.ndarray] | None):
+        """What :func:`patchcore.score_patches` searches: the sharded bank (brute force), the
+        pruned index (``patchcore.knn_index``; built once per bank when ``index`` is None), or
+        the bank itself."""
+        if self.config.patchcore.shard_bank:
+            return sharded.ShardedBank(bank, sharded.bank_mesh())
+        if not knn_index(self.config):
+            return jnp.asarray(bank)
+        cache = self.__dict__.setdefault("_pruned_banks", {})
+        if id(bank) not in cache:  # the bank is kept alive beside its index
+            pruned = (
+                pindex.PrunedBank.build(bank)
+                if index is None
+                else pindex.PrunedBank.from_arrays(bank, index)
+            )
+            cache[id(bank)] = (bank, pruned)
+        return cache[id(bank)][1]
+
+    def _score_member(
+        self,
+        bank: np.ndarray,
+        feats: np.ndarray,
+        size: tuple[int, int],
+        index: dict[str, np.ndarray] | None = None,
+    ):
         cfg = self.config.patchcore
-        bank = (
-            sharded.ShardedBank(bank, sharded.bank_mesh()) if cfg.shard_bank else jnp.asarray(bank)
-        )
+        bank = self._search_bank(bank, index)
         return pipeline.map_batches(
             lambda f: pc.score_patches(
                 bank,
@@ -341,8 +380,10 @@ class PatchCore(Method):
         )
 
     def fit(self, model: PatchCoreNet, train_images: np.ndarray, *, step: int) -> Fitted:
-        """Each member's coreset bank ``<name>.bank`` [M, D] and, for an ensemble, its score
-        statistics on normal training images (``<name>.image_mean``, ...)."""
+        """Each member's coreset bank ``<name>.bank`` [M, D], with ``patchcore.knn_index`` its
+        search index (``<name>.index.center``, ``.directions``, ``.codes``, ``.residual``,
+        ``.order``) and, for an ensemble, its score statistics on normal training images
+        (``<name>.image_mean``, ...)."""
         del step
         cfg, category = self.config.patchcore, self.config.data.category
         key = jax.random.key(self.config.seed)
@@ -368,10 +409,12 @@ class PatchCore(Method):
             )
             bank = flat[np.asarray(idx)]
             fitted[f"{name}.bank"] = bank
+            index = pindex.build_arrays(bank) if knn_index(self.config) else None
+            fitted.update({f"{name}.index.{k}": v for k, v in (index or {}).items()})
             if len(self.names) > 1:
                 calib = feats[: cfg.calibration_images]
                 stats = pc.normalisation_stats(
-                    *self._score_member(bank, calib, train_images.shape[1:3])
+                    *self._score_member(bank, calib, train_images.shape[1:3], index)
                 )
                 fitted.update({f"{name}.{k}": np.float64(stats[k]) for k in STAT_KEYS})
         return fitted
@@ -384,7 +427,8 @@ class PatchCore(Method):
         members = []
         for name in self.names:
             feats = self._features(model.member(name), images, what=f"{category}/{name} scoring")
-            members.append(self._score_member(fitted[f"{name}.bank"], feats, images.shape[1:3]))
+            bank, index = fitted[f"{name}.bank"], index_arrays(fitted, name)
+            members.append(self._score_member(bank, feats, images.shape[1:3], index))
         if len(members) == 1:
             return ImageScores(*members[0])
         kind = normalisation(self.config)
