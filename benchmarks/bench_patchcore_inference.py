@@ -111,6 +111,9 @@ def main() -> None:
         "--inference-fn", action="store_true", help="also time PatchCore.inference_fn (export)"
     )
     parser.add_argument("--quick", action="store_true", help="bank 1024, 1 repeat (a smoke run)")
+    parser.add_argument(
+        "--brute-force", action="store_true", help="patchcore.knn_index=False (the plain kNN)"
+    )
     args = parser.parse_args()
     bank_rows = args.bank or (1024 if args.quick else 16384)
     repeats = args.repeats or (1 if args.quick else 5)
@@ -133,6 +136,7 @@ def main() -> None:
     config = patchcore_config.get_config()
     config.score.eval_batch_size = args.batch_size
     config.patchcore.scoring = "anomalib"  # compared with anomalib's scores below
+    config.patchcore.knn_index = not args.brute_force
     cfg = config.patchcore
     if (cfg.pretrain_dim, cfg.target_dim, cfg.patch_size) != (1024, 1024, 3):
         raise SystemExit("configs/patchcore.py changed its feature dims: update anomalib_to_ours")
@@ -258,6 +262,13 @@ def main() -> None:
     for name, t in times.items():
         print(f"| {name} | {t / batch * 1e3:.1f} | {t * 1e3:.0f} |")
     print(f"RATIO anomalib / ours = {times['anomalib'] / times['ours']:.2f}x  (goal >= 2)")
+    for _, pruned in method.__dict__.get("_pruned_banks", {}).values():
+        s = pruned.last_stats
+        print(
+            f"kNN index (patchcore.knn_index): bank fraction needed per query "
+            f"{s['needed_fraction']:.4f}, scanned {s['scanned_fraction']:.4f}, fallback rate "
+            f"{s['fallback_fraction']:.4f}"
+        )
 
 
 def anomalib_forward(model, x) -> None:

@@ -96,11 +96,12 @@ def test_queries_far_from_the_bank():
 def test_unstructured_bank_scans_more_and_stays_correct():
     rng = np.random.default_rng(4)
     bank = rng.normal(size=(3000, 128)).astype(np.float32)
-    queries = rng.normal(size=(500, 128)).astype(np.float32)
+    queries = rng.normal(size=(1200, 128)).astype(np.float32)
     pruned = pindex.PrunedBank.build(bank)
     stats = _assert_same(bank, queries, pruned)
-    # Gaussian rows in 128-d: no bound can skip much, so the search falls back to brute force.
-    assert stats["needed_fraction"] > 0.5 and stats["fallback_fraction"] > 0.5
+    # Gaussian rows in 128-d: no bound can skip much, so the search falls back to brute force,
+    # and after 8 such chunks stops computing the bounds (the last 176 queries).
+    assert stats["needed_fraction"] > 0.5 and stats["fallback_fraction"] == 1.0
 
 
 @pytest.mark.parametrize("rows,dim", [(1, 8), (5, 8), (127, 32), (129, 40), (300, 300)])

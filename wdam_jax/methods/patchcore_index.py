@@ -31,8 +31,9 @@ block centroid nearest their code, so a chunk's queries want the same blocks):
 4. exact squared distances on the scanned rows by the same norm expansion as brute force, the
    minimum, and among equal minima the lowest original index (brute force's tie rule).
 
-A chunk whose union reaches the whole bank (a bank without structure) falls back to brute force
-itself for its queries; :attr:`PrunedBank.last_stats` counts them and the fraction scanned.
+A chunk whose union exceeds half the bank (a bank without structure) falls back to brute force
+itself for its queries, and once three quarters of at least 8 chunks have, the remaining queries
+skip the bounds too; :attr:`PrunedBank.last_stats` counts them and the fraction scanned.
 k > 1 (the reweighting's ``N_b(m*)``, a handful of queries) and row lookups use the bank as is.
 """
 
@@ -336,8 +337,14 @@ class PrunedBank:
         fallback: list[np.ndarray] = []
         scanned = needed = 0
         rtol, atol = jnp.float32(self.rtol), jnp.float32(self.atol)
+        bounded = fallback_chunks = 0
         for s in range(0, num_q, qc):
             ids = perm[s : s + qc]
+            chunks = s // qc
+            if chunks >= 8 and fallback_chunks > 0.75 * chunks:  # no structure: stop bounding
+                fallback.append(perm[s:])
+                scanned += (num_q - s) * self.num_blocks
+                break
             # A short last chunk repeats its last query: same shape, no extra blocks needed.
             ids_padded = np.concatenate([ids, np.full(qc - len(ids), ids[-1])])
             chunk = jnp.asarray(queries[ids_padded])
@@ -349,9 +356,13 @@ class PrunedBank:
             )  # fmt: skip
             blocks = np.flatnonzero(np.asarray(union)[: self.num_blocks])
             needed += int(np.asarray(per_query)[: len(ids)].sum())
+            bounded += len(ids)
             size = _bucket(len(blocks))
-            if size >= self.num_blocks:  # no saving left: brute force itself, below
+            # Scanning more than half the bank through a gather costs about a full scan: brute
+            # force itself answers these queries (below, in one call).
+            if 2 * size > self.num_blocks:
                 fallback.append(ids)
+                fallback_chunks += 1
                 scanned += len(ids) * self.num_blocks
                 continue
             padded = np.concatenate([blocks, np.full(size - len(blocks), self.pad_block)])
@@ -367,7 +378,8 @@ class PrunedBank:
             "queries": num_q,
             "fallback_fraction": sum(map(len, fallback)) / num_q,
             "scanned_fraction": scanned / (num_q * self.num_blocks),
-            "needed_fraction": needed / (num_q * self.num_blocks),
+            # Over the queries whose bounds were computed (all but those after an early stop).
+            "needed_fraction": needed / max(1, bounded * self.num_blocks),
         }
         return jnp.asarray(out_d), jnp.asarray(out_i)
 
