@@ -55,6 +55,7 @@ def bench_jax(args, images, labels) -> tuple[float, float, str]:
     config.model.pretrained = ""
     config.model.wdam_layers = tuple(int(x) for x in args.wdam_layers.split(",") if x)
     config.train.batch_size = args.batch_size
+    config.train.stage_epochs = ()  # stage lengths in steps (the config counts epochs now)
     config.train.stage1_steps = 10**6  # stay in stage 1 (SGD), as the PyTorch side
     method = cutpaste.CutPaste(config)
     mesh = train.data_mesh()
