@@ -79,11 +79,14 @@ def _chunked_codes(rows, center, directions, *, chunk: int = 8192) -> tuple[np.n
     return tuple(np.concatenate([np.asarray(p[i]) for p in parts]) for i in range(2))
 
 
-def principal_directions(centred: np.ndarray, dim: int, *, max_rows: int = 16384) -> np.ndarray:
-    """``[D, dim]`` float32 orthonormal top principal directions of centred rows (a strided
-    subsample of at most ``max_rows``; eigenvectors of the float64 covariance)."""
-    stride = max(1, -(-centred.shape[0] // max_rows))
-    sample = np.asarray(centred[::stride], np.float32)
+def principal_directions(
+    bank: Array, center: Array, dim: int, *, max_rows: int = 16384
+) -> np.ndarray:
+    """``[D, dim]`` float32 orthonormal top principal directions of ``bank`` ``[M, D]`` about
+    ``center`` (from a strided subsample of at most ``max_rows`` rows, so no centred copy of a
+    large bank is made; eigenvectors of the float64 covariance)."""
+    stride = max(1, -(-bank.shape[0] // max_rows))
+    sample = np.asarray(bank[::stride] - center, np.float32)
     cov = np.matmul(sample.T, sample).astype(np.float64)
     _, vectors = np.linalg.eigh(cov)
     return np.ascontiguousarray(vectors[:, ::-1][:, :dim], np.float32)
@@ -396,8 +399,7 @@ def build_arrays(bank: ArrayLike, *, dim: int = 63) -> dict[str, np.ndarray]:
     if num < 1:
         raise ValueError("PrunedBank: the bank is empty")
     center = jnp.mean(bank32, axis=0)
-    centred = np.asarray(bank32 - center)
-    directions = principal_directions(centred, min(dim, width))
+    directions = principal_directions(bank32, center, min(dim, width))
     codes, residual = _chunked_codes(np.asarray(bank32), center, jnp.asarray(directions))
     order = tree_order(codes)
     return {
