@@ -1,0 +1,33 @@
+r"""The demo study of DRAEM (Table 5's rows on the built-in demo data).
+
+  python -m launch.experiment --config=configs/experiments/study_draem_demo.py \
+      --workdir=workdirs/study_draem_demo
+
+Rows DRAEM and +WDAM, each ``configs/draem*.py:demo`` as it is (its validation phase included,
+so each run is scored from its validation-selected checkpoint), on the four demo categories with
+three seeds.
+"""
+
+import ml_collections
+
+from configs.experiments import common
+from configs.experiments.study_cutpaste_demo import CATEGORIES
+
+VARIANTS = ("",)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    if arg:
+        raise ValueError(f"Unknown argument {arg!r}: this study has no variants.")
+    config = common.experiment(
+        "DRAEM demo study",
+        "",
+        section="demo data",
+        categories=CATEGORIES,
+        data_root=common.DEMO_ROOT,
+        seeds=(0, 1, 2),
+    )
+    config.rows.draem = common.row("DRAEM", "draem:demo")
+    config.rows.draem_wdam = common.row("+WDAM", "draem_wdam:demo")
+    config.order = ("draem", "draem_wdam")
+    return config
