@@ -215,22 +215,9 @@ def augmentations(source: str, normals: np.ndarray) -> np.ndarray:
     for i, image in enumerate(normals):
         rng = np.random.default_rng([_SEED.value, SOURCES.index(source), i])
         if source == "cutpaste":
-            x = augment.cutpaste(
-                rng,
-                image,
-                area_ratio=tuple(a.cutpaste_area_ratio),
-                aspect_ratio=tuple(tuple(r) for r in a.cutpaste_aspect_ratio),
-                color_jitter=a.color_jitter,
-            )
+            x = augment.cutpaste(rng, image, **augment.cutpaste_options(a))
         elif source == "scar":
-            x = augment.cutpaste_scar(
-                rng,
-                image,
-                width=tuple(max(1.0, v * scale) for v in a.scar_width),
-                length=tuple(max(1.0, v * scale) for v in a.scar_length),
-                rotation=tuple(a.scar_rotation),
-                color_jitter=a.color_jitter,
-            )
+            x = augment.cutpaste_scar(rng, image, **augment.scar_options(a, scale=scale))
         else:
             for _ in range(DRAEM_ATTEMPTS):
                 x, mask = augment.draem_anomaly(

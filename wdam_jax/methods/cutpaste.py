@@ -49,15 +49,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import scipy.ndimage
 from absl import logging
 from flax import nnx
 
 from wdam_jax import batch_norm
+from wdam_jax.components import gaussian
+from wdam_jax.components.scoring import Scorer, extract_features, fill_untrained
 from wdam_jax.data import anomaly_sources, augment, datasets, pipeline
 from wdam_jax.data.sources import load_split
 from wdam_jax.errors import ConfigError
-from wdam_jax.methods.base import Fitted, ImageScores, Method
+from wdam_jax.filters import gaussian_blur
+from wdam_jax.methods.base import Fitted, Method
 from wdam_jax.models.wide_resnet import (
     BASE_WIDTH,
     DEPTHS,
@@ -214,115 +216,37 @@ def create_model(
         for block in getattr(model.backbone, f"layer{index}"):
             block.wdam = GatedWDAM(block.wdam)
     if abstract:
-        # Variables outside the train state (gates, WDAM diagnostics) need concrete values.
-        for _, var in nnx.iter_graph(model):
-            if isinstance(var, nnx.Variable) and not isinstance(var, nnx.Param | nnx.BatchStat):
-                value = var.get_value()
-                var.set_value(jnp.ones(value.shape, value.dtype))
+        fill_untrained(model, 1.0)  # gates on, WDAM diagnostics: restored runs set them
     return model
 
 
 # --------------------------------------------------------------------------------------------
-# Gaussian density estimation (CutPaste's image score, and the pixel map).
+# Gaussian densities (CutPaste's image score, and the pixel map): fitted in numpy float64 on the
+# training features, scored by one jnp function (:func:`score_features`) on every path.
 
 
-def ledoit_wolf_shrinkage(x: np.ndarray) -> float:
-    """Ledoit-Wolf shrinkage intensity of centred samples (Ledoit & Wolf, 2004).
-
-    The same estimator as ``sklearn.covariance.ledoit_wolf_shrinkage``:
-    ``shrunk = (1 - s) * S + s * mu * I`` with ``S`` the empirical covariance and
-    ``mu = trace(S) / D``.
-
-    Args:
-      x: ``[N, D]`` samples, already centred.
-
-    Returns:
-      The shrinkage ``s`` in [0, 1].
-    """
-    x = np.asarray(x, np.float64)
-    n, d = x.shape
-    x2 = x**2
-    trace_terms = x2.sum(axis=0) / n
-    mu = trace_terms.sum() / d
-    beta_ = np.sum(x2.T @ x2)
-    delta_ = np.sum((x.T @ x) ** 2) / n**2
-    beta = (beta_ / n - delta_) / (d * n)
-    delta = (delta_ - 2.0 * mu * trace_terms.sum() + d * mu**2) / d
-    beta = min(beta, delta)
-    return 0.0 if beta == 0 else float(beta / delta)
-
-
-@dataclasses.dataclass(frozen=True)
-class Gaussian:
-    """A Gaussian density: ``mean`` ``[..., D]`` (broadcast over locations) and ``precision``
-    ``[D, D]``."""
-
-    mean: np.ndarray
-    precision: np.ndarray
-
-    def mahalanobis(self, x: np.ndarray) -> np.ndarray:
-        """``sqrt((x - mean)^T P (x - mean))`` over the last axis: ``[..., D] -> [...]``."""
-        centred = np.asarray(x, np.float64) - self.mean
-        sq = np.einsum("...i,ij,...j->...", centred, self.precision, centred)
-        return np.sqrt(np.maximum(sq, 0.0))
-
-
-def fit_gaussian(x: np.ndarray, *, location_axes: Sequence[int] = ()) -> Gaussian:
-    """Fits a Gaussian with Ledoit-Wolf shrinkage covariance.
-
-    Args:
-      x: ``[N, ..., D]`` normal features.
-      location_axes: axes of ``x`` (after the first) that keep their own mean, e.g. ``(1, 2)``
-        for ``[N, h, w, D]`` feature maps; the covariance is pooled over samples and locations.
-
-    Returns:
-      The :class:`Gaussian`; ``mean`` has shape ``[D]`` or ``[h, w, D]``.
-    """
-    x = np.asarray(x, np.float64)
-    keep = set(location_axes)
-    reduce_axes = tuple(a for a in range(x.ndim - 1) if a not in keep)
-    mean = x.mean(axis=reduce_axes, keepdims=True)
-    centred = (x - mean).reshape(-1, x.shape[-1])
-    s = ledoit_wolf_shrinkage(centred)
-    emp = centred.T @ centred / centred.shape[0]
-    mu = np.trace(emp) / emp.shape[0]
-    cov = (1.0 - s) * emp + s * mu * np.eye(emp.shape[0])
-    return Gaussian(mean=mean.reshape(mean.shape[len(reduce_axes) :]), precision=_pinvh(cov))
-
-
-def _pinvh(cov: np.ndarray) -> np.ndarray:
-    w, v = np.linalg.eigh(cov)
-    keep = w > w.max() * cov.shape[0] * np.finfo(np.float64).eps
-    return (v[:, keep] / w[keep]) @ v[:, keep].T
-
-
-def _whitened(mean: np.ndarray, precision: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """``(mean, W)`` as float32 with ``W W^T = precision`` (eigendecomposition in float64)."""
-    w, v = np.linalg.eigh(np.asarray(precision, np.float64))
-    factor = v * np.sqrt(np.maximum(w, 0.0))
-    return jnp.asarray(mean, jnp.float32), jnp.asarray(factor, jnp.float32)
-
-
-def smooth_maps(maps: np.ndarray, *, size: int, sigma: float) -> np.ndarray:
+def smooth_maps(maps: jax.Array, *, size: int, sigma: float) -> jax.Array:
     """Bilinear upsampling of ``[N, h, w]`` distance maps to ``[N, size, size]``, then a Gaussian
-    blur of ``sigma`` pixels (0 disables)."""
-    maps = np.asarray(maps, np.float32)
-    up = np.asarray(
-        jax.image.resize(jnp.asarray(maps), (maps.shape[0], size, size), "bilinear"), np.float32
-    )
-    if sigma > 0:
-        up = scipy.ndimage.gaussian_filter(up, sigma=(0, sigma, sigma), mode="reflect")
-    return up
+    blur of ``sigma`` pixels (0 disables; scipy's ``reflect`` mode, :func:`filters.gaussian_blur`).
+    """
+    maps = jnp.asarray(maps, jnp.float32)
+    up = jax.vmap(lambda m: jax.image.resize(m, (size, size), "bilinear"))(maps)
+    return gaussian_blur(up, sigma=sigma) if sigma > 0 else up
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     """``x / ||x||`` over the last axis (``[..., D] -> [..., D]``), as CutPaste's reference code
-    does to embeddings before the Gaussian fit."""
+    does to embeddings before the Gaussian fit (numpy float64; :func:`score_features` does the
+    same in jnp)."""
     x = np.asarray(x, np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def pixel_features(features: Mapping[str, np.ndarray], layers: Sequence[str]) -> np.ndarray:
+def _l2_normalize(x: jax.Array) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def pixel_features(features: Mapping[str, jax.Array], layers: Sequence[str]) -> jax.Array:
     """The feature maps of ``layers`` concatenated at the resolution of the first one.
 
     Args:
@@ -333,14 +257,13 @@ def pixel_features(features: Mapping[str, np.ndarray], layers: Sequence[str]) ->
     Returns:
       ``[N, h, w, sum D_i]`` float32.
     """
-    first = np.asarray(features[layers[0]], np.float32)
+    first = jnp.asarray(features[layers[0]], jnp.float32)
     n, h, w, _ = first.shape
     maps = [first]
     for name in layers[1:]:
-        x = np.asarray(features[name], np.float32)
-        shape = (n, h, w, x.shape[-1])
-        maps.append(np.asarray(jax.image.resize(jnp.asarray(x), shape, "bilinear"), np.float32))
-    return np.concatenate(maps, axis=-1)
+        x = jnp.asarray(features[name], jnp.float32)
+        maps.append(jax.image.resize(x, (n, h, w, x.shape[-1]), "bilinear"))
+    return jnp.concatenate(maps, axis=-1)
 
 
 IMAGE_SCORES = ("gde", "map_max")
@@ -362,8 +285,8 @@ def fit_densities(
     """
     if normalize:
         embeddings, pixel_feats = l2_normalize(embeddings), l2_normalize(pixel_feats)
-    image = fit_gaussian(embeddings)
-    pixel = fit_gaussian(pixel_feats, location_axes=(1, 2))
+    image = gaussian.fit_gaussian(embeddings)
+    pixel = gaussian.fit_gaussian(pixel_feats, location_axes=(1, 2))
     return {
         "image_mean": image.mean,
         "image_precision": image.precision,
@@ -372,20 +295,29 @@ def fit_densities(
     }
 
 
+def whitened_densities(fitted: Mapping[str, np.ndarray]) -> dict[str, tuple[jax.Array, ...]]:
+    """:func:`fit_densities`' Gaussians as ``{"image", "pixel"}: (mean, W)`` for
+    :func:`score_features` (:func:`wdam_jax.components.gaussian.whiten`)."""
+    return {
+        "image": gaussian.whiten(fitted["image_mean"], fitted["image_precision"]),
+        "pixel": gaussian.whiten(fitted["pixel_mean"], fitted["pixel_precision"]),
+    }
+
+
 def score_features(
-    fitted: Mapping[str, np.ndarray],
-    embeddings: np.ndarray,
-    pixel_feats: np.ndarray,
+    densities: Mapping[str, tuple[jax.Array, ...]],
+    embeddings: jax.Array,
+    pixel_feats: jax.Array,
     *,
     normalize: bool,
     image_score: str,
     size: int,
     sigma: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Image scores and anomaly maps from features and :func:`fit_densities`' Gaussians.
+) -> tuple[jax.Array, jax.Array]:
+    """Image scores and anomaly maps from features (traceable: the one scoring computation).
 
     Args:
-      fitted: what :func:`fit_densities` returned.
+      densities: :func:`whitened_densities` of the fitted Gaussians.
       embeddings: ``[N, E]``; pixel_feats: ``[N, h, w, D]``.
       normalize: as for the fit.
       image_score: ``"gde"``: Mahalanobis distance of the embedding (CutPaste, the paper);
@@ -393,52 +325,73 @@ def score_features(
       size: side of the input images; sigma: Gaussian smoothing of the map, in pixels.
 
     Returns:
-      ``image_scores`` ``[N]`` and ``maps`` ``[N, size, size]``.
+      ``image_scores`` ``[N]`` and ``maps`` ``[N, size, size]``, float32.
     """
     if image_score not in IMAGE_SCORES:
         raise ValueError(f"config.score.image_score={image_score!r}; use one of {IMAGE_SCORES}.")
+    embeddings = jnp.asarray(embeddings, jnp.float32)
+    pixel_feats = jnp.asarray(pixel_feats, jnp.float32)
     if normalize:
-        embeddings, pixel_feats = l2_normalize(embeddings), l2_normalize(pixel_feats)
-    pixel = Gaussian(fitted["pixel_mean"], fitted["pixel_precision"])
-    maps = smooth_maps(pixel.mahalanobis(pixel_feats), size=size, sigma=sigma)
+        embeddings, pixel_feats = _l2_normalize(embeddings), _l2_normalize(pixel_feats)
+    maps = smooth_maps(
+        gaussian.mahalanobis(pixel_feats, *densities["pixel"]), size=size, sigma=sigma
+    )
     if image_score == "map_max":
-        return maps.reshape(len(maps), -1).max(axis=1), maps
-    image = Gaussian(fitted["image_mean"], fitted["image_precision"])
-    return image.mahalanobis(embeddings), maps
+        return jnp.max(maps.reshape(maps.shape[0], -1), axis=1), maps
+    return gaussian.mahalanobis(embeddings, *densities["image"]), maps
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreSettings:
+    """The ``config.score`` fields the scoring function depends on (hashable: one compile)."""
+
+    embedding: str
+    pixel_layers: tuple[str, ...]
+    normalize: bool
+    image_score: str
+    sigma: float
+
+    @classmethod
+    def of(cls, score: ml_collections.ConfigDict, **overrides) -> ScoreSettings:
+        fields = dict(
+            embedding=score.embedding,
+            pixel_layers=tuple(score.pixel_layers),
+            normalize=bool(score.normalize),
+            image_score=score.image_score,
+            sigma=float(score.pixel_sigma),
+        )
+        return cls(**{**fields, **overrides})
+
+
+@functools.lru_cache(maxsize=8)
+def scoring_fn(graphdef, settings: ScoreSettings):
+    """``(args, images) -> (image_scores, maps)`` for a :class:`~components.scoring.Scorer`,
+    ``args = (network state, whitened densities)``: the inference forward, the named features
+    and :func:`score_features`."""
+    if settings.image_score not in IMAGE_SCORES:
+        raise ValueError(
+            f"config.score.image_score={settings.image_score!r}; use one of {IMAGE_SCORES}."
+        )
+
+    def fn(args, images):
+        state, densities = args
+        out = nnx.merge(graphdef, state, copy=True)(images, train=False)
+        return score_features(
+            densities,
+            out[settings.embedding],
+            pixel_features(out, settings.pixel_layers),
+            normalize=settings.normalize,
+            image_score=settings.image_score,
+            size=images.shape[1],
+            sigma=settings.sigma,
+        )
+
+    return fn
 
 
 def _train_forward(model: CutPasteNet, x: jax.Array) -> None:
     """The training-mode forward whose BatchNorm statistics :meth:`CutPaste.fit` re-estimates."""
     model(x, train=True)
-
-
-@functools.lru_cache(maxsize=8)
-def _forward(graphdef, names: tuple[str, ...]):
-    """One compiled inference forward per (network structure, feature names)."""
-
-    @jax.jit
-    def forward(state, x):
-        out = nnx.merge(graphdef, state, copy=True)(x, train=False)
-        return {k: out[k].astype(jnp.float32) for k in names}
-
-    return forward
-
-
-def extract_features(
-    model: nnx.Module, images: np.ndarray, *, names: Sequence[str], batch_size: int
-) -> dict[str, np.ndarray]:
-    """The named features of ``images`` ``[N, S, S, 3]`` in inference mode (BatchNorm running
-    statistics), in padded batches of ``batch_size`` (one compile per shape)."""
-    graphdef, state = nnx.split(model)
-    forward = _forward(graphdef, tuple(names))
-    out: dict[str, list[np.ndarray]] = {k: [] for k in names}
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        pad = np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)
-        values = jax.device_get(forward(state, np.concatenate([chunk, pad])))
-        for k in names:
-            out[k].append(values[k][: len(chunk)])
-    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -529,21 +482,14 @@ def make_batch(
         if source == "fmas":
             anomaly = data.fmas[int(rng.integers(len(data.fmas)))]
         else:
+            confine = a.get("fm_confines_cutpaste", False)
             anomaly = augment.cutpaste(
-                rng,
-                image,
-                area_ratio=tuple(a.cutpaste_area_ratio),
-                aspect_ratio=tuple(tuple(r) for r in a.cutpaste_aspect_ratio),
-                color_jitter=a.color_jitter,
-                fg_mask=fg if a.get("fm_confines_cutpaste", False) else None,
+                rng, image, **augment.cutpaste_options(a), fg_mask=fg if confine else None
             )
         scar = augment.cutpaste_scar(
             rng,
             image,
-            width=tuple(a.scar_width),
-            length=tuple(a.scar_length),
-            rotation=tuple(a.scar_rotation),
-            color_jitter=a.color_jitter,
+            **augment.scar_options(a),
             fg_mask=fg,
         )
         for view, x in zip(views, (image, anomaly, scar), strict=True):
@@ -588,8 +534,10 @@ class CutPaste(Method):
                 f"config.model.wdam_layers={tuple(config.model.wdam_layers)} but WDAM enters in "
                 "stage 3 and config.train.stage3_steps=0; set train.stage3_steps > 0."
             )
-        elif t.stage1_steps + t.stage2_steps + t.stage3_steps <= 0:
-            raise ValueError("config.train.stage{1,2,3}_steps add up to 0; nothing to train.")
+        elif min(t.stage1_steps, t.stage2_steps, t.stage3_steps) < 0:
+            raise ValueError("config.train.stage{1,2,3}_steps must be >= 0.")
+        # All three 0: the untrained network, fitted and scored as validate scores step 0 (the
+        # baseline a trained run is read against, configs/experiments/study_cutpaste_demo.py).
 
     def resolve_schedule(self) -> None:
         """Stage lengths given in epochs (``train.stage_epochs``) become steps of this category's
@@ -834,13 +782,13 @@ class CutPaste(Method):
 
     def _features(self, model: CutPasteNet, images: np.ndarray, *, step: int):
         """``(embeddings [N, E], pixel features [N, h, w, D])`` of ``images``, inference mode
-        (``model`` as :meth:`_scoring_model` gives it)."""
+        (``model`` as :meth:`_scoring_model` gives it): what :meth:`fit` fits."""
         s = self.config.score
         set_wdam_gate(model, step > self.wdam_start)
         layers = tuple(s.pixel_layers)
         names = tuple(dict.fromkeys((s.embedding, *layers)))
         features = extract_features(model, images, names=names, batch_size=s.eval_batch_size)
-        return features[s.embedding], pixel_features(features, layers)
+        return features[s.embedding], np.asarray(pixel_features(features, layers))
 
     def fit(self, model: CutPasteNet, train_images: np.ndarray, *, step: int) -> Fitted:
         """The Gaussians of :func:`fit_densities` on the normal training images: of the
@@ -850,73 +798,17 @@ class CutPaste(Method):
         embed, pixel = self._features(scoring, train_images, step=step)
         return {**stats, **fit_densities(embed, pixel, normalize=self.config.score.normalize)}
 
-    def inference_fn(self, model: CutPasteNet, fitted: Fitted, *, step: int):
-        """:meth:`score` in ``jax.numpy`` (for export): the same forward, the Mahalanobis
-        distances as ``||(x - mean) W||`` with ``W W^T = precision`` (a sum of squares, so float32
-        keeps ~1e-6 relative precision where the quadratic form would cancel), the same bilinear
-        upsampling and the Gaussian blur in ``lax`` (:func:`patchcore.gaussian_blur`, scipy's
-        ``reflect`` mode)."""
-        from wdam_jax.methods.patchcore import gaussian_blur  # pure jnp; no cycle
-
+    def scorer(
+        self, model: CutPasteNet, fitted: Fitted, *, step: int, image_score: str | None = None
+    ) -> Scorer:
+        """The network as it scores at ``step`` (:meth:`_scoring_model`) and the whitened
+        Gaussians, through :func:`scoring_fn`: the inference forward, the per-location
+        Mahalanobis map (bilinear upsampling, Gaussian blur) and the image score
+        (``score.image_score``, or ``image_score``)."""
         graphdef, state = nnx.split(self._scoring_model(model, fitted, step=step))
-        s = self.config.score
-        if s.image_score not in IMAGE_SCORES:
-            raise ValueError(
-                f"config.score.image_score={s.image_score!r}; use one of {IMAGE_SCORES}."
-            )
-        layers = tuple(s.pixel_layers)
-        image = _whitened(fitted["image_mean"], fitted["image_precision"])
-        pixel = _whitened(fitted["pixel_mean"], fitted["pixel_precision"])
-
-        def distance(x, mean, factor):
-            y = jnp.matmul(x - mean, factor, precision=jax.lax.Precision.HIGHEST)
-            return jnp.sqrt(jnp.sum(jnp.square(y), axis=-1))
-
-        def normalized(x):
-            if not s.normalize:
-                return x
-            return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-        def fn(images):
-            out = nnx.merge(graphdef, state, copy=True)(images, train=False)
-            first = out[layers[0]].astype(jnp.float32)
-            n, h, w, _ = first.shape
-            maps = (
-                [first]
-                + [  # as pixel_features: later layers upsampled to the first's grid
-                    jax.image.resize(
-                        out[k].astype(jnp.float32), (n, h, w, out[k].shape[-1]), "bilinear"
-                    )
-                    for k in layers[1:]
-                ]
-            )
-            dist = distance(normalized(jnp.concatenate(maps, axis=-1)), *pixel)  # [B, h, w]
-            size = images.shape[1]
-            up = jax.vmap(lambda m: jax.image.resize(m, (size, size), "bilinear"))(dist)
-            smooth = gaussian_blur(up, sigma=s.pixel_sigma) if s.pixel_sigma > 0 else up
-            if s.image_score == "map_max":
-                return jnp.max(smooth.reshape(n, -1), axis=1), smooth
-            return distance(normalized(out[s.embedding].astype(jnp.float32)), *image), smooth
-
-        return fn
-
-    def score(
-        self, model: CutPasteNet, fitted: Fitted, images: np.ndarray, *, step: int
-    ) -> ImageScores:
-        """Image scores and smoothed per-location Mahalanobis maps (see the module docstring)."""
-        s = self.config.score
-        scoring = self._scoring_model(model, fitted, step=step)
-        embed, pixel = self._features(scoring, images, step=step)
-        image_scores, maps = score_features(
-            fitted,
-            embed,
-            pixel,
-            normalize=s.normalize,
-            image_score=s.image_score,
-            size=images.shape[1],
-            sigma=s.pixel_sigma,
-        )
-        return ImageScores(image_scores, maps)
+        overrides = {"image_score": image_score} if image_score else {}
+        settings = ScoreSettings.of(self.config.score, **overrides)
+        return Scorer(scoring_fn(graphdef, settings), (state, whitened_densities(fitted)))
 
     @functools.cached_property
     def test_split(self) -> datasets.Split:
@@ -953,15 +845,18 @@ class CutPaste(Method):
         from wdam_jax import metrics
 
         s = self.config.score
-        test = self.test_split
         fitted = self.fit(model, self.train_data.images, step=step)
-        scoring = self._scoring_model(model, fitted, step=step)
-        embed, pixel = self._features(scoring, test.images, step=step)
-        kwargs = dict(normalize=s.normalize, size=test.images.shape[1], sigma=s.pixel_sigma)
-        gde_scores, _ = score_features(fitted, embed, pixel, image_score="gde", **kwargs)
-        image_scores, maps = score_features(
-            fitted, embed, pixel, image_score=s.image_score, **kwargs
-        )
+        gde = self.scorer(model, fitted, step=step, image_score="gde")
+
+        def scores(images):
+            """GDE scores, the configured image scores and the maps, from one scoring pass."""
+            gde_scores, maps = gde(images, batch_size=s.eval_batch_size)
+            if s.image_score == "gde":
+                return gde_scores, gde_scores, maps
+            return gde_scores, maps.reshape(len(maps), -1).max(axis=1), maps  # "map_max"
+
+        test = self.test_split
+        gde_scores, image_scores, maps = scores(test.images)
         out = {
             "test/gde_i_auroc": metrics.auroc(gde_scores, test.labels),
             "test/i_auroc": metrics.auroc(image_scores, test.labels),
@@ -970,11 +865,7 @@ class CutPaste(Method):
         if self.validation_set is not None:
             images, masks = self.validation_set
             labels = masks.any(axis=(1, 2))
-            embed, pixel = self._features(scoring, images, step=step)
-            gde_scores, _ = score_features(fitted, embed, pixel, image_score="gde", **kwargs)
-            image_scores, maps = score_features(
-                fitted, embed, pixel, image_score=s.image_score, **kwargs
-            )
+            gde_scores, image_scores, maps = scores(images)
             i_auroc = metrics.auroc(image_scores, labels)
             p_auroc = metrics.auroc(maps.reshape(-1), masks.reshape(-1))
             out |= {
@@ -983,6 +874,7 @@ class CutPaste(Method):
                 "val/p_auroc": p_auroc,
                 "val/mean_auroc": (i_auroc + p_auroc) / 2,
             }
+        scoring = self._scoring_model(model, fitted, step=step)
         batches = [
             make_batch(
                 self.train_data,

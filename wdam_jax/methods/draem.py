@@ -43,10 +43,11 @@ import optax
 from flax import nnx
 
 from wdam_jax import filters, metrics
+from wdam_jax.components.scoring import Scorer, fill_untrained
 from wdam_jax.data import augment, datasets, pipeline
 from wdam_jax.data.anomaly_sources import TextureBank
 from wdam_jax.data.sources import load_split
-from wdam_jax.methods.base import Batch, Fitted, ImageScores, Method
+from wdam_jax.methods.base import Batch, Fitted, Method
 from wdam_jax.models.draem import Draem as DraemNet
 
 ANOMALY_SOURCES = ("perlin", "fmas")
@@ -113,11 +114,16 @@ def pooled_max(maps: jax.Array, *, pool_size: int = 21) -> jax.Array:
     return jnp.max(summed, axis=(1, 2)) / (pool_size * pool_size)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _predict(graphdef, state, images: jax.Array, pool_size: int):
-    """``(image scores [N], anomaly maps [N, H, W])`` in inference mode."""
-    anomaly = nnx.merge(graphdef, state, copy=True)(images, train=False)["anomaly"]
-    return pooled_max(anomaly, pool_size=pool_size), anomaly
+@functools.lru_cache(maxsize=8)
+def scoring_fn(graphdef, pool_size: int):
+    """``(state, images) -> (image scores [N], anomaly maps [N, H, W])`` in inference mode, for a
+    :class:`~wdam_jax.components.scoring.Scorer` (DRAEM scores with the network alone)."""
+
+    def fn(state, images):
+        anomaly = nnx.merge(graphdef, state, copy=True)(images, train=False)["anomaly"]
+        return pooled_max(anomaly, pool_size=pool_size), anomaly
+
+    return fn
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,9 +248,7 @@ def synthesize(
         rng,
         image,
         texture,
-        scale_exponents=tuple(a.perlin_scale_exponents),
-        threshold=a.perlin_threshold,
-        max_beta=a.max_beta,
+        **augment.draem_options(a),
         no_anomaly_prob=no_anomaly_prob,
     )
     return image, anomalous, mask.astype(np.float32)
@@ -303,11 +307,7 @@ class Draem(Method):
         )
         if not abstract:
             _fill_random(model, np.random.default_rng([self.config.seed, 7]))
-        # Variables outside the train state (WDAM's sub-band weights) need concrete values.
-        for _, var in nnx.iter_graph(model):
-            if isinstance(var, nnx.Variable) and not isinstance(var, nnx.Param | nnx.BatchStat):
-                value = var.get_value()
-                var.set_value(jnp.zeros(value.shape, value.dtype))
+        fill_untrained(model, 0.0)  # WDAM's sub-band weights (a diagnostic)
         return model
 
     def optimizer(self) -> optax.GradientTransformation:
@@ -417,25 +417,9 @@ class Draem(Method):
 
     # ---- scoring
 
-    def inference_fn(self, model: DraemNet, fitted: Fitted, *, step: int):
-        """:meth:`score` as one pure JAX function (DRAEM scores with the network alone)."""
+    def scorer(self, model: DraemNet, fitted: Fitted, *, step: int) -> Scorer:
+        """The anomaly channel of the discriminative network and its pooled maximum (see the
+        module docstring); no fitted statistics."""
         del fitted, step
         graphdef, state = nnx.split(model)
-        pool_size = self.config.score.pool_size
-        return lambda images: _predict(graphdef, state, images, pool_size)
-
-    def score(
-        self, model: DraemNet, fitted: Fitted, images: np.ndarray, *, step: int
-    ) -> ImageScores:
-        """Pooled-max image scores and anomaly-channel maps (see the module docstring)."""
-        del fitted, step
-        graphdef, state = nnx.split(model)
-        bs = self.config.score.eval_batch_size
-        image_scores, maps = [], []
-        for start in range(0, len(images), bs):
-            chunk = np.asarray(images[start : start + bs], np.float32)
-            padded = np.concatenate([chunk, np.repeat(chunk[-1:], bs - len(chunk), axis=0)])
-            s, m = jax.device_get(_predict(graphdef, state, padded, self.config.score.pool_size))
-            image_scores.append(s[: len(chunk)])
-            maps.append(m[: len(chunk)])
-        return ImageScores(np.concatenate(image_scores), np.concatenate(maps))
+        return Scorer(scoring_fn(graphdef, self.config.score.pool_size), state)
