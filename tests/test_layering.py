@@ -123,6 +123,23 @@ def test_the_loop_knows_methods_only_through_the_registry():
         assert graph[module] & methods <= allowed, graph[module] & methods
 
 
+def test_only_the_realism_analysis_crosses_into_synthesis():
+    """Table 2 needs the PyTorch side's FID and LPIPS: one module of ``wdam_jax`` imports
+    ``synthesis``, and none imports ``configs`` (configs reach the library as values)."""
+    crossing = set()
+    for path in (REPO / "wdam_jax").rglob("*.py"):
+        tops = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                tops.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                tops.add(node.module.split(".")[0])
+        assert "configs" not in tops, path
+        if "synthesis" in tops:
+            crossing.add(_module_name(path))
+    assert crossing == {"wdam_jax.analysis.realism"}
+
+
 def test_boundaries():
     assert "launch" not in all_imports("wdam_jax")
     assert not {"jax", "flax", "wdam_jax", "optax"} & all_imports("synthesis")

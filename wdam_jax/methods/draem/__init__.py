@@ -27,6 +27,9 @@ selection. :meth:`Draem.validate` returns their image and pixel AUROC.
 
 Scoring (as ``test_DRAEM.py``): the pixel map is the softmax anomaly channel; the image score is
 the maximum of that channel average-pooled over ``score.pool_size`` (21) pixels, zero padded.
+
+Files: the networks in :mod:`wdam_jax.models.draem`; the losses in :mod:`.losses`; the data
+and sample synthesis in :mod:`.data`; the scoring function in :mod:`.scoring`; the hooks here.
 """
 
 from __future__ import annotations
@@ -42,217 +45,16 @@ import numpy as np
 import optax
 from flax import nnx
 
-from wdam_jax import filters, metrics
+from wdam_jax import metrics
 from wdam_jax.components.scoring import Scorer, fill_untrained
-from wdam_jax.data import augment, datasets, pipeline
-from wdam_jax.data.anomaly_sources import TextureBank
+from wdam_jax.data import datasets, pipeline
 from wdam_jax.data.sources import load_split
 from wdam_jax.methods.base import Batch, Fitted, Method
+from wdam_jax.methods.draem.data import ANOMALY_SOURCES, DraemData, synthesize  # noqa: F401
+from wdam_jax.methods.draem.losses import FOCAL_SMOOTH, focal_loss, ssim_map  # noqa: F401
+from wdam_jax.methods.draem.scoring import pooled_max, scoring_fn  # noqa: F401
 from wdam_jax.models.draem import Draem as DraemNet
-
-ANOMALY_SOURCES = ("perlin", "fmas")
-FOCAL_SMOOTH = 1e-5  # DRAEM's FocalLoss(smooth=1e-5)
-
-# --------------------------------------------------------------------------------------------
-# Losses and scores (pure functions).
-
-
-def ssim_map(
-    x: jax.Array, y: jax.Array, *, window: int = 11, sigma: float = 1.5, data_range: float = 1.0
-) -> jax.Array:
-    """Per-pixel SSIM of ``[B, H, W, C]`` images, Gaussian window, zero padding (DRAEM's ``ssim``).
-
-    ``SSIM = (2 mu_x mu_y + c1)(2 s_xy + c2) / ((mu_x^2 + mu_y^2 + c1)(s_x^2 + s_y^2 + c2))``
-    with ``c1 = (0.01 L)^2``, ``c2 = (0.03 L)^2``, ``L = data_range``; moments are the
-    ``window x window`` Gaussian-weighted (``sigma``) local means. The separable blur is two
-    matmuls with banded matrices: XLA:CPU's depthwise convolution and its gradient were ~20x
-    slower (measured 0.99 s vs 0.05 s for the gradient at 8 x 96 x 96 x 3).
-
-    Returns:
-      ``[B, H, W, C]``.
-    """
-    kwargs = dict(sigma=sigma, offsets=tuple(range(-(window // 2), window - window // 2)))
-    mh = jnp.asarray(filters.gaussian_matrix(x.shape[1], boundary="zero", **kwargs), x.dtype)
-    mw = jnp.asarray(filters.gaussian_matrix(x.shape[2], boundary="zero", **kwargs), x.dtype)
-    stack = jnp.concatenate([x, y, x * x, y * y, x * y], axis=-1)
-    moments = jnp.einsum("ph,bhwc,qw->bpqc", mh, stack, mw)
-    mx, my, xx, yy, xy = jnp.split(moments, 5, axis=-1)
-    vx, vy, cov = xx - mx * mx, yy - my * my, xy - mx * my
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    return ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-
-
-def focal_loss(probs: jax.Array, target: jax.Array, *, gamma: float = 2.0) -> jax.Array:
-    """DRAEM's focal loss on softmax probabilities (Lin et al., 2017; alpha 1, smoothing 1e-5).
-
-    ``p_t = sum_k onehot_k p_k + smooth`` with the one-hot target clipped to
-    ``[smooth, 1 - smooth]``; the loss is the mean of ``-(1 - p_t)^gamma log p_t``.
-
-    Args:
-      probs: ``[..., K]`` class probabilities.
-      target: ``[...]`` integer (or 0/1) class labels.
-      gamma: focusing parameter (2 in DRAEM).
-
-    Returns:
-      The scalar mean loss.
-    """
-    k = probs.shape[-1]
-    onehot = jax.nn.one_hot(target.astype(jnp.int32), k, dtype=probs.dtype)
-    onehot = jnp.clip(onehot, FOCAL_SMOOTH / (k - 1), 1.0 - FOCAL_SMOOTH)
-    pt = jnp.sum(onehot * probs, axis=-1) + FOCAL_SMOOTH
-    return jnp.mean(-((1.0 - pt) ** gamma) * jnp.log(pt))
-
-
-def pooled_max(maps: jax.Array, *, pool_size: int = 21) -> jax.Array:
-    """DRAEM's image score: max of ``maps`` ``[N, H, W]`` average-pooled over ``pool_size`` x
-    ``pool_size`` windows, stride 1, zero padding counted in the average. Returns ``[N]``."""
-    pad = pool_size // 2
-    summed = jax.lax.reduce_window(
-        maps, 0.0, jax.lax.add, (1, pool_size, pool_size), (1, 1, 1),
-        ((0, 0), (pad, pad), (pad, pad)),
-    )  # fmt: skip
-    return jnp.max(summed, axis=(1, 2)) / (pool_size * pool_size)
-
-
-@functools.lru_cache(maxsize=8)
-def scoring_fn(graphdef, pool_size: int):
-    """``(state, images) -> (image scores [N], anomaly maps [N, H, W])`` in inference mode, for a
-    :class:`~wdam_jax.components.scoring.Scorer` (DRAEM scores with the network alone)."""
-
-    def fn(state, images):
-        anomaly = nnx.merge(graphdef, state, copy=True)(images, train=False)["anomaly"]
-        return pooled_max(anomaly, pool_size=pool_size), anomaly
-
-    return fn
-
-
-# --------------------------------------------------------------------------------------------
-# Data.
-
-
-def _fill_random(model: nnx.Module, rng: np.random.Generator) -> None:
-    """DRAEM's ``weights_init`` drawn with numpy (no XLA compile per parameter shape).
-
-    Convolutions: weight ``N(0, 0.02)``, bias torch's default ``U(+-1/sqrt(fan_in))``; BatchNorm:
-    scale ``N(1, 0.02)``, bias 0, running mean 0 and variance 1; WDAM's linear layers (which
-    DRAEM's init does not touch): torch's default ``U(+-1/sqrt(fan_in))`` for weight and bias.
-    """
-
-    def put(var: nnx.Variable, value: np.ndarray) -> None:
-        var.set_value(jnp.asarray(value, var.get_value().dtype))
-
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Conv):
-            shape = node.kernel.get_value().shape
-            put(node.kernel, rng.normal(0.0, 0.02, shape))
-            bound = 1.0 / math.sqrt(shape[0] * shape[1] * shape[2])
-            put(node.bias, rng.uniform(-bound, bound, shape[-1]))
-        elif isinstance(node, nnx.BatchNorm):
-            n = node.scale.get_value().shape
-            put(node.scale, rng.normal(1.0, 0.02, n))
-            put(node.bias, np.zeros(n))
-            put(node.mean, np.zeros(n))
-            put(node.var, np.ones(n))
-        elif isinstance(node, nnx.Linear):
-            shape = node.kernel.get_value().shape
-            bound = 1.0 / math.sqrt(shape[0])
-            put(node.kernel, rng.uniform(-bound, bound, shape))
-            put(node.bias, rng.uniform(-bound, bound, shape[-1]))
-
-
-class DraemData:
-    """The normal training images split into train / validation, and the anomaly sources."""
-
-    def __init__(self, config: ml_collections.ConfigDict):
-        data = config.data
-        if data.anomaly_source not in ANOMALY_SOURCES:
-            raise ValueError(
-                f"config.data.anomaly_source={data.anomaly_source!r}; use one of "
-                f"{', '.join(ANOMALY_SOURCES)}."
-            )
-        if not 0.0 <= data.val_fraction < 1.0:
-            raise ValueError(f"config.data.val_fraction={data.val_fraction}; use [0, 1).")
-        split = load_split(data, split="train")
-        n = len(split)
-        n_val = round(data.val_fraction * n)
-        if data.val_fraction > 0:
-            n_val = min(max(n_val, 1), n - 1)
-        order = np.random.default_rng([config.seed, 271828]).permutation(n)
-        train_idx, val_idx = np.sort(order[: n - n_val]), np.sort(order[n - n_val :])
-        self.images = split.images[train_idx]
-        self.val_images = split.images[val_idx]
-        self.textures = None
-        self.fmas = self.val_fmas = None
-        if data.anomaly_source == "perlin":
-            self.textures = TextureBank(
-                data.anomaly_source_dir, image_size=data.image_size, seed=config.seed
-            )
-        else:
-            self.fmas, self.val_fmas = self._load_fmas(data, split, train_idx, val_idx)
-
-    @staticmethod
-    def _load_fmas(data, split: datasets.Split, train_idx, val_idx):
-        """FMAS samples ``(image, mask, index of the source image)`` of the train and
-        validation images; samples of other images are dropped."""
-        from wdam_jax.data import fmas_records
-
-        images, masks, sources = fmas_records.load_fmas_arrays(
-            data.fmas_records, image_size=data.image_size
-        )
-        where = {path: i for i, path in enumerate(split.paths)}
-        out = []
-        for part in (train_idx, val_idx):
-            position = {int(j): k for k, j in enumerate(part)}
-            keep = [i for i, s in enumerate(sources) if where.get(s, -1) in position]
-            owner = np.asarray([position[where[sources[i]]] for i in keep], np.int64)
-            out.append((images[keep], masks[keep], owner))
-        parts = zip(out, (train_idx, val_idx), ("training", "validation"), strict=True)
-        for (samples, *_), part, name in parts:
-            if len(part) and not len(samples):
-                raise datasets.DatasetError(
-                    f"The FMAS records {data.fmas_records!r} hold no sample made from a {name} "
-                    f"image of {data.category!r} (sources must be paths like "
-                    f"{split.paths[0]!r}). Run python -m launch.synthesize for this category, "
-                    "fix config.data.fmas_records, or set config.data.val_fraction=0."
-                )
-        return out
-
-
-def synthesize(
-    rng: np.random.Generator,
-    image: np.ndarray,
-    data: DraemData,
-    augment_config: ml_collections.ConfigDict,
-    *,
-    fmas: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
-    images: np.ndarray,
-    no_anomaly_prob: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One training sample from a normal ``image`` ``[S, S, 3]``.
-
-    Returns:
-      ``(target [S, S, 3], input [S, S, 3], mask [S, S] float32)``: the reconstruction target,
-      the (possibly anomalous) network input and its anomaly mask.
-    """
-    a = augment_config
-    if rng.random() < a.rotate_prob:
-        image = augment.rotate_normal(rng, image, max_angle=a.rotate_angle)
-    if fmas is not None:
-        if rng.random() < no_anomaly_prob:
-            return image, image, np.zeros(image.shape[:2], np.float32)
-        k = int(rng.integers(len(fmas[0])))
-        target = images[fmas[2][k]]
-        return target, fmas[0][k], fmas[1][k].astype(np.float32)
-    texture = data.textures.get(int(rng.integers(len(data.textures))))
-    anomalous, mask = augment.draem_anomaly(
-        rng,
-        image,
-        texture,
-        **augment.draem_options(a),
-        no_anomaly_prob=no_anomaly_prob,
-    )
-    return image, anomalous, mask.astype(np.float32)
-
+from wdam_jax.models.draem import fill_random
 
 # --------------------------------------------------------------------------------------------
 # The method.
@@ -306,7 +108,7 @@ class Draem(Method):
             )
         )
         if not abstract:
-            _fill_random(model, np.random.default_rng([self.config.seed, 7]))
+            fill_random(model, np.random.default_rng([self.config.seed, 7]))
         fill_untrained(model, 0.0)  # WDAM's sub-band weights (a diagnostic)
         return model
 

@@ -33,16 +33,17 @@ matrix per location would not fit for D = 2048), bilinearly upsampled to the inp
 Gaussian-smoothed (``score.pixel_sigma``). ``score.normalize`` L2-normalises features before both
 fits (CutPaste's reference code); ``score.image_score = "map_max"`` scores an image by its map's
 maximum instead (PaDiM, PatchCore). ``docs/cutpaste_demo_diagnosis.md`` measures these choices.
+
+Files: the network in :mod:`wdam_jax.models.cutpaste`; the training data and batches in
+:mod:`.data`; the densities and the scoring function in :mod:`.scoring`; the method's hooks here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import itertools
 import math
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -53,450 +54,48 @@ from absl import logging
 from flax import nnx
 
 from wdam_jax import batch_norm
-from wdam_jax.components import gaussian
-from wdam_jax.components.scoring import Scorer, extract_features, fill_untrained
-from wdam_jax.data import anomaly_sources, augment, datasets, pipeline
+from wdam_jax.components.scoring import Scorer, extract_features
+from wdam_jax.data import anomaly_sources, datasets
 from wdam_jax.data.sources import load_split
 from wdam_jax.errors import ConfigError
-from wdam_jax.filters import gaussian_blur
 from wdam_jax.methods.base import Fitted, Method
-from wdam_jax.models.wide_resnet import (
-    BASE_WIDTH,
-    DEPTHS,
-    WideResNet50_2,
-    fill_random,
-    load_pretrained,
-    network_name,
+from wdam_jax.methods.cutpaste.data import (  # noqa: F401  (the method's public names)
+    ANOMALY,
+    CLASS_NAMES,
+    NORMAL,
+    SCAR,
+    TrainData,
+    load_train_data,
+    make_batch,
 )
+from wdam_jax.methods.cutpaste.scoring import (  # noqa: F401
+    IMAGE_SCORES,
+    ScoreSettings,
+    _train_forward,
+    fit_densities,
+    l2_normalize,
+    pixel_features,
+    score_features,
+    scoring_fn,
+    smooth_maps,
+    whitened_densities,
+)
+from wdam_jax.models.cutpaste import (  # noqa: F401
+    NUM_CLASSES,
+    CutPasteNet,
+    GatedWDAM,
+    ProjectionLayer,
+    WdamGate,
+    create_model,
+    set_wdam_gate,
+    wdam_labels,
+)
+from wdam_jax.models.wide_resnet import WideResNet50_2
 from wdam_jax.optim import staged
 
-NUM_CLASSES = 3
 EPOCH_UNITS = ("pass", "cutpaste")
 CUTPASTE_EPOCH_STEPS = 256  # CutPaste's epoch: 256 parameter updates
 VAL_ACCURACY_BATCHES = 4  # fresh training-task batches behind val/accuracy_*
-NORMAL, ANOMALY, SCAR = 0, 1, 2
-CLASS_NAMES = ("normal", "anomaly source", "scar")
-
-
-# --------------------------------------------------------------------------------------------
-# Model.
-
-
-class WdamGate(nnx.Variable):
-    """1.0 while WDAM is part of the network, 0.0 before its stage. Set from the step."""
-
-
-class GatedWDAM(nnx.Module):
-    """A WDAM whose output is multiplied by a gate (see the module docstring)."""
-
-    def __init__(self, wdam: nnx.Module):
-        self.wdam = wdam
-        self.gate = WdamGate(jnp.ones([], jnp.float32))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.gate[...].astype(x.dtype) * self.wdam(x)
-
-
-def wdam_labels(params) -> object:
-    """``"wdam"`` for the parameters of a WDAM module, ``"network"`` for the others (same tree)."""
-
-    def label(path, _):
-        keys = [getattr(k, "key", None) for k in path]
-        return "wdam" if "wdam" in keys else "network"
-
-    return jax.tree_util.tree_map_with_path(label, params)
-
-
-def set_wdam_gate(model: nnx.Module, on: jax.Array | bool) -> None:
-    """Turns every :class:`GatedWDAM` of ``model`` on (1) or off (0)."""
-    for _, node in nnx.iter_graph(model):
-        if isinstance(node, WdamGate):
-            node.set_value(jnp.asarray(on, jnp.float32))
-
-
-class ProjectionLayer(nnx.Module):
-    """CutPaste's head layer: ``ReLU(BatchNorm(Linear(x)))``."""
-
-    def __init__(self, cin: int, cout: int, *, rngs: nnx.Rngs):
-        self.linear = nnx.Linear(cin, cout, rngs=rngs)
-        self.bn = nnx.BatchNorm(cout, momentum=0.9, epsilon=1e-5, rngs=rngs)
-
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        return jax.nn.relu(self.bn(self.linear(x), use_running_average=not train))
-
-
-class CutPasteNet(nnx.Module):
-    """Backbone + projection head + 3-way classifier (Fig. 5a).
-
-    Args:
-      backbone: a :class:`WideResNet50_2` without classifier.
-      head_dims: widths of the projection head's layers (CutPaste: 512 x 8, then 128).
-      rngs: initialisation keys of the head and classifier.
-    """
-
-    def __init__(self, backbone: WideResNet50_2, *, head_dims: Sequence[int], rngs: nnx.Rngs):
-        self.backbone = backbone
-        dims = (backbone.num_features, *head_dims)
-        self.head = nnx.List(
-            [ProjectionLayer(a, b, rngs=rngs) for a, b in itertools.pairwise(dims)]
-        )
-        self.classifier = nnx.Linear(dims[-1], NUM_CLASSES, rngs=rngs)
-
-    def __call__(self, x: jax.Array, *, train: bool) -> dict[str, jax.Array]:
-        """``[B, H, W, 3]`` in [0, 1] -> the backbone's named features plus ``embedding``
-        ``[B, head_dims[-1]]`` and ``logits`` ``[B, 3]``."""
-        features = self.backbone(x, train=train)
-        h = features["pooled"]
-        for layer in self.head:
-            h = layer(h, train=train)
-        return {**features, "embedding": h, "logits": self.classifier(h).astype(jnp.float32)}
-
-
-def _dtype(name: str):
-    dtypes = {"float32": None, "bfloat16": jnp.bfloat16}
-    if name not in dtypes:
-        raise ValueError(f"config.model.dtype={name!r}; use one of {sorted(dtypes)}.")
-    return dtypes[name]
-
-
-def create_model(
-    model_config: ml_collections.ConfigDict, *, seed: int, abstract: bool = False
-) -> CutPasteNet:
-    """The CutPaste network, ImageNet-initialised when ``model_config.pretrained`` is set.
-
-    Args:
-      model_config: ``config.model``.
-      seed: initialisation seed (head, classifier, WDAM, and the backbone without weights).
-      abstract: shapes only (to restore a checkpoint into).
-    """
-
-    def build():
-        backbone = WideResNet50_2(
-            wdam_layers=tuple(model_config.wdam_layers),
-            num_classes=None,
-            wdam_reduction=model_config.wdam_reduction,
-            dtype=_dtype(model_config.dtype),
-            depths=tuple(model_config.depths),
-            base_width=model_config.base_width,
-            rngs=nnx.Rngs(0),
-        )
-        return CutPasteNet(backbone, head_dims=tuple(model_config.head_dims), rngs=nnx.Rngs(0))
-
-    reduced = tuple(model_config.depths) != DEPTHS or model_config.base_width != BASE_WIDTH
-    if reduced and model_config.pretrained:
-        raise ValueError(
-            f"config.model.pretrained={model_config.pretrained!r} holds WideResNet50-2 weights but "
-            f"config.model.depths={tuple(model_config.depths)}, base_width="
-            f"{model_config.base_width} is a reduced member; set --config.model.pretrained= "
-            f"(train from scratch) or restore depths={DEPTHS}, base_width={BASE_WIDTH}."
-        )
-    model = nnx.eval_shape(build)
-    if not abstract:
-        fill_random(model, np.random.default_rng([seed, 7]))
-        if model_config.pretrained:
-            model.backbone = load_pretrained(
-                model_config.pretrained,
-                wdam_layers=tuple(model_config.wdam_layers),
-                wdam_reduction=model_config.wdam_reduction,
-                dtype=_dtype(model_config.dtype),
-                seed=seed,
-            )
-        else:
-            logging.warning(
-                "\n%s\nWARNING: config.model.pretrained is empty: training a %s FROM "
-                "SCRATCH (random init). The paper starts from ImageNet weights; convert them with "
-                "`python -m launch.convert_weights --torchvision=wide_resnet50_2-<hash>.pth "
-                "--out=weights/wrn50_2_imagenet` and set --config.model.pretrained to that folder"
-                " (with config.model.depths=(3, 4, 6, 3), base_width=64).\n%s",
-                "=" * 100,
-                network_name(model_config.depths, model_config.base_width),
-                "=" * 100,
-            )
-    for index in model.backbone.wdam_layers:
-        for block in getattr(model.backbone, f"layer{index}"):
-            block.wdam = GatedWDAM(block.wdam)
-    if abstract:
-        fill_untrained(model, 1.0)  # gates on, WDAM diagnostics: restored runs set them
-    return model
-
-
-# --------------------------------------------------------------------------------------------
-# Gaussian densities (CutPaste's image score, and the pixel map): fitted in numpy float64 on the
-# training features, scored by one jnp function (:func:`score_features`) on every path.
-
-
-def smooth_maps(maps: jax.Array, *, size: int, sigma: float) -> jax.Array:
-    """Bilinear upsampling of ``[N, h, w]`` distance maps to ``[N, size, size]``, then a Gaussian
-    blur of ``sigma`` pixels (0 disables; scipy's ``reflect`` mode, :func:`filters.gaussian_blur`).
-    """
-    maps = jnp.asarray(maps, jnp.float32)
-    up = jax.vmap(lambda m: jax.image.resize(m, (size, size), "bilinear"))(maps)
-    return gaussian_blur(up, sigma=sigma) if sigma > 0 else up
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """``x / ||x||`` over the last axis (``[..., D] -> [..., D]``), as CutPaste's reference code
-    does to embeddings before the Gaussian fit (numpy float64; :func:`score_features` does the
-    same in jnp)."""
-    x = np.asarray(x, np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def _l2_normalize(x: jax.Array) -> jax.Array:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def pixel_features(features: Mapping[str, jax.Array], layers: Sequence[str]) -> jax.Array:
-    """The feature maps of ``layers`` concatenated at the resolution of the first one.
-
-    Args:
-      features: name -> ``[N, h_i, w_i, D_i]`` maps (the backbone's named features).
-      layers: e.g. ``("layer2", "layer3")``; later layers are bilinearly upsampled to the first's
-        ``[h, w]`` (PaDiM's choice of combining scales).
-
-    Returns:
-      ``[N, h, w, sum D_i]`` float32.
-    """
-    first = jnp.asarray(features[layers[0]], jnp.float32)
-    n, h, w, _ = first.shape
-    maps = [first]
-    for name in layers[1:]:
-        x = jnp.asarray(features[name], jnp.float32)
-        maps.append(jax.image.resize(x, (n, h, w, x.shape[-1]), "bilinear"))
-    return jnp.concatenate(maps, axis=-1)
-
-
-IMAGE_SCORES = ("gde", "map_max")
-
-
-def fit_densities(
-    embeddings: np.ndarray, pixel_feats: np.ndarray, *, normalize: bool
-) -> dict[str, np.ndarray]:
-    """The Gaussians of the image score and of the pixel map, fitted to normal training images.
-
-    Args:
-      embeddings: ``[N, E]`` image embeddings (``score.embedding``).
-      pixel_feats: ``[N, h, w, D]`` (:func:`pixel_features`).
-      normalize: L2-normalise embeddings and per-location features first (``score.normalize``).
-
-    Returns:
-      ``image_mean`` ``[E]``, ``image_precision`` ``[E, E]``, ``pixel_mean`` ``[h, w, D]``,
-      ``pixel_precision`` ``[D, D]`` (the method contract's ``Fitted``).
-    """
-    if normalize:
-        embeddings, pixel_feats = l2_normalize(embeddings), l2_normalize(pixel_feats)
-    image = gaussian.fit_gaussian(embeddings)
-    pixel = gaussian.fit_gaussian(pixel_feats, location_axes=(1, 2))
-    return {
-        "image_mean": image.mean,
-        "image_precision": image.precision,
-        "pixel_mean": pixel.mean,
-        "pixel_precision": pixel.precision,
-    }
-
-
-def whitened_densities(fitted: Mapping[str, np.ndarray]) -> dict[str, tuple[jax.Array, ...]]:
-    """:func:`fit_densities`' Gaussians as ``{"image", "pixel"}: (mean, W)`` for
-    :func:`score_features` (:func:`wdam_jax.components.gaussian.whiten`)."""
-    return {
-        "image": gaussian.whiten(fitted["image_mean"], fitted["image_precision"]),
-        "pixel": gaussian.whiten(fitted["pixel_mean"], fitted["pixel_precision"]),
-    }
-
-
-def score_features(
-    densities: Mapping[str, tuple[jax.Array, ...]],
-    embeddings: jax.Array,
-    pixel_feats: jax.Array,
-    *,
-    normalize: bool,
-    image_score: str,
-    size: int,
-    sigma: float,
-) -> tuple[jax.Array, jax.Array]:
-    """Image scores and anomaly maps from features (traceable: the one scoring computation).
-
-    Args:
-      densities: :func:`whitened_densities` of the fitted Gaussians.
-      embeddings: ``[N, E]``; pixel_feats: ``[N, h, w, D]``.
-      normalize: as for the fit.
-      image_score: ``"gde"``: Mahalanobis distance of the embedding (CutPaste, the paper);
-        ``"map_max"``: maximum of the anomaly map (PaDiM / PatchCore's image score).
-      size: side of the input images; sigma: Gaussian smoothing of the map, in pixels.
-
-    Returns:
-      ``image_scores`` ``[N]`` and ``maps`` ``[N, size, size]``, float32.
-    """
-    if image_score not in IMAGE_SCORES:
-        raise ValueError(f"config.score.image_score={image_score!r}; use one of {IMAGE_SCORES}.")
-    embeddings = jnp.asarray(embeddings, jnp.float32)
-    pixel_feats = jnp.asarray(pixel_feats, jnp.float32)
-    if normalize:
-        embeddings, pixel_feats = _l2_normalize(embeddings), _l2_normalize(pixel_feats)
-    maps = smooth_maps(
-        gaussian.mahalanobis(pixel_feats, *densities["pixel"]), size=size, sigma=sigma
-    )
-    if image_score == "map_max":
-        return jnp.max(maps.reshape(maps.shape[0], -1), axis=1), maps
-    return gaussian.mahalanobis(embeddings, *densities["image"]), maps
-
-
-@dataclasses.dataclass(frozen=True)
-class ScoreSettings:
-    """The ``config.score`` fields the scoring function depends on (hashable: one compile)."""
-
-    embedding: str
-    pixel_layers: tuple[str, ...]
-    normalize: bool
-    image_score: str
-    sigma: float
-
-    @classmethod
-    def of(cls, score: ml_collections.ConfigDict, **overrides) -> ScoreSettings:
-        fields = dict(
-            embedding=score.embedding,
-            pixel_layers=tuple(score.pixel_layers),
-            normalize=bool(score.normalize),
-            image_score=score.image_score,
-            sigma=float(score.pixel_sigma),
-        )
-        return cls(**{**fields, **overrides})
-
-
-@functools.lru_cache(maxsize=8)
-def scoring_fn(graphdef, settings: ScoreSettings):
-    """``(args, images) -> (image_scores, maps)`` for a :class:`~components.scoring.Scorer`,
-    ``args = (network state, whitened densities)``: the inference forward, the named features
-    and :func:`score_features`."""
-    if settings.image_score not in IMAGE_SCORES:
-        raise ValueError(
-            f"config.score.image_score={settings.image_score!r}; use one of {IMAGE_SCORES}."
-        )
-
-    def fn(args, images):
-        state, densities = args
-        out = nnx.merge(graphdef, state, copy=True)(images, train=False)
-        return score_features(
-            densities,
-            out[settings.embedding],
-            pixel_features(out, settings.pixel_layers),
-            normalize=settings.normalize,
-            image_score=settings.image_score,
-            size=images.shape[1],
-            sigma=settings.sigma,
-        )
-
-    return fn
-
-
-def _train_forward(model: CutPasteNet, x: jax.Array) -> None:
-    """The training-mode forward whose BatchNorm statistics :meth:`CutPaste.fit` re-estimates."""
-    model(x, train=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Data.
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainData:
-    """Normal training images and what the augmentations need.
-
-    Attributes:
-      images: ``[N, S, S, 3]`` float32 in [0, 1].
-      foreground: ``[N, S, S]`` bool foreground masks (FM), or None.
-      fmas: ``[M, S, S, 3]`` FMAS samples of this category, or None.
-    """
-
-    images: np.ndarray
-    foreground: np.ndarray | None
-    fmas: np.ndarray | None
-
-
-def load_train_data(config: ml_collections.ConfigDict) -> TrainData:
-    """The train split plus foreground masks (FM) and FMAS samples (``data.anomaly_source``)."""
-    data = config.data
-    if config.augment.foreground_mask and not data.foreground_root:
-        raise ValueError(
-            "config.augment.foreground_mask (FM) needs config.data.foreground_root: the folder "
-            "of <category>/train/good/<stem>.png masks written by the FMAS mask stage "
-            "(python -m launch.synthesize)."
-        )
-    split = load_split(data, split="train")
-    foreground = None
-    if config.augment.foreground_mask:
-        foreground = datasets.load_foreground_masks(
-            data.foreground_root, split, image_size=data.image_size
-        )
-    fmas = None
-    if data.anomaly_source == "fmas":
-        from wdam_jax.data import fmas_records
-
-        # Only this category's records are decoded (all of MVTec at 256 px is ~3 GB).
-        fmas, _, _ = fmas_records.load_fmas_arrays(
-            data.fmas_records, image_size=data.image_size, category=data.category
-        )
-    elif data.anomaly_source != "cutpaste":
-        raise ValueError(
-            f"config.data.anomaly_source={data.anomaly_source!r}; use 'cutpaste' or 'fmas'."
-        )
-    return TrainData(images=split.images, foreground=foreground, fmas=fmas)
-
-
-def make_batch(
-    data: TrainData,
-    step: int,
-    *,
-    batch_size: int,
-    seed: int,
-    source: str,
-    augment_config: ml_collections.ConfigDict,
-    part: int = 0,
-    parts: int = 1,
-) -> dict[str, np.ndarray]:
-    """Part ``part`` of ``parts`` of batch ``step`` of the 3-way task, a pure function of
-    ``(seed, step)`` (see :meth:`wdam_jax.methods.base.Method.batch`).
-
-    Each of the part's ``b = batch_size / parts`` normal images yields itself (class 0), an
-    anomaly-source image (class 1: CutPaste of it, or an FMAS sample drawn at random) and a scar
-    of it (class 2).
-
-    Returns:
-      ``image`` ``[3b, S, S, 3]`` float32 (normals, then anomalies, then scars) and ``label``
-      ``[3b]`` int32.
-    """
-    a = augment_config
-    positions, idx = pipeline.part_indices(
-        step,
-        num_examples=len(data.images),
-        batch_size=batch_size,
-        seed=seed,
-        part=part,
-        parts=parts,
-    )
-    views: list[list[np.ndarray]] = [[], [], []]
-    for i, j in zip(positions, idx, strict=True):
-        rng = np.random.default_rng([seed, step, i])
-        image = data.images[j]
-        fg = data.foreground[j] if data.foreground is not None else None
-        if source == "fmas":
-            anomaly = data.fmas[int(rng.integers(len(data.fmas)))]
-        else:
-            confine = a.get("fm_confines_cutpaste", False)
-            anomaly = augment.cutpaste(
-                rng, image, **augment.cutpaste_options(a), fg_mask=fg if confine else None
-            )
-        scar = augment.cutpaste_scar(
-            rng,
-            image,
-            **augment.scar_options(a),
-            fg_mask=fg,
-        )
-        for view, x in zip(views, (image, anomaly, scar), strict=True):
-            view.append(np.asarray(x, np.float32))
-    images = np.concatenate([np.stack(v) for v in views])
-    labels = np.repeat(np.arange(NUM_CLASSES, dtype=np.int32), len(idx))
-    return {"image": images, "label": labels}
 
 
 # --------------------------------------------------------------------------------------------
