@@ -197,7 +197,7 @@ def test_train_evaluate_restore_backbone_end_to_end(demo_root, tmp_path):
     }
     # The backbone the loop wrote at the end, read as PatchCore's run members read it.
     backbone = wide_resnet.from_torchvision(
-        wide_resnet.read_pretrained(tmp_path / checkpoints.BACKBONE_DIR), wdam_layers=(1,)
+        wide_resnet.read_state_dict(tmp_path / checkpoints.BACKBONE_FILE), wdam_layers=(1,)
     )
     assert isinstance(backbone, WideResNet50_2) and backbone.wdam_layers == (1,)
     assert all(type(block.wdam) is WDAM for block in backbone.layer1)

@@ -1,7 +1,6 @@
 """Tests of the PatchCore functions against numpy / scipy references and their properties."""
 
 import json
-import shutil
 
 import chex
 import jax
@@ -367,9 +366,7 @@ def _fake_runs(tmp_path, categories):
         backbone = wide_resnet.create(
             seed=seed, num_classes=None, depths=(1, 1, 1, 1), base_width=8
         )
-        wide_resnet.save_pretrained(
-            wide_resnet.to_torchvision(backbone), run / checkpoints.BACKBONE_DIR
-        )
+        np.savez(run / checkpoints.BACKBONE_FILE, **wide_resnet.to_torchvision(backbone))
         kernels[category] = np.asarray(backbone.conv1.kernel[...])
     return kernels
 
@@ -390,7 +387,7 @@ def test_run_member_wdam_layers_must_match(tmp_path):
 
 def test_a_run_without_its_backbone_names_the_command_that_writes_it(tmp_path):
     _fake_runs(tmp_path, ["bottle"])
-    shutil.rmtree(tmp_path / "run_bottle" / checkpoints.BACKBONE_DIR)
+    (tmp_path / "run_bottle" / checkpoints.BACKBONE_FILE).unlink()
     member = patchcore_wdam_config.get_config().members.wdam
     member.workdir = str(tmp_path / "run_{category}")
     member.wdam_layers = ()

@@ -9,12 +9,13 @@ writes runs; nothing here trains.
 - :func:`read_train_log`: the scalars the loop logged (``train_log.jsonl``).
 
 A run's feature backbone is not read here: the loop writes it to ``<workdir>/backbone`` as
-torchvision-named weights (:data:`wdam_jax.checkpoints.BACKBONE_DIR`), which PatchCore's members
+torchvision-named weights (:data:`wdam_jax.checkpoints.BACKBONE_FILE`), which PatchCore's members
 load like ImageNet weights, so no method needs the run store.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import pathlib
 
@@ -125,22 +126,29 @@ def restore(
     return Restored(method, model, step, fitted)
 
 
-def write_backbone(method: Method, model: nnx.Module, workdir: str | pathlib.Path, *, step: int):
+def write_backbone(
+    method: Method, model: nnx.Module, workdir: str | pathlib.Path, *, step: int
+) -> pathlib.Path | None:
     """Writes the run's feature backbone as trained at ``step`` (``Method.backbone``; nothing
-    for a method without one) to ``<workdir>/backbone``: torchvision-named weights with the
-    WDAM weights beside them (:func:`wdam_jax.models.wide_resnet.save_pretrained`), which
-    PatchCore's members read as they read converted ImageNet weights.
+    for a method without one) to ``<workdir>/backbone.npz``: the torchvision-named state_dict
+    with the WDAM weights beside it (:func:`wdam_jax.models.wide_resnet.to_torchvision`), which
+    PatchCore's members read through the same ``from_torchvision`` as converted ImageNet weights.
+    One file written atomically by plain numpy (no orbax: the first process of a multi-host run
+    writes it alone, without a barrier).
 
     Returns:
-      The folder written, or None.
+      The file written, or None.
     """
     from wdam_jax.models import wide_resnet
 
     backbone = method.backbone(model, step=step)
     if backbone is None:
         return None
-    directory = pathlib.Path(workdir) / checkpoints.BACKBONE_DIR
-    return wide_resnet.save_pretrained(wide_resnet.to_torchvision(backbone), directory)
+    buffer = io.BytesIO()
+    np.savez(buffer, **wide_resnet.to_torchvision(backbone))
+    path = pathlib.Path(workdir) / checkpoints.BACKBONE_FILE
+    checkpoints.atomic_write_bytes(path, buffer.getvalue())
+    return path
 
 
 def read_train_log(workdir: str | pathlib.Path) -> dict[str, list[tuple[int, float]]]:

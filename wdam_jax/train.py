@@ -370,7 +370,7 @@ def _train(config, workdir, method, stop_at, allow_config_change) -> tuple[nnx.M
         if config.train.get("save_final_params_only", False):
             final = {k: v for k, v in state.items() if k != checkpoints.OPT_STATE}
         checkpoints.save(manager, total, final, fitted)
-    if last == total and primary and not (workdir / checkpoints.BACKBONE_DIR).is_dir():
+    if last == total and primary and not (workdir / checkpoints.BACKBONE_FILE).is_file():
         # Also for a run finished before runs wrote it: re-running its command writes it.
         runs.write_backbone(method, model_from_state(graphdef, rest, state), workdir, step=total)
     manager.wait_until_finished()

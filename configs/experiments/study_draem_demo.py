@@ -13,19 +13,20 @@ import ml_collections
 from configs.experiments import common
 from configs.experiments.study_cutpaste_demo import CATEGORIES
 
-VARIANTS = ("",)
+VARIANTS = ("", "quick")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    if arg:
-        raise ValueError(f"Unknown argument {arg!r}: this study has no variants.")
+    if arg not in (None, "", "quick"):
+        raise ValueError(f"Unknown argument {arg!r}; use nothing or 'quick'.")
+    quick = arg == "quick"  # one seed, an object and a texture: a first look in minutes
     config = common.experiment(
         "DRAEM demo study",
         "",
         section="demo data",
-        categories=CATEGORIES,
+        categories=CATEGORIES[:2] if quick else CATEGORIES,
         data_root=common.DEMO_ROOT,
-        seeds=(0, 1, 2),
+        seeds=(0,) if quick else (0, 1, 2),
     )
     config.rows.draem = common.row("DRAEM", "draem:demo")
     config.rows.draem_wdam = common.row("+WDAM", "draem_wdam:demo")

@@ -165,15 +165,15 @@ def load_member(
         return wide_resnet.load_pretrained(source, wdam_layers=wdam_layers)
     run = member_workdir(member, category)
     _member_shape(name, member, category)  # a clear error for a missing run directory
-    weights = run / checkpoints.BACKBONE_DIR
-    if not weights.is_dir():
+    weights = run / checkpoints.BACKBONE_FILE
+    if not weights.is_file():
         raise MissingFileError(
             f"PatchCore member {name!r}: {run} has no trained backbone ({weights}): the run has "
             "not finished, or finished before runs wrote one. Run its training command again "
             f"(python -m launch.train --config=... --workdir={run}): a finished run only writes "
             "the backbone."
         )
-    state_dict = wide_resnet.read_pretrained(weights)
+    state_dict = wide_resnet.read_state_dict(weights)
     shape = wide_resnet.architecture(state_dict)
     trained = shape["wdam_layers"]
     if trained != wdam_layers:

@@ -22,7 +22,7 @@ from flax import nnx
 from jax import lax
 
 from wdam_jax import runlock
-from wdam_jax.errors import MissingFileError
+from wdam_jax.errors import MissingFileError, UserError
 from wdam_jax.wdam import WDAM
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -507,6 +507,24 @@ def load_pretrained(
         dtype=dtype,
         seed=seed,
     )
+
+
+def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+    """A torchvision-named state_dict from a ``.npz`` file (a trained run's ``backbone.npz``,
+    :func:`wdam_jax.runs.write_backbone`) or a :func:`save_pretrained` folder."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        return read_pretrained(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except FileNotFoundError:
+        raise MissingFileError(f"No WideResNet weights at {path}.") from None
+    except (OSError, ValueError) as e:  # truncated or not an npz
+        raise UserError(
+            f"{path} is not a readable .npz of WideResNet weights ({e}); write it again (a "
+            "run's backbone.npz: re-run its python -m launch.train command after deleting it)."
+        ) from None
 
 
 def read_pretrained(directory: str | pathlib.Path) -> dict[str, np.ndarray]:
