@@ -45,8 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from wdam_jax import runlock, thresholds
-from wdam_jax import train as train_lib
+from wdam_jax import runlock, runs, thresholds
 from wdam_jax.data import datasets
 from wdam_jax.errors import MissingFileError
 
@@ -55,7 +54,7 @@ SAVED_MODEL_DIR = "saved_model"
 METADATA_FILE = "metadata.json"
 
 
-def inference_function(run: train_lib.Restored) -> tuple[Callable, int]:
+def inference_function(run: runs.Restored) -> tuple[Callable, int]:
     """The run's full inference function and its input side.
 
     Returns:
@@ -137,7 +136,7 @@ def loading_instructions() -> dict[str, dict[str, Any]]:
 
 
 def metadata(
-    run: train_lib.Restored,
+    run: runs.Restored,
     workdir: pathlib.Path,
     size: int,
     *,
@@ -249,7 +248,7 @@ def export(
     owns = runlock.written_by(METADATA_FILE, {METADATA_FILE, STABLEHLO_FILE, SAVED_MODEL_DIR})
     kind = dict(owns=owns, overwrite=overwrite, kind="export")
     out = runlock.check_output(out, **kind)  # before the slow part: a wrong --out fails at once
-    run = train_lib.restore(workdir, step=step)
+    run = runs.restore(workdir, step=step)
     if not allow_no_thresholds and stored_thresholds(workdir, run.step) is None:
         raise MissingFileError(
             f"{workdir} has no stored thresholds for step {run.step} ({thresholds.THRESHOLDS_FILE} "
