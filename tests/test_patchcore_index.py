@@ -133,6 +133,10 @@ def test_bound_is_a_lower_bound_and_saved_arrays_give_the_same_search():
     loaded = pindex.PrunedBank.from_arrays(bank, arrays)
     a, b = loaded.knn_search(queries), pindex.PrunedBank.build(bank).knn_search(queries)
     np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+    # A centre saved by another backend (its mean rounded differently) still loads and searches
+    # exactly: the codes keep the saved centre, the distances use this backend's mean.
+    shifted = {**arrays, "center": arrays["center"] * np.float32(1 + 3e-7)}
+    _assert_same(bank, queries, pindex.PrunedBank.from_arrays(bank, shifted))
     with pytest.raises(ValueError, match="another bank"):
         pindex.PrunedBank.from_arrays(bank[:-1] + 1, {**arrays})
     # k > 1 (the reweighting's N_b(m*)) is brute force's own answer.
