@@ -20,10 +20,13 @@ compute every row's code and residual norm, and order the rows into blocks of 12
 Search (:meth:`PrunedBank.knn_search`, k=1), for query chunks of 128 (queries sorted by the
 block centroid nearest their code, so a chunk's queries want the same blocks):
 
-1. bounds: ``LB`` for every row from the codes (``d / D`` of brute force's multiply-adds,
-   scanned in segments: memory ``O(chunk x segment)``); a block's bound is its rows' minimum;
-2. an upper bound ``U``: the exact distance to the lowest-bound row among the query's
-   ``candidates`` best blocks;
+1. an upper bound ``U``: the exact distance to the lowest-bound row of the query's home block;
+2. bounds, coarse then fine: a block's ball bound (its codes lie within a radius of its centroid,
+   its residual norms in a range: ``relu(||p(q) - centroid|| - radius)^2 + relu(gap to the
+   range)^2 <= LB`` of each of its rows) keeps the blocks that may hold a row within the
+   threshold of step 3, then ``LB`` for every row of the kept blocks (``d / D`` of brute force's
+   multiply-adds per row, scanned in segments: memory ``O(chunk x segment)``); a block's bound
+   is its rows' minimum;
 3. a block is needed if its bound is ``<= U (1 + rtol) + atol (||q - c||^2 + max ||x - c||^2)``;
    the margin covers float32 rounding of the bounds and of brute force's norm expansion (whose
    error scales with the norms, not the distance); the chunk scans the union of its queries'
@@ -140,11 +143,64 @@ def _query_codes(
     return codes, residual, jnp.argmin(d2, axis=1).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("segment_blocks", "candidates"))
+def _slack(queries: Array, center: Array, max_sqnorm: Array, atol: Array) -> Array:
+    """The absolute margin ``atol (||q - c||^2 + max ||x - c||^2)`` ``[Qc]`` of step 3."""
+    centred = queries - center
+    return atol * (jnp.sum(centred * centred, axis=1) + max_sqnorm)
+
+
+@jax.jit
+def _ball_blocks(
+    queries: Array,
+    q_codes: Array,
+    q_residual: Array,
+    home: Array,
+    bank: Array,
+    center: Array,
+    codes: Array,
+    residual: Array,
+    sorted_rows: Array,
+    balls: tuple[Array, Array, Array, Array],
+    max_sqnorm: Array,
+    rtol: Array,
+    atol: Array,
+) -> tuple[Array, Array]:
+    """Steps 1 and 2 (coarse) for one query chunk: ``(blocks a ball bound keeps [blocks] bool,
+    the upper bound [Qc])``.
+
+    The upper bound is the exact distance to the lowest-bound row of the query's home block (the
+    centroid nearest its code). A block's ball bound: its rows' codes lie within ``radius`` of the
+    block centroid and their residual norms in ``[r_lo, r_hi]``, so for every row
+    ``LB >= relu(||p(q) - centroid|| - radius)^2 + relu(r_lo - r(q), r(q) - r_hi)^2``; the
+    centroid distance is lowered by 1e-3 of the norms first (its own rounding).
+    """
+    centroids, radius, r_lo, r_hi = balls
+    pos = home[:, None] * BLOCK + jnp.arange(BLOCK, dtype=jnp.int32)[None]  # [Qc, BLOCK]
+    c, r = codes[pos], residual[pos]
+    lb = jnp.sum(jnp.square(c - q_codes[:, None, :]), axis=2) + jnp.square(q_residual[:, None] - r)
+    rows = jnp.take_along_axis(sorted_rows[pos], jnp.argmin(lb, axis=1)[:, None], axis=1)[:, 0]
+    exact = jnp.sum(jnp.square(bank[jnp.maximum(rows, 0)] - queries), axis=1)
+    upper = jnp.where(rows >= 0, exact, jnp.inf)
+    threshold = upper * (1.0 + rtol) + _slack(queries, center, max_sqnorm, atol)
+    q_sq = jnp.sum(q_codes * q_codes, axis=1)
+    c_sq = jnp.sum(centroids * centroids, axis=1)
+    d2 = q_sq[:, None] - 2.0 * jnp.matmul(q_codes, centroids.T, precision=_HIGHEST) + c_sq[None]
+    rounding = 1e-3 * jnp.sqrt(q_sq[:, None] + jnp.max(c_sq))
+    gap = jnp.maximum(jnp.sqrt(jnp.maximum(d2, 0.0)) - rounding - radius[None], 0.0)
+    r_gap = jnp.maximum(
+        jnp.maximum(r_lo[None] - q_residual[:, None], q_residual[:, None] - r_hi[None]), 0.0
+    )
+    keep = jnp.square(gap) + jnp.square(r_gap) <= threshold[:, None]
+    return jnp.any(keep, axis=0), upper
+
+
+@partial(jax.jit, static_argnames=("segment_blocks",))
 def _needed_blocks(
     queries: Array,
     q_codes: Array,
     q_residual: Array,
+    upper: Array,
+    blocks: Array,
     bank: Array,
     center: Array,
     codes: Array,
@@ -155,40 +211,35 @@ def _needed_blocks(
     atol: Array,
     *,
     segment_blocks: int,
-    candidates: int,
 ) -> tuple[Array, Array]:
-    """Steps 1-3 for one query chunk: ``(union [blocks] bool, needed blocks per query [Qc])``.
-
-    ``codes``/``residual``/``sorted_rows`` are in block order and padded (residual ``inf``,
-    row ``-1``) to a whole number of segments of ``segment_blocks`` blocks.
-    """
-    qc = queries.shape[0]
-    seg = segment_blocks * BLOCK
-    num_segments = codes.shape[0] // seg
+    """Steps 2 (fine) and 3: of ``blocks`` ``[U]`` (a multiple of ``segment_blocks``), those
+    whose rows' minimum ``LB`` is within the threshold: ``(union [U] bool, needed per query
+    [Qc])``. The upper bound is first lowered to the exact distance of the lowest-bound row seen.
+    Scanned in segments, so memory is ``O(chunk x segment)``."""
+    qc = q_codes.shape[0]
     q_sq = jnp.sum(q_codes * q_codes, axis=1)
     q_codes_m2 = -2.0 * q_codes
+    within = jnp.arange(BLOCK, dtype=jnp.int32)
 
-    def step(_, s):
-        c = lax.dynamic_slice_in_dim(codes, s * seg, seg)
-        r = lax.dynamic_slice_in_dim(residual, s * seg, seg)
+    def step(carry, seg):
+        best_lb, best_pos = carry
+        pos = (seg[:, None] * BLOCK + within[None]).reshape(-1)
+        c, r = codes[pos], residual[pos]
         proj = jnp.matmul(q_codes_m2, c.T, precision=_HIGHEST) + jnp.sum(c * c, axis=1)[None]
         lb = jnp.maximum(proj + q_sq[:, None], 0.0) + jnp.square(q_residual[:, None] - r[None])
-        return None, jnp.min(lb.reshape(qc, segment_blocks, BLOCK), axis=2)
+        low = jnp.min(lb, axis=1)
+        at = jnp.min(jnp.where(lb <= low[:, None], pos[None], _BIG_INDEX), axis=1)
+        better = low < best_lb
+        carry = (jnp.where(better, low, best_lb), jnp.where(better, at, best_pos))
+        return carry, jnp.min(lb.reshape(qc, segment_blocks, BLOCK), axis=2)
 
-    _, block_lb = lax.scan(step, None, jnp.arange(num_segments))
-    block_lb = jnp.moveaxis(block_lb, 0, 1).reshape(qc, -1)  # [Qc, blocks]
-    # Upper bound: the exact distance to the lowest-bound row of each of the best few blocks
-    # (their bounds recomputed here: cheaper than tracking every block's argmin in the scan).
-    _, best = lax.top_k(-block_lb, candidates)
-    pos = (best[..., None] * BLOCK + jnp.arange(BLOCK, dtype=jnp.int32)).reshape(qc, -1)
-    c, r = codes[pos], residual[pos]  # [Qc, c * BLOCK, d], [Qc, c * BLOCK]
-    lb = jnp.sum(jnp.square(c - q_codes[:, None, :]), axis=2) + jnp.square(q_residual[:, None] - r)
-    rows = jnp.take_along_axis(sorted_rows[pos], jnp.argmin(lb, axis=1)[:, None], axis=1)[:, 0]
+    init = (jnp.full((qc,), jnp.inf, jnp.float32), jnp.zeros((qc,), jnp.int32))
+    (_, best_pos), block_lb = lax.scan(step, init, blocks.reshape(-1, segment_blocks))
+    rows = sorted_rows[best_pos]
     exact = jnp.sum(jnp.square(bank[jnp.maximum(rows, 0)] - queries), axis=1)
-    upper = jnp.where(rows >= 0, exact, jnp.inf)
-    centred = queries - center
-    slack = atol * (jnp.sum(centred * centred, axis=1) + max_sqnorm)
-    need = block_lb <= (upper * (1.0 + rtol) + slack)[:, None]
+    upper = jnp.minimum(upper, jnp.where(rows >= 0, exact, jnp.inf))
+    threshold = upper * (1.0 + rtol) + _slack(queries, center, max_sqnorm, atol)
+    need = jnp.moveaxis(block_lb, 0, 1).reshape(qc, -1) <= threshold[:, None]
     return jnp.any(need, axis=0), jnp.sum(need, axis=1)
 
 
@@ -251,14 +302,13 @@ class PrunedBank:
         arrays: dict[str, np.ndarray],
         *,
         query_chunk: int = 128,
-        candidates: int = 1,
         rtol: float = 1e-3,
         atol: float = 1e-4,
     ):
         self.bank = jnp.asarray(bank, jnp.float32)
         num, dim = self.bank.shape
         self.shape = (num, dim)
-        self.query_chunk, self.candidates = query_chunk, candidates
+        self.query_chunk = query_chunk
         self.rtol, self.atol = rtol, atol
         self.index_arrays = {k: np.asarray(arrays[k]) for k in INDEX_KEYS}
         # The codes are about the saved centre (queries are coded about it too); exact distances
@@ -291,8 +341,19 @@ class PrunedBank:
         self.residual = jnp.asarray(np.concatenate([residual, np.full(pad, np.inf, np.float32)]))
         full = np.concatenate([codes, np.zeros((self.num_blocks * BLOCK - num, codes.shape[1]))])
         counts = np.minimum(BLOCK, num - np.arange(self.num_blocks) * BLOCK)
-        self.centroids = jnp.asarray(
-            full.reshape(self.num_blocks, BLOCK, -1).sum(axis=1) / counts[:, None], jnp.float32
+        centroids = full.reshape(self.num_blocks, BLOCK, -1).sum(axis=1) / counts[:, None]
+        self.centroids = jnp.asarray(centroids, jnp.float32)
+        # Each block's ball about its float32 centroid (radius rounded up) and residual range.
+        gaps = full.reshape(self.num_blocks, BLOCK, -1) - np.asarray(self.centroids)[:, None]
+        real = np.arange(self.num_blocks * BLOCK).reshape(self.num_blocks, BLOCK) < num
+        radius = np.where(real, np.linalg.norm(gaps, axis=2), 0.0).max(axis=1)
+        res = np.concatenate([residual, np.full(self.num_blocks * BLOCK - num, np.nan)])
+        res = res.reshape(self.num_blocks, BLOCK)
+        self.balls = (
+            self.centroids,
+            jnp.asarray(np.nextafter(radius.astype(np.float32), np.float32(np.inf))),
+            jnp.asarray(np.nanmin(res, axis=1), jnp.float32),
+            jnp.asarray(np.nanmax(res, axis=1), jnp.float32),
         )
         self.last_stats: dict[str, float] = {}
 
@@ -341,14 +402,15 @@ class PrunedBank:
             q_res.append(np.asarray(r))
             home.append(np.asarray(h))
         q_codes, q_res = np.concatenate(q_codes), np.concatenate(q_res)
-        perm = np.argsort(np.concatenate(home), kind="stable")
+        home = np.concatenate(home)
+        perm = np.argsort(home, kind="stable")
         qc = self.query_chunk
         out_d = np.zeros((num_q, 1), np.float32)
         out_i = np.zeros((num_q, 1), np.int32)
         fallback: list[np.ndarray] = []
         scanned = needed = 0
         rtol, atol = jnp.float32(self.rtol), jnp.float32(self.atol)
-        bounded = fallback_chunks = 0
+        bounded = fallback_chunks = bounded_blocks = 0
         for s in range(0, num_q, qc):
             ids = perm[s : s + qc]
             chunks = s // qc
@@ -359,19 +421,32 @@ class PrunedBank:
             # A short last chunk repeats its last query: same shape, no extra blocks needed.
             ids_padded = np.concatenate([ids, np.full(qc - len(ids), ids[-1])])
             chunk = jnp.asarray(queries[ids_padded])
-            union, per_query = _needed_blocks(
-                chunk, jnp.asarray(q_codes[ids_padded]), jnp.asarray(q_res[ids_padded]),
-                self.bank, self.center, self.codes, self.residual, self.sorted_rows,
-                self.max_sqnorm, rtol, atol, segment_blocks=self.segment_blocks,
-                candidates=min(self.candidates, self.num_blocks),
+            q_codes_c = jnp.asarray(q_codes[ids_padded])
+            q_res_c = jnp.asarray(q_res[ids_padded])
+            keep, upper = _ball_blocks(
+                chunk, q_codes_c, q_res_c, jnp.asarray(home[ids_padded]), self.bank,
+                self.center, self.codes, self.residual, self.sorted_rows, self.balls,
+                self.max_sqnorm, rtol, atol,
             )  # fmt: skip
-            blocks = np.flatnonzero(np.asarray(union)[: self.num_blocks])
+            kept = np.flatnonzero(np.asarray(keep))
+            bounded_blocks += len(ids) * len(kept)
+            seg = self.segment_blocks
+            kept = np.concatenate(
+                [kept, np.full(-(-_bucket(len(kept)) // seg) * seg - len(kept), self.pad_block)]
+            )
+            union, per_query = _needed_blocks(
+                chunk, q_codes_c, q_res_c, upper, jnp.asarray(kept, jnp.int32), self.bank,
+                self.center, self.codes, self.residual, self.sorted_rows, self.max_sqnorm, rtol,
+                atol, segment_blocks=seg,
+            )  # fmt: skip
+            blocks = kept[np.asarray(union)]
+            blocks = blocks[blocks != self.pad_block]
             needed += int(np.asarray(per_query)[: len(ids)].sum())
             bounded += len(ids)
             size = _bucket(len(blocks))
             # Scanning more than half the bank through a gather costs about a full scan: brute
             # force itself answers these queries (below, in one call).
-            if 2 * size > self.num_blocks:
+            if 2 * size > self.num_blocks or not len(blocks):  # (none: only by rounding)
                 fallback.append(ids)
                 fallback_chunks += 1
                 scanned += len(ids) * self.num_blocks
@@ -391,6 +466,8 @@ class PrunedBank:
             "scanned_fraction": scanned / (num_q * self.num_blocks),
             # Over the queries whose bounds were computed (all but those after an early stop).
             "needed_fraction": needed / max(1, bounded * self.num_blocks),
+            # Blocks whose rows' bounds were computed (those the ball bounds kept), per query.
+            "bounded_fraction": bounded_blocks / max(1, bounded * self.num_blocks),
         }
         return jnp.asarray(out_d), jnp.asarray(out_i)
 
