@@ -136,7 +136,8 @@ def bench(name: str, bank: np.ndarray, queries: np.ndarray, repeats: int) -> dic
         f"pruned {t['pruned'] * 1e3:.0f} ms (index built in {build_s:.1f} s)\n"
         f"  RATIO faiss / pruned = {t['faiss'] / t['pruned']:.2f}x, brute / pruned = "
         f"{t['brute'] / t['pruned']:.2f}x (target >= 2x faiss at 20k)\n"
-        f"  bank fraction the bound needs per query {s['needed_fraction']:.4f}, scanned per "
+        f"  blocks bounded row by row {s['bounded_fraction']:.4f}, "
+        f"bank fraction the bound needs per query {s['needed_fraction']:.4f}, scanned per "
         f"query {s['scanned_fraction']:.4f}, fallback rate {s['fallback_fraction']:.4f}\n"
         f"  same index as brute force {same:.4f} (max |d diff| {diff:.1e}), as faiss "
         f"{faiss_same:.4f}",
