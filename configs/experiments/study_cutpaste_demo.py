@@ -21,22 +21,11 @@ import ml_collections
 
 from configs.experiments import common
 
-VARIANTS = ("", "quick")
-CATEGORIES = ("washer", "brick", "grass", "gravel")
+VARIANTS = common.STUDY_VARIANTS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    if arg not in (None, "", "quick"):
-        raise ValueError(f"Unknown argument {arg!r}; use nothing or 'quick'.")
-    quick = arg == "quick"  # one seed, an object and a texture: a first look in minutes
-    config = common.experiment(
-        "CutPaste demo study",
-        "",
-        section="demo data",
-        categories=CATEGORIES[:2] if quick else CATEGORIES,
-        data_root=common.DEMO_ROOT,
-        seeds=(0,) if quick else (0, 1, 2),
-    )
+    config = common.demo_study("CutPaste demo study", arg)
     config.overrides.data.anomaly_source = "cutpaste"
     config.overrides.train = ml_collections.ConfigDict({"eval_every": 0})
     untrained = {"train": {"stage1_steps": 0, "stage2_steps": 0, "stage3_steps": 0}}

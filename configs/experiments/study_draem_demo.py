@@ -11,23 +11,12 @@ three seeds.
 import ml_collections
 
 from configs.experiments import common
-from configs.experiments.study_cutpaste_demo import CATEGORIES
 
-VARIANTS = ("", "quick")
+VARIANTS = common.STUDY_VARIANTS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    if arg not in (None, "", "quick"):
-        raise ValueError(f"Unknown argument {arg!r}; use nothing or 'quick'.")
-    quick = arg == "quick"  # one seed, an object and a texture: a first look in minutes
-    config = common.experiment(
-        "DRAEM demo study",
-        "",
-        section="demo data",
-        categories=CATEGORIES[:2] if quick else CATEGORIES,
-        data_root=common.DEMO_ROOT,
-        seeds=(0,) if quick else (0, 1, 2),
-    )
+    config = common.demo_study("DRAEM demo study", arg)
     config.rows.draem = common.row("DRAEM", "draem:demo")
     config.rows.draem_wdam = common.row("+WDAM", "draem_wdam:demo")
     config.order = ("draem", "draem_wdam")

@@ -155,25 +155,9 @@ def cutpaste_with_mask(
     return _paste(rng, image, patch, np.ones((h, w), bool), fg)
 
 
-def cutpaste(
-    rng: np.random.Generator,
-    image: np.ndarray,
-    *,
-    area_ratio: Range = (0.02, 0.15),
-    aspect_ratio: tuple[Range, ...] = ((0.3, 1.0), (1.0, 3.3)),
-    color_jitter: float = 0.1,
-    fg_mask: np.ndarray | None = None,
-) -> np.ndarray:
-    """:func:`cutpaste_with_mask` without the mask: [H, W, 3] -> [H, W, 3] float32."""
-    out, _ = cutpaste_with_mask(
-        rng,
-        image,
-        area_ratio=area_ratio,
-        aspect_ratio=aspect_ratio,
-        color_jitter=color_jitter,
-        fg_mask=fg_mask,
-    )
-    return out
+def cutpaste(rng: np.random.Generator, image: np.ndarray, **options) -> np.ndarray:
+    """:func:`cutpaste_with_mask` (same options) without the mask: [H, W, 3] -> [H, W, 3]."""
+    return cutpaste_with_mask(rng, image, **options)[0]
 
 
 def cutpaste_scar_with_mask(
@@ -227,27 +211,9 @@ def cutpaste_scar_with_mask(
     return _paste(rng, image, patch, footprint, fg)
 
 
-def cutpaste_scar(
-    rng: np.random.Generator,
-    image: np.ndarray,
-    *,
-    width: Range = (2, 16),
-    length: Range = (10, 25),
-    rotation: Range = (-45, 45),
-    color_jitter: float = 0.1,
-    fg_mask: np.ndarray | None = None,
-) -> np.ndarray:
-    """:func:`cutpaste_scar_with_mask` without the mask: [H, W, 3] -> [H, W, 3] float32."""
-    out, _ = cutpaste_scar_with_mask(
-        rng,
-        image,
-        width=width,
-        length=length,
-        rotation=rotation,
-        color_jitter=color_jitter,
-        fg_mask=fg_mask,
-    )
-    return out
+def cutpaste_scar(rng: np.random.Generator, image: np.ndarray, **options) -> np.ndarray:
+    """:func:`cutpaste_scar_with_mask` (same options) without the mask: [H, W, 3] -> [H, W, 3]."""
+    return cutpaste_scar_with_mask(rng, image, **options)[0]
 
 
 # --------------------------------------------------------------------------------------------
