@@ -228,5 +228,20 @@ def test_inputs_of_the_wrong_size_or_range_are_refused(copied):
 
 
 def test_the_converter_names_a_primitive_it_cannot_write():
-    with pytest.raises(onnx_export.UnsupportedPrimitiveError, match=r"'sort'.*onnx_export\.py"):
-        onnx_export.to_onnx(lambda x: (jnp.sort(x, axis=1),), (1, 4), output_names=("y",))
+    with pytest.raises(onnx_export.UnsupportedPrimitiveError, match=r"'cumsum'.*onnx_export\.py"):
+        onnx_export.to_onnx(lambda x: (jnp.cumsum(x, axis=1),), (1, 4), output_names=("y",))
+
+
+def test_sort_and_gathered_payloads_equal_jax():
+    """A stable sort with ties, its payload (argsort) reordered alike, at two batch sizes."""
+
+    def fn(x):
+        keys = jnp.round(x * 4) / 4  # ties
+        return jnp.sort(keys, axis=1), jnp.argsort(keys, axis=1, stable=True).astype(jnp.float32)
+
+    model = onnx_export.to_onnx(fn, (1, 9), output_names=("values", "order"))
+    session = onnxruntime.InferenceSession(model.SerializeToString())
+    for batch in (1, 5):
+        x = np.random.default_rng(batch).uniform(size=(batch, 9)).astype(np.float32)
+        for got, want in zip(session.run(None, {"images": x}), fn(x), strict=True):
+            np.testing.assert_array_equal(got, np.asarray(want))

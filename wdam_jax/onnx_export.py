@@ -217,6 +217,10 @@ class _Converter:
         handler = getattr(self, f"_{prim}", None)
         if prim in _UNARY:
             return [self.g.op(_UNARY[prim], names)]
+        if prim in ("sub", "max"):
+            fused = self._fusable(prim, values, names)
+            if fused is not None:
+                return [fused]
         if prim in _BINARY:
             return [self.g.op(_BINARY[prim], names)]
         if prim in _REDUCE_ATTR:
@@ -229,6 +233,20 @@ class _Converter:
             )
         out = handler(eqn, names)
         return out if isinstance(out, list) else [out]
+
+    def _fusable(self, prim: str, values: list, names: list[str]) -> str | None:
+        """The same value in the ops onnxruntime fuses into a preceding Conv (bias, scale,
+        ReLU): ``x - c`` as ``x + (-c)`` and ``max(x, 0)`` as ``Relu(x)``, both exact."""
+        x, c = values
+        if prim == "sub" and isinstance(x, str) and not isinstance(c, str):
+            if np.issubdtype(c.dtype, np.floating):
+                return self.g.op("Add", [x, self.g.const(-c)])
+        if prim == "max":
+            tensor, other = (x, c) if isinstance(x, str) else (c, x)
+            if isinstance(tensor, str) and not isinstance(other, str) and other.size == 1:
+                if np.issubdtype(other.dtype, np.floating) and float(other) == 0.0:
+                    return self.g.op("Relu", [tensor])
+        return None
 
     def _inline(self, eqn) -> list:
         called = eqn.params.get(_CALLS[eqn.primitive.name] or "", None)
@@ -349,7 +367,7 @@ class _Converter:
             and not dn.operand_batching_dims
         )
         if not point:
-            raise UnsupportedPrimitiveError(f"gather other than one known point: {eqn}")
+            return self._take(eqn, names)
         start = dict(zip(dn.start_index_map, (int(i) for i in indices), strict=True))
         axes, s, e = [], [], []
         for axis, (size, dim) in enumerate(zip(sizes, operand.shape, strict=True)):
@@ -368,6 +386,29 @@ class _Converter:
             x = self.g.op("Squeeze", [x, self.g.ints(dn.collapsed_slice_dims)])
         return x
 
+    def _take(self, eqn, names):
+        """``operand[indices]`` along one axis (jnp.take, ``bank[nearest]``): ONNX Gather."""
+        dn = eqn.params["dimension_numbers"]
+        operand = eqn.invars[0].aval
+        index_shape = eqn.invars[1].aval.shape
+        rank, nb = len(operand.shape), len(index_shape) - 1
+        axes = tuple(dn.start_index_map)
+        layout = None
+        if len(axes) == 1 and tuple(dn.collapsed_slice_dims) == axes and index_shape[-1] == 1:
+            (a,) = axes
+            full = all(
+                _same_dim(size, 1 if i == a else dim)
+                for i, (size, dim) in enumerate(
+                    zip(eqn.params["slice_sizes"], operand.shape, strict=True)
+                )
+            )
+            layout = (*range(a), *range(a + nb, nb + rank - 1)) if full else None
+        if dn.operand_batching_dims or layout != tuple(dn.offset_dims):
+            raise UnsupportedPrimitiveError(f"gather other than a take along one axis: {eqn}")
+        index = self.g.op("Squeeze", [names[1], self.g.ints([nb])])
+        index = self.g.op("Cast", [index], to=TensorProto.INT64)
+        return self.g.op("Gather", [names[0], index], axis=int(axes[0]))
+
     def _pad(self, eqn, names):
         config = eqn.params["padding_config"]
         if any(interior != 0 or lo < 0 or hi < 0 for lo, hi, interior in config):
@@ -377,12 +418,19 @@ class _Converter:
 
     def _iota(self, eqn, names):
         shape, dim, dtype = eqn.params["shape"], eqn.params["dimension"], eqn.params["dtype"]
-        if len(shape) != 1:
-            raise UnsupportedPrimitiveError(f"iota of rank > 1 with a symbolic shape: {eqn}")
-        n = self.g.op("Squeeze", [self.g.dim(shape[dim]), self.g.ints([0])])
-        zero, one = np.zeros((), np.int64), np.ones((), np.int64)
-        out = self.g.op("Range", [self.g.const(zero), n, self.g.const(one)])
-        return self.g.op("Cast", [out], to=_onnx_dtype(dtype))
+        n = shape[dim]
+        if _is_const_dim(n):
+            out = self.g.const(np.arange(int(n), dtype=dtype))
+        else:
+            count = self.g.op("Squeeze", [self.g.dim(n), self.g.ints([0])])
+            zero, one = np.zeros((), np.int64), np.ones((), np.int64)
+            out = self.g.op("Range", [self.g.const(zero), count, self.g.const(one)])
+            out = self.g.op("Cast", [out], to=_onnx_dtype(dtype))
+        if len(shape) == 1:
+            return out
+        others = [i for i in range(len(shape)) if i != dim]
+        out = self.g.op("Unsqueeze", [out, self.g.ints(others)])
+        return self.g.op("Expand", [out, self.g.expand_shape(shape)])
 
     # -- elementwise with a twist
     def _rsqrt(self, eqn, names):
@@ -397,6 +445,33 @@ class _Converter:
             return self.g.op("Mul", [names[0], names[0]])
         dtype = eqn.invars[0].aval.dtype
         return self.g.op("Pow", [names[0], self.g.const(np.asarray(y, dtype))])
+
+    def _round(self, eqn, names):
+        if int(eqn.params["rounding_method"]) == 1:  # to nearest even, as ONNX Round
+            return self.g.op("Round", names)
+        half = self.g.const(np.asarray(0.5, eqn.invars[0].aval.dtype))
+        away = self.g.op("Floor", [self.g.op("Add", [self.g.op("Abs", names), half])])
+        return self.g.op("Mul", [self.g.op("Sign", names), away])
+
+    def _is_finite(self, eqn, names):
+        nan_or_inf = self.g.op("Or", [self.g.op("IsNaN", names), self.g.op("IsInf", names)])
+        return self.g.op("Not", [nan_or_inf])
+
+    def _log1p(self, eqn, names):
+        one = self.g.const(np.asarray(1, eqn.invars[0].aval.dtype))
+        return self.g.op("Log", [self.g.op("Add", [names[0], one])])
+
+    def _expm1(self, eqn, names):
+        one = self.g.const(np.asarray(1, eqn.invars[0].aval.dtype))
+        return self.g.op("Sub", [self.g.op("Exp", names), one])
+
+    def _reduce_or(self, eqn, names, op="ReduceMax"):
+        as_int = self.g.op("Cast", names, to=TensorProto.INT32)
+        out = self.g.op(op, [as_int], axes=list(eqn.params["axes"]), keepdims=0)
+        return self.g.op("Cast", [out], to=TensorProto.BOOL)
+
+    def _reduce_and(self, eqn, names):
+        return self._reduce_or(eqn, names, op="ReduceMin")
 
     def _ne(self, eqn, names):
         return self.g.op("Not", [self.g.op("Equal", names)])
@@ -443,6 +518,20 @@ class _Converter:
         values, indices = self.g.op("TopK", [names[0], self.g.ints([k])], n_out=2, axis=-1)
         dtype = eqn.outvars[1].aval.dtype
         return [values, self.g.op("Cast", [indices], to=_onnx_dtype(dtype))]
+
+    def _sort(self, eqn, names):
+        """Ascending along ``dimension`` by the first operand (TopK: ties keep index order)."""
+        if eqn.params["num_keys"] != 1:
+            raise UnsupportedPrimitiveError(f"sort with several keys: {eqn}")
+        axis = int(eqn.params["dimension"])
+        n = eqn.invars[0].aval.shape[axis]
+        if not _is_const_dim(n):
+            raise UnsupportedPrimitiveError(f"sort along the batch dimension: {eqn}")
+        keys, *payloads = names
+        values, order = self.g.op(
+            "TopK", [keys, self.g.ints([int(n)])], n_out=2, axis=axis, largest=0, sorted=1
+        )
+        return [values, *(self.g.op("GatherElements", [p, order], axis=axis) for p in payloads)]
 
     def _reduce_window_max(self, eqn, names):
         return self._pool(eqn, names[0], "MaxPool")
