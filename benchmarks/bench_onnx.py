@@ -227,10 +227,12 @@ def main() -> None:
             if not args.no_anomalib:
                 extra = anomalib_sides(anomalib, bank, size, images, args, pathlib.Path(tmp))
             name = f"WRN50-2 PatchCore (bank {args.bank})"
-            # Random-init WRN50-2 features are huge (no trained BN statistics): XLA's and
-            # onnxruntime's float32 convolution orders then differ visibly in the maps' kNN
-            # distances; trained and tiny networks agree to 1e-6 (tests/test_onnx_export.py).
-            if not compare(name, fn, size, images, args, extra, map_tol=1e-2):
+            # Random-init WRN50-2 features of noise images are nearly alike: norms ~400, nearest
+            # bank distances ~0.3, so the float32 kNN (norm expansion) is itself 1.9e-2 (of the
+            # largest distance) from float64 with bank 16384, in JAX as in onnxruntime, and the
+            # maps of the two differ by as much. Scores and trained or tiny networks agree to
+            # 1e-5 (tests/test_onnx_export.py: 1e-7 to 2e-6).
+            if not compare(name, fn, size, images, args, extra, map_tol=5e-2):
                 failed.append(name)
     if failed:
         print(f"FAILED: {', '.join(failed)} (no timing for them)")
