@@ -58,8 +58,7 @@ def session(model: bytes | str, threads: int):
 def demo_models(root: pathlib.Path):
     """``{name: (fn, image_size, method, model, fitted, test images)}`` for the demo configs."""
     from configs import cutpaste_wdam, draem_wdam, patchcore
-    from wdam_jax import export
-    from wdam_jax import train as train_lib
+    from wdam_jax import export, runs
     from wdam_jax.data import sources
     from wdam_jax.methods import registry
 
@@ -73,7 +72,7 @@ def demo_models(root: pathlib.Path):
         method = registry.get_method(config)
         model = method.create_model()
         fitted = method.fit(model, method.train_images(), step=0) or {}
-        fn, size = export.inference_function(train_lib.Restored(method, model, 0, fitted))
+        fn, size = export.inference_function(runs.Restored(method, model, 0, fitted))
         test = sources.load_split(config.data, split="test").images
         out[name] = fn, size, test
     return out
@@ -86,8 +85,7 @@ def wrn50_patchcore(args):
     from bench_patchcore_inference import anomalib_embedding, anomalib_to_ours, build_anomalib
 
     from configs import patchcore as patchcore_config
-    from wdam_jax import export
-    from wdam_jax import train as train_lib
+    from wdam_jax import export, runs
     from wdam_jax.methods.patchcore_method import PatchCore, PatchCoreNet
     from wdam_jax.models.wide_resnet import IMAGENET_MEAN, IMAGENET_STD, from_torchvision
 
@@ -112,7 +110,7 @@ def wrn50_patchcore(args):
     bank = rows[torch.from_numpy(pick)].contiguous()
     anomalib.memory_bank = bank
     fitted = {"plain.bank": anomalib_to_ours(bank.numpy())}
-    fn, size = export.inference_function(train_lib.Restored(method, net, 0, fitted))
+    fn, size = export.inference_function(runs.Restored(method, net, 0, fitted))
     return fn, size, images[n_train:], anomalib, bank
 
 

@@ -35,12 +35,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 def build(args, root: pathlib.Path):
     """``(fn, image_size, test split)`` of the run in ``--workdir`` or the fitted demo PatchCore."""
-    from wdam_jax import export
-    from wdam_jax import train as train_lib
+    from wdam_jax import export, runs
     from wdam_jax.data import sources
 
     if args.workdir:
-        run = train_lib.restore(args.workdir)
+        run = runs.restore(args.workdir)
     else:
         from configs import patchcore
         from wdam_jax.methods import registry
@@ -50,7 +49,7 @@ def build(args, root: pathlib.Path):
         method = registry.get_method(config)
         model = method.create_model()
         fitted = method.fit(model, method.train_images(), step=0)
-        run = train_lib.Restored(method, model, 0, fitted)
+        run = runs.Restored(method, model, 0, fitted)
     fn, size = export.inference_function(run)
     return fn, size, sources.load_split(run.config.data, split="test")
 

@@ -48,6 +48,7 @@ def bench_jax(args, images, labels) -> tuple[float, float, str]:
     import numpy as np
 
     from configs import cutpaste as cutpaste_config
+    from wdam_jax import state as state_lib
     from wdam_jax import train
     from wdam_jax.methods import cutpaste
 
@@ -57,8 +58,8 @@ def bench_jax(args, images, labels) -> tuple[float, float, str]:
     config.train.batch_size = args.batch_size
     config.train.stage1_steps = 10**6  # stay in stage 1 (SGD), as the PyTorch side
     method = cutpaste.CutPaste(config)
-    mesh = train.data_mesh()
-    graphdef, rest, tx, state = train.init_state(method, config)
+    mesh = state_lib.data_mesh()
+    graphdef, rest, tx, state = state_lib.init_state(method, config)
     step_fn = train.compile_train_step(graphdef, rest, method.loss, tx, mesh)
     batch = train.shard_batch({"image": images, "label": labels.astype(np.int32)}, mesh)
     holder = {"state": state}

@@ -195,7 +195,7 @@ class CheckpointChoice:
         )
 
     def resolve(self) -> dict[str, int | bool | None]:
-        """``{"step": ..., "best": ...}`` for :func:`wdam_jax.train.restore` and its callers."""
+        """``{"step": ..., "best": ...}`` for :func:`wdam_jax.runs.restore` and its callers."""
         best = self._which.value == "best"
         if best and self._step.value is not None:
             raise app.UsageError("Give --step or --checkpoint=best, not both.")

@@ -1,7 +1,7 @@
 """FMAS on a distributed engine: a pool of Ray Data actors (``config.distributed.engine="ray"``).
 
 One element per source image flows through ``Dataset.map_batches`` into an actor pool of
-``distributed.num_workers``; each actor builds one :class:`synthesis.pipeline.Synthesizer` in its
+``distributed.num_workers``; each actor builds one :class:`synthesis.worker.Synthesizer` in its
 constructor (Ray's counterpart of Beam's ``DoFn.setup``), so the models are loaded once per
 worker and stay resident (on its GPU with ``distributed.gpus_per_worker=1``). Results stream
 back in the input order (``preserve_order``) to the calling process, which writes them with the
@@ -26,7 +26,7 @@ from typing import Any
 
 import ml_collections
 
-from synthesis import pipeline
+from synthesis import worker
 
 INSTALL_HELP = "config.distributed.engine='ray' needs Ray Data: pip install -e '.[distributed]'."
 
@@ -39,7 +39,7 @@ class _Worker:
 
         if config.cpu_threads > 0:
             torch.set_num_threads(config.cpu_threads)
-        self.synth = pipeline.Synthesizer(config)
+        self.synth = worker.Synthesizer(config)
         self.prompt_pairs = prompt_pairs
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
@@ -47,12 +47,12 @@ class _Worker:
                    "lpips_candidates")  # fmt: skip
         out: dict[str, list] = {k: [] for k in columns}
         for category, source in zip(batch["category"], batch["source"], strict=True):
-            item = pipeline.WorkItem(str(category), str(source))
+            item = worker.WorkItem(str(category), str(source))
             try:
                 result = self.synth(item, self.prompt_pairs[item.category])
                 error = b""
             except Exception as e:  # re-raised as it is by the calling process
-                result = pipeline.Result(item.source, b"", {}, self.synth.worker)
+                result = worker.Result(item.source, b"", {}, self.synth.worker)
                 error = pickle.dumps(e)
             out["source"].append(result.source)
             out["record"].append(result.record)
@@ -67,9 +67,9 @@ class _Worker:
 
 def synthesize_ray(
     config: ml_collections.ConfigDict,
-    plan: pipeline.Plan,
+    plan: worker.Plan,
     workers: dict[str, dict[str, Any]],
-) -> Iterator[pipeline.Result]:
+) -> Iterator[worker.Result]:
     """The results for ``plan.todo`` from a Ray Data actor pool, in ``plan.todo``'s order.
 
     Args:
@@ -78,7 +78,7 @@ def synthesize_ray(
       workers: filled with each actor's ``"<host>:<pid>"`` -> device and model loading time.
 
     Yields:
-      :class:`synthesis.pipeline.Result` per image.
+      :class:`synthesis.worker.Result` per image.
 
     Raises:
       ImportError: Ray Data is not installed.
@@ -123,13 +123,13 @@ def synthesize_ray(
             if row["error"]:
                 # The worker's own exception (a bad image, a missing file), as a local run raises.
                 raise pickle.loads(row["error"])
-            worker = str(row["worker"])
+            actor = str(row["worker"])
             workers.setdefault(
-                worker,
+                actor,
                 {"device": str(row["device"]), "model_loading_s": float(row["load_seconds"])},
             )
-            yield pipeline.Result(
-                str(row["source"]), bytes(row["record"]), json.loads(row["foreground"]), worker,
+            yield worker.Result(
+                str(row["source"]), bytes(row["record"]), json.loads(row["foreground"]), actor,
                 tuple(json.loads(row["lpips_candidates"])),
             )  # fmt: skip
     finally:

@@ -18,6 +18,7 @@ from PIL import Image
 from test_contract import tiny_config
 
 from wdam_jax import batch_norm, train
+from wdam_jax import runs as run_store
 from wdam_jax.analysis import compare, subband_figure, subband_weights
 from wdam_jax.data import sources
 from wdam_jax.errors import UserError
@@ -60,7 +61,7 @@ def _direct_weights(run, images):
 
 def test_weights_table_equals_a_direct_computation(runs, tmp_path):
     (result,) = subband_weights.analyse([runs / "wdam"])
-    run = train.restore(runs / "wdam")
+    run = run_store.restore(runs / "wdam")
     split = sources.load_split(run.config.data, split="test")
     direct = _direct_weights(run, split.images)
     assert list(result.weights) == list(direct) == ["member_plain.layer1.0.wdam"]
@@ -131,7 +132,7 @@ def test_cutpaste_gate_and_final_weights(demo_data_root, tmp_path):
     with pytest.raises(UserError, match="switched off"):
         subband_weights.run_weights(tmp_path / "cp", step=2)
     result = subband_weights.run_weights(tmp_path / "cp")
-    run = train.restore(tmp_path / "cp")
+    run = run_store.restore(tmp_path / "cp")
     split = sources.load_split(run.config.data, split="test")
     set_wdam_gate(run.model, True)
     scoring = batch_norm.apply_batch_stats(run.model, run.fitted)  # as CutPaste scores
@@ -163,7 +164,7 @@ def test_compare_shares_one_colour_scale(runs, tmp_path, monkeypatch):
     assert np.isclose(values.max(), doc["colour_scale"]["vmax"])
     # Each run's image scores are its evaluation's.
     for run_doc in doc["runs"]:
-        run = train.restore(run_doc["workdir"])
+        run = run_store.restore(run_doc["workdir"])
         split = sources.load_split(run.config.data, split="test")
         full = run.method.score(run.model, run.fitted, split.images, step=run.step)
         index = [split.paths.index(p) for p in doc["images"]]

@@ -233,3 +233,34 @@ def test_thin_rotated_scar_keeps_its_area(image, width):
             rotation=(-45, 45),
         )
         assert 0.5 * width * length <= mask.sum() <= 1.8 * width * length + 2, (seed, length)
+
+
+def test_augmentation_options_read_the_config_and_keep_defaults_where_absent():
+    from configs import cutpaste as cutpaste_config
+    from configs import draem as draem_config
+
+    a = cutpaste_config.get_config().augment
+    assert augment.cutpaste_options(a) == {
+        "area_ratio": tuple(a.cutpaste_area_ratio),
+        "aspect_ratio": tuple(tuple(r) for r in a.cutpaste_aspect_ratio),
+        "color_jitter": a.color_jitter,
+    }
+    scar = augment.scar_options(a, scale=0.25)
+    assert scar["width"] == tuple(max(1.0, v * 0.25) for v in a.scar_width)
+    assert scar["rotation"] == tuple(a.scar_rotation)
+    d = draem_config.get_config().augment
+    assert augment.draem_options(d) == {
+        "scale_exponents": tuple(d.perlin_scale_exponents),
+        "threshold": d.perlin_threshold,
+        "max_beta": d.max_beta,
+    }
+    assert augment.cutpaste_options(None) == augment.draem_options(None) == {}
+    # The same draw as the explicit call.
+    image = np.random.default_rng(0).random((32, 32, 3), dtype=np.float32)
+    explicit = augment.cutpaste_scar(
+        np.random.default_rng(1), image, width=tuple(a.scar_width), length=tuple(a.scar_length),
+        rotation=tuple(a.scar_rotation), color_jitter=a.color_jitter,
+    )  # fmt: skip
+    np.testing.assert_array_equal(
+        augment.cutpaste_scar(np.random.default_rng(1), image, **augment.scar_options(a)), explicit
+    )

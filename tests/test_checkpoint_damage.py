@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from test_train import ToyMethod, toy_config
 
-from wdam_jax import checkpoints, train
+from wdam_jax import checkpoints, runs, train
 from wdam_jax.errors import InputsError
 
 
@@ -114,12 +114,12 @@ def test_evaluation_falls_back_without_moving_anything(reference, tmp_path, capl
     ckpt = workdir / checkpoints.CHECKPOINT_DIR
     _change_a_byte(ckpt / "5")
     with caplog.at_level(logging.WARNING):
-        run = train.restore(workdir, config=config, method=ToyMethod(config))
+        run = runs.restore(workdir, config=config, method=ToyMethod(config))
     assert run.step == 4 and f"{ckpt / '5'} is damaged" in caplog.text
     assert (ckpt / "5").is_dir() and not (workdir / checkpoints.DAMAGED_DIR).exists()
     # A step asked for by name is not replaced by another one.
     with pytest.raises(checkpoints.CheckpointError, match=r"step 5: .*5.* is damaged"):
-        train.restore(workdir, step=5, config=config, method=ToyMethod(config))
+        runs.restore(workdir, step=5, config=config, method=ToyMethod(config))
 
 
 def test_no_readable_checkpoint_stops_instead_of_restarting(reference, tmp_path):
@@ -152,7 +152,7 @@ def test_full_disk_stops_the_save_and_keeps_the_previous_checkpoint(reference, t
     message = str(err.value)
     assert "Could not write checkpoint 6" in message and "disk full" in message
     assert "checkpoint at step 5 is kept" in message
-    run = train.restore(workdir, config=config, method=ToyMethod(config))
+    run = runs.restore(workdir, config=config, method=ToyMethod(config))
     assert run.step == 5
     # Space freed, the same command resumes from step 5 and finishes as the uninterrupted run.
     _, state = train.train(config, workdir, method=ToyMethod(config))
@@ -199,7 +199,7 @@ def _files(folder: pathlib.Path) -> dict[str, bytes]:
 
 def _resumes_to_the_uninterrupted_result(reference, workdir):
     config = reference["config"]
-    assert train.restore(workdir, config=config, method=ToyMethod(config)).step == 5
+    assert runs.restore(workdir, config=config, method=ToyMethod(config)).step == 5
     _, state = train.train(config, workdir, method=ToyMethod(config))
     for a, b in zip(_params(reference["full"]), _params(state), strict=True):
         np.testing.assert_array_equal(a, b)

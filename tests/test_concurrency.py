@@ -32,7 +32,8 @@ import time
 import pytest
 from test_kills import REPO, SEED, TINY_CUTPASTE, _command, _env, _steps, _tail
 
-from wdam_jax import checkpoints, runlock, train
+from wdam_jax import checkpoints, runlock, runs
+from wdam_jax import state as state_lib
 
 # A longer last stage than test_kills' so that the run is frozen well before its end.
 STAGE3 = 6
@@ -95,7 +96,7 @@ def _resume(proc: subprocess.Popen) -> None:
 
 
 def _train_log_steps(workdir: pathlib.Path) -> list[int]:
-    lines = (workdir / train.TRAIN_LOG).read_text().splitlines()
+    lines = (workdir / runs.TRAIN_LOG).read_text().splitlines()
     return [json.loads(line)["step"] for line in lines if '"loss"' in line]
 
 
@@ -172,7 +173,7 @@ def test_one_writer_per_run_readers_beside_it_and_a_stale_lock_taken_over(demo_d
     assert code == 0, f"{why}\n{out[-3000:]}"
     assert "Took over the lock" in out and f"process {first.pid}" in out, out[-3000:]
     assert _steps(workdir) == [TOTAL]
-    run = train.restore(workdir)  # a checkpoint that restores, of the first trainer's config
+    run = runs.restore(workdir)  # a checkpoint that restores, of the first trainer's config
     assert run.step == TOTAL and run.config.seed == 0
     # One run from step 0 (a second trainer's steps would log step 1 again), resumed once: a
     # step logged but not checkpointed before the kill is logged again by the re-run.
@@ -368,7 +369,7 @@ def test_a_checkpoint_deleted_while_read_is_replaced_by_the_newest(tmp_path, mon
     import jax.numpy as jnp
 
     manager = checkpoints.checkpoint_manager(tmp_path)
-    mesh = train.data_mesh()
+    mesh = state_lib.data_mesh()
     for step in (1, 2):
         checkpoints.save(manager, step, {"x": jnp.full([3], float(step))})
     real = checkpoints._restore_step

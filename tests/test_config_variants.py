@@ -45,7 +45,7 @@ def test_every_config_file_is_found():
     assert {"configs/patchcore.py", "configs/experiments/table3.py", "configs/wdam_layers.py"} <= (
         names
     )
-    assert len(CONFIG_FILES) == 17  # 11 run and synthesis configs, 6 experiment tables
+    assert len(CONFIG_FILES) == 19  # 11 run and synthesis configs, 6 tables, 2 demo studies
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=str)

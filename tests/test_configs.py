@@ -20,10 +20,12 @@ import pytest
 from PIL import Image
 
 from configs import cutpaste, cutpaste_fm, cutpaste_fmas, cutpaste_wdam, wdam_layers
-from wdam_jax import checkpoints, evaluate, train
+from wdam_jax import checkpoints, evaluate, runs, train
+from wdam_jax import state as state_lib
 from wdam_jax.data import demo, sources
 from wdam_jax.data.tf_setup import import_tensorflow
 from wdam_jax.methods import cutpaste as cutpaste_method
+from wdam_jax.models import wide_resnet
 from wdam_jax.models.wide_resnet import WideResNet50_2
 from wdam_jax.wdam import WDAM
 
@@ -160,11 +162,11 @@ def _step_key(config) -> str:
 def test_one_train_step(module, arg, demo_root):
     config = small(module.get_config(arg), demo_root)
     method = train.get_method(config)
-    mesh = train.data_mesh()
+    mesh = state_lib.data_mesh()
     key = _step_key(config)
     if key not in _COMPILED:
         _COMPILED.clear()
-        graphdef, rest, tx, state = train.init_state(method, config)
+        graphdef, rest, tx, state = state_lib.init_state(method, config)
         step_fn = train.compile_train_step(graphdef, rest, method.loss, tx, mesh)
         _COMPILED[key] = (step_fn, jax.device_get(state))
     step_fn, host_state = _COMPILED[key]
@@ -193,11 +195,14 @@ def test_train_evaluate_restore_backbone_end_to_end(demo_root, tmp_path):
     assert {"metrics.json", "metrics.md", "metrics.csv", "heatmaps.png", "scores.npz"} <= {
         p.name for p in outdir.iterdir()
     }
-    backbone = train.restore_backbone(tmp_path)
+    # The backbone the loop wrote at the end, read as PatchCore's run members read it.
+    backbone = wide_resnet.from_torchvision(
+        wide_resnet.read_state_dict(tmp_path / checkpoints.BACKBONE_FILE), wdam_layers=(1,)
+    )
     assert isinstance(backbone, WideResNet50_2) and backbone.wdam_layers == (1,)
     assert all(type(block.wdam) is WDAM for block in backbone.layer1)
     assert all(block.wdam is None for block in backbone.layer2)
-    run = train.restore(tmp_path)
+    run = runs.restore(tmp_path)
     assert run.step == 2
     np.testing.assert_array_equal(
         np.asarray(backbone.layer1[0].wdam.fc1.kernel[...]),

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wdam_jax import evaluate, train
+from wdam_jax import evaluate, runs, train
 from wdam_jax.data import sources
 from wdam_jax.methods import registry
 from wdam_jax.methods.base import ImageScores, Method
@@ -101,14 +101,14 @@ def test_method_trains_resumes_checkpoints_and_evaluates(name, demo_data_root, t
     assert {"metrics.json", "metrics.csv", "metrics.md", "heatmaps.png", "scores.csv"} <= written
     assert json.loads((outdir / "metrics.json").read_text())
     # The restored run scores exactly as the run in process, from the checkpointed statistics.
-    run = train.restore(tmp_path / "full")
+    run = runs.restore(tmp_path / "full")
     if type(run.method).fit is not Method.fit:  # fit is optional (DRAEM's model alone scores)
         assert run.fitted, f"{name} checkpointed no fitted statistics"
     test = sources.load_split(config.data, split="test")
     scores = run.method.score(run.model, run.fitted, test.images[:3], step=run.step)
     assert isinstance(scores, ImageScores)
     assert scores.maps.shape == (3, *test.images.shape[1:3])
-    again = train.restore(tmp_path / "full").method.score(
+    again = runs.restore(tmp_path / "full").method.score(
         run.model, run.fitted, test.images[:3], step=run.step
     )
     np.testing.assert_allclose(scores.image_scores, again.image_scores, rtol=1e-6)

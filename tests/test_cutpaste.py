@@ -12,6 +12,7 @@ from jax import numpy as jnp
 from configs import cutpaste as cutpaste_config
 from configs import cutpaste_wdam as cutpaste_wdam_config
 from wdam_jax import batch_norm
+from wdam_jax.components import gaussian as gaussian_lib
 from wdam_jax.data import pipeline, sources
 from wdam_jax.data.datasets import DatasetError
 from wdam_jax.errors import ConfigError
@@ -28,10 +29,10 @@ def test_gaussian_matches_sklearn_ledoit_wolf(n, d):
     x = _correlated(np.random.default_rng(n), n, d)
     reference = sklearn.covariance.LedoitWolf().fit(x)
     centred = x - x.mean(0)
-    assert cutpaste.ledoit_wolf_shrinkage(centred) == pytest.approx(
+    assert gaussian_lib.ledoit_wolf_shrinkage(centred) == pytest.approx(
         sklearn.covariance.ledoit_wolf_shrinkage(centred), rel=1e-10
     )
-    gaussian = cutpaste.fit_gaussian(x)
+    gaussian = gaussian_lib.fit_gaussian(x)
     np.testing.assert_allclose(gaussian.mean, reference.location_, rtol=1e-12)
     np.testing.assert_allclose(gaussian.precision, reference.precision_, rtol=1e-6, atol=1e-9)
     queries = _correlated(np.random.default_rng(1), 7, d)
@@ -44,7 +45,7 @@ def test_gaussian_matches_sklearn_ledoit_wolf(n, d):
 def test_per_location_gaussian_pools_the_covariance():
     rng = np.random.default_rng(0)
     maps = rng.normal(size=(10, 3, 2, 5)) + np.arange(6).reshape(1, 3, 2, 1)
-    gaussian = cutpaste.fit_gaussian(maps, location_axes=(1, 2))
+    gaussian = gaussian_lib.fit_gaussian(maps, location_axes=(1, 2))
     np.testing.assert_allclose(gaussian.mean, maps.mean(0))
     pooled = (maps - maps.mean(0)).reshape(-1, 5)
     lw = sklearn.covariance.LedoitWolf(assume_centered=True).fit(pooled)
@@ -59,7 +60,7 @@ def test_per_location_gaussian_pools_the_covariance():
 def test_normal_data_scores_low_and_outliers_high():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 4))
-    gaussian = cutpaste.fit_gaussian(x)
+    gaussian = gaussian_lib.fit_gaussian(x)
     assert gaussian.mahalanobis(np.zeros((1, 4)))[0] < 0.5
     assert gaussian.mahalanobis(np.full((1, 4), 6.0))[0] > 8
 

@@ -29,12 +29,18 @@ def _data(n=40, d=6, h=3):
     return embed, pixel
 
 
+def _fit_and_score(embed, pixel, **kwargs):
+    """Fitted on the first 30 images, scored on the other 10 (the jnp scoring path)."""
+    fitted = cutpaste.fit_densities(embed[:30], pixel[:30], normalize=False)
+    densities = cutpaste.whitened_densities(fitted)
+    return cutpaste.score_features(
+        densities, embed[30:], pixel[30:], normalize=False, size=6, **kwargs
+    )
+
+
 def test_gde_image_score_matches_sklearn_ledoit_wolf():
     embed, pixel = _data()
-    fitted = cutpaste.fit_densities(embed[:30], pixel[:30], normalize=False)
-    scores, maps = cutpaste.score_features(
-        fitted, embed[30:], pixel[30:], normalize=False, image_score="gde", size=6, sigma=0.0
-    )
+    scores, maps = _fit_and_score(embed, pixel, image_score="gde", sigma=0.0)
     reference = np.sqrt(LedoitWolf().fit(embed[:30]).mahalanobis(embed[30:]))
     np.testing.assert_allclose(scores, reference, rtol=1e-6)
     assert maps.shape == (10, 6, 6)
@@ -43,10 +49,7 @@ def test_gde_image_score_matches_sklearn_ledoit_wolf():
 def test_map_max_scores_each_image_by_its_maps_maximum():
     embed, pixel = _data()
     pixel[35, 1, 2] += 25.0  # one strongly anomalous location
-    fitted = cutpaste.fit_densities(embed[:30], pixel[:30], normalize=False)
-    scores, maps = cutpaste.score_features(
-        fitted, embed[30:], pixel[30:], normalize=False, image_score="map_max", size=6, sigma=1.0
-    )
+    scores, maps = _fit_and_score(embed, pixel, image_score="map_max", sigma=1.0)
     np.testing.assert_allclose(scores, maps.reshape(10, -1).max(axis=1))
     assert np.argmax(scores) == 5
 
@@ -56,5 +59,11 @@ def test_unknown_image_score_is_an_error():
     fitted = cutpaste.fit_densities(embed, pixel, normalize=False)
     with pytest.raises(ValueError, match=r"score\.image_score"):
         cutpaste.score_features(
-            fitted, embed, pixel, normalize=False, image_score="max", size=6, sigma=0.0
+            cutpaste.whitened_densities(fitted),
+            embed,
+            pixel,
+            normalize=False,
+            image_score="max",
+            size=6,
+            sigma=0.0,
         )

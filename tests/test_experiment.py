@@ -293,3 +293,34 @@ def test_table7_rows_that_print_table3_and_4_numbers_are_the_same_runs(arg, tmp_
     assert table7.rows.mvtec_cutpaste.config == ("cutpaste:published,demo" if arg else
                                                  "cutpaste:published")  # fmt: skip
     assert "mvtec_cutpaste_staged" in table7.rows and "mvtec_cutpaste_staged" not in table7.order
+
+
+@pytest.mark.parametrize("study", ["study_cutpaste_demo", "study_draem_demo"])
+def test_the_demo_studies_are_experiment_configs(study, tmp_path):
+    config = _config(study)
+    runs = experiment.expand(config, tmp_path)
+    assert len(runs) == len(config.order) * len(config.categories) * len(config.seeds)
+    for slug in config.order:
+        run_config = experiment.run_config(config, next(r for r in runs if r.row == slug), tmp_path)
+        assert run_config.data.dataset == "demo"
+
+
+def test_the_untrained_row_scores_the_step0_network_as_validate_does(demo_data_root, tmp_path):
+    """CutPaste with stages 0 / 0 / 0 is the network at initialisation, fitted and scored: the
+    same numbers its trained run's validate logs at step 0 (the study's baseline row)."""
+    config = _config("study_cutpaste_demo")
+    config.order, config.seeds, config.categories = ("untrained", "cutpaste"), (0,), ("washer",)
+    config.overrides.data = {"root": str(demo_data_root), "image_size": 32}
+    config.overrides.model = {**TINY_NET, "head_dims": (16,)}
+    config.overrides.augment = {"foreground_mask": False}
+    config.overrides.train = {"batch_size": 2, "eval_every": 1, "checkpoint_every": 2}
+    config.rows.cutpaste.overrides.train = {"stage1_steps": 1, "stage2_steps": 0, "stage3_steps": 0}
+    config.overrides.score = {"eval_batch_size": 8, "num_figures": 0}
+    experiment.run_experiment(config, tmp_path)
+    untrained = json.loads((tmp_path / "untrained/washer/seed0/done.json").read_text())
+    log = [
+        json.loads(line)
+        for line in (tmp_path / "cutpaste/washer/seed0/train_log.jsonl").read_text().splitlines()
+    ]
+    step0 = next(row for row in log if row["step"] == 0 and "test/i_auroc" in row)
+    assert untrained["metrics"]["i_auroc"] == pytest.approx(step0["test/i_auroc"], abs=1e-9)

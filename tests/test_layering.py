@@ -7,6 +7,7 @@ import ast
 import pathlib
 
 import numpy as np
+import pytest
 
 from wdam_jax.data import datasets, demo, fmas_records
 from wdam_jax.data.tf_setup import import_tensorflow
@@ -19,13 +20,29 @@ def _module_name(path: pathlib.Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _registered_modules(tree: ast.AST) -> set[str]:
+    """The modules named by ``"package.module:Class"`` strings (the method registry's entries,
+    imported by ``importlib`` on first use: an import the statements do not show)."""
+    return {
+        node.value.split(":")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and node.value.count(":") == 1
+        and node.value.split(":")[0].replace(".", "").replace("_", "").isalnum()
+        and "." in node.value.split(":")[0]
+    }
+
+
 def imports(package: str) -> dict[str, set[str]]:
-    """Module -> the modules of ``package`` it imports (at any level of the file)."""
+    """Module -> the modules of ``package`` it imports (at any level of the file), counting the
+    registry's ``"module:Class"`` strings as imports."""
     modules = {_module_name(p): p for p in (REPO / package).rglob("*.py")}
     graph = {}
     for name, path in modules.items():
-        found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        found = {m for m in _registered_modules(tree) if m in modules}
+        for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -76,10 +93,26 @@ def test_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_wdam_jax_has_no_import_cycle():
-    graph = imports("wdam_jax")
-    assert "wdam_jax.train" in graph and "wdam_jax.methods.cutpaste" in graph
+@pytest.mark.parametrize("package", ["wdam_jax", "synthesis"])
+def test_no_import_cycle(package):
+    graph = imports(package)
+    assert {"wdam_jax.train", "wdam_jax.methods.cutpaste"} <= set(graph) or (
+        {"synthesis.pipeline", "synthesis.distributed", "synthesis.worker"} <= set(graph)
+    )
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+def test_the_registry_strings_count_as_imports():
+    graph = imports("wdam_jax")
+    assert "wdam_jax.methods.patchcore_method" in graph["wdam_jax.methods.registry"]
+    assert find_cycle({**graph, "wdam_jax.methods.cutpaste": {"wdam_jax.train"}}) is not None
+
+
+def test_methods_never_import_the_loop_the_run_store_or_evaluation():
+    graph = imports("wdam_jax")
+    above = {"wdam_jax.train", "wdam_jax.runs", "wdam_jax.evaluate", "wdam_jax.predict"}
+    for module in (m for m in graph if m.startswith(("wdam_jax.methods.", "wdam_jax.models."))):
+        assert not graph[module] & above, (module, graph[module] & above)
 
 
 def test_the_loop_knows_methods_only_through_the_registry():
@@ -88,6 +121,23 @@ def test_the_loop_knows_methods_only_through_the_registry():
     allowed = {"wdam_jax.methods.base", "wdam_jax.methods.registry"}
     for module in ("wdam_jax.train", "wdam_jax.evaluate"):
         assert graph[module] & methods <= allowed, graph[module] & methods
+
+
+def test_only_the_realism_analysis_crosses_into_synthesis():
+    """Table 2 needs the PyTorch side's FID and LPIPS: one module of ``wdam_jax`` imports
+    ``synthesis``, and none imports ``configs`` (configs reach the library as values)."""
+    crossing = set()
+    for path in (REPO / "wdam_jax").rglob("*.py"):
+        tops = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                tops.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                tops.add(node.module.split(".")[0])
+        assert "configs" not in tops, path
+        if "synthesis" in tops:
+            crossing.add(_module_name(path))
+    assert crossing == {"wdam_jax.analysis.realism"}
 
 
 def test_boundaries():

@@ -16,7 +16,8 @@ from flax import nnx
 from test_concurrency import HOLD_LOCK
 from test_contract import tiny_config
 
-from wdam_jax import distributed, runlock, train
+from wdam_jax import distributed, runlock, runs, train
+from wdam_jax import state as state_lib
 from wdam_jax.errors import InputsError
 from wdam_jax.methods import registry
 
@@ -97,7 +98,7 @@ def test_two_processes_train_the_one_process_model(demo_data_root, tmp_path):
     assert not (tmp_path / "two" / runlock.LOCK_FILE).exists()
 
     _, one = train.train(config, tmp_path / "one")
-    two = train.restore(tmp_path / "two")
+    two = runs.restore(tmp_path / "two")
     total = registry.get_method(config).total_steps
     assert two.step == int(one["step"]) == total
     assert sorted(int(p.name) for p in (tmp_path / "two" / "checkpoints").iterdir()) == [2, 3]
@@ -105,14 +106,14 @@ def test_two_processes_train_the_one_process_model(demo_data_root, tmp_path):
     # Adam's normalised steps can amplify to ~lr on a parameter whose gradient is near zero. So
     # the difference is measured against how far training moved the parameters (a run that saw
     # only its own half of the batch differs by the order of the move itself).
-    start = train.init_state(registry.get_method(config), config)[3]["params"]
+    start = state_lib.init_state(registry.get_method(config), config)[3]["params"]
     trees = [jax.device_get(one["params"]), nnx.state(two.model, nnx.Param), start]
     a, b, a0 = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)]) for t in trees)
     moved, diff = np.linalg.norm(a - a0), np.linalg.norm(b - a)
     assert moved > 0.1 and diff <= 1e-2 * moved, (moved, diff, np.abs(b - a).max())
     # The fitted statistics (each process fits them, process 0's are saved) agree as closely
     # (the Gaussian's precision matrix, an inverse, amplifies the parameters' rounding).
-    fitted_one = train.restore(tmp_path / "one").fitted
+    fitted_one = runs.restore(tmp_path / "one").fitted
     for k, v in fitted_one.items():
         assert np.linalg.norm(two.fitted[k] - v) <= 1e-2 * np.linalg.norm(v), k
 

@@ -23,7 +23,7 @@ from test_contract import TINY_NET, tiny_config
 from test_predict import _load_in_fresh_process
 
 from configs import patchcore as patchcore_configs
-from wdam_jax import evaluate, export, onnx_export, onnx_scorer, predict, thresholds, train
+from wdam_jax import evaluate, export, onnx_export, onnx_scorer, predict, runs, thresholds
 from wdam_jax.data import sources
 from wdam_jax.methods import registry
 
@@ -98,7 +98,7 @@ def test_onnx_scores_equal_evaluate_and_predict_in_a_fresh_process(name, exports
     assert (folder / export.SCORER_FILE).read_bytes() == pathlib.Path(
         onnx_scorer.__file__
     ).read_bytes()
-    run = train.restore(workdir)
+    run = runs.restore(workdir)
     test = sources.load_split(run.config.data, split="test")
     files, predicted_images = _predict_inputs(run, tmp_path)
     batches = {"two": test.images[:2], "seven": test.images[2:9], "files": predicted_images}
@@ -155,7 +155,7 @@ def test_onnx_of_an_untrained_network_without_wdam_equals_its_scores(method, dem
     run_method = registry.get_method(config)
     model = run_method.create_model()
     fitted = run_method.fit(model, run_method.train_images(), step=0) or {}
-    fn, size = export.inference_function(train.Restored(run_method, model, 0, fitted))
+    fn, size = export.inference_function(runs.Restored(run_method, model, 0, fitted))
     session = onnxruntime.InferenceSession(
         onnx_export.to_onnx(fn, (1, size, size, 3)).SerializeToString(),
         providers=["CPUExecutionProvider"],

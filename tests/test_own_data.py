@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wdam_jax import checkpoints, evaluate, train
+from wdam_jax import checkpoints, evaluate, runs, train
 from wdam_jax.data import datasets, sources
 from wdam_jax.data import summary as data_summary
 from wdam_jax.methods import registry
@@ -193,18 +193,18 @@ def test_stale_patchcore_bank_is_refitted(demo_data_root, tmp_path):
     config.data.dataset = "mvtec"
     config.data.root = str(data)
     train.train(config, tmp_path / "run")
-    first = train.restore(tmp_path / "run")
+    first = runs.restore(tmp_path / "run")
     # Replace one training image: the bank no longer describes the training set.
     image = data / "washer" / "train" / "good" / "000.png"
     Image.fromarray(255 - np.asarray(Image.open(image).convert("RGB"))).save(image)
-    assert train.stale(registry.get_method(config), first.fitted)
+    assert runs.stale(registry.get_method(config), first.fitted)
     train.train(config, tmp_path / "run")
-    second = train.restore(tmp_path / "run")
-    assert not train.stale(second.method, second.fitted)
+    second = runs.restore(tmp_path / "run")
+    assert not runs.stale(second.method, second.fitted)
     assert not np.array_equal(first.fitted["plain.bank"], second.fitted["plain.bank"])
     # The same command again reuses it (nothing changed).
     train.train(config, tmp_path / "run")
-    third = train.restore(tmp_path / "run")
+    third = runs.restore(tmp_path / "run")
     np.testing.assert_array_equal(third.fitted["plain.bank"], second.fitted["plain.bank"])
     assert evaluate.evaluate(None, tmp_path / "run")["washer"]
 

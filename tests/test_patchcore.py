@@ -1,9 +1,6 @@
 """Tests of the PatchCore functions against numpy / scipy references and their properties."""
 
 import json
-import pathlib
-import sys
-from types import SimpleNamespace
 
 import chex
 import jax
@@ -14,13 +11,13 @@ import scipy.ndimage
 import torch
 from flax import nnx
 
-import wdam_jax
 from configs import patchcore as patchcore_config
 from configs import patchcore_wdam as patchcore_wdam_config
-from wdam_jax import metrics
+from wdam_jax import checkpoints, filters, metrics, runs
 from wdam_jax.errors import ConfigError
 from wdam_jax.methods import patchcore as pc
 from wdam_jax.methods import patchcore_method
+from wdam_jax.models import wide_resnet
 
 
 def _brute_knn(bank, queries, k):
@@ -164,15 +161,15 @@ def test_patch_features_shapes_and_reference():
 def test_gaussian_blur_matches_scipy():
     x = np.random.default_rng(0).random((2, 40, 33)).astype(np.float32)
     ref = np.stack([scipy.ndimage.gaussian_filter(m, sigma=4.0) for m in x])
-    np.testing.assert_allclose(np.asarray(pc.gaussian_blur(x, sigma=4.0)), ref, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(filters.gaussian_blur(x, sigma=4.0)), ref, atol=1e-5)
     maps = pc.anomaly_maps(x[:, :8, :8], image_size=(32, 32))
     chex.assert_shape(maps, (2, 32, 32))
     # Maps smaller than the kernel radius (16 px) reflect more than once, as scipy does.
     small = x[:, :5, :7]
     ref = np.stack([scipy.ndimage.gaussian_filter(m, sigma=4.0) for m in small])
-    np.testing.assert_allclose(np.asarray(pc.gaussian_blur(small, sigma=4.0)), ref, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(filters.gaussian_blur(small, sigma=4.0)), ref, atol=1e-5)
     ref = np.stack([scipy.ndimage.gaussian_filter(m, sigma=1.5, truncate=3.0) for m in x])
-    got = pc.gaussian_blur(x, sigma=1.5, truncate=3.0)
+    got = filters.gaussian_blur(x, sigma=1.5, truncate=3.0)
     np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5)
 
 
@@ -353,16 +350,12 @@ def test_configs_build_and_backbone_errors():
         patchcore_method.load_member("wdam", member, "bottle")
 
 
-def _fake_runs(tmp_path, monkeypatch, categories):
-    """Run directories with a recorded config, and a stand-in for the loop's restore_backbone
-    (the real one needs a trained checkpoint) that records which run it restored."""
-    restored = []
-
-    def restore_backbone(workdir):
-        restored.append(pathlib.Path(workdir).name)
-        return SimpleNamespace(wdam_layers=(), name=pathlib.Path(workdir).name)
-
-    for category in categories:
+def _fake_runs(tmp_path, categories):
+    """Finished run directories: a recorded config and the backbone the loop writes at the end
+    (a tiny random WideResNet, seeded by the category's position, so a loaded backbone tells
+    which run it came from). Returns ``{category: conv1 kernel}``."""
+    kernels = {}
+    for seed, category in enumerate(categories):
         run = tmp_path / f"run_{category}"
         run.mkdir()
         (run / "config.json").write_text(
@@ -370,14 +363,20 @@ def _fake_runs(tmp_path, monkeypatch, categories):
                 {"model": {"depths": [1, 1, 1, 1], "base_width": 8}, "data": {"category": category}}
             )
         )
-    fake = SimpleNamespace(restore_backbone=restore_backbone)
-    monkeypatch.setitem(sys.modules, "wdam_jax.train", fake)
-    monkeypatch.setattr(wdam_jax, "train", fake, raising=False)
-    return restored
+        backbone = wide_resnet.create(
+            seed=seed, num_classes=None, depths=(1, 1, 1, 1), base_width=8
+        )
+        np.savez(run / checkpoints.BACKBONE_FILE, **wide_resnet.to_torchvision(backbone))
+        kernels[category] = np.asarray(backbone.conv1.kernel[...])
+    return kernels
 
 
-def test_run_member_wdam_layers_must_match(tmp_path, monkeypatch):
-    _fake_runs(tmp_path, monkeypatch, ["bottle"])
+def _conv1(model):
+    return np.asarray(model.conv1.kernel[...])
+
+
+def test_run_member_wdam_layers_must_match(tmp_path):
+    _fake_runs(tmp_path, ["bottle"])
     member = patchcore_wdam_config.get_config().members.wdam
     member.workdir = str(tmp_path / "run_{category}")
     with pytest.raises(ValueError, match=r"WDAM in layers \(\), the config says \(1,\)"):
@@ -386,19 +385,31 @@ def test_run_member_wdam_layers_must_match(tmp_path, monkeypatch):
     assert patchcore_method.load_member("wdam", member, "bottle").wdam_layers == ()
 
 
-def test_each_category_uses_its_own_finetuned_run(tmp_path, monkeypatch):
-    restored = _fake_runs(tmp_path, monkeypatch, ["bottle", "cable"])
+def test_a_run_without_its_backbone_names_the_command_that_writes_it(tmp_path):
+    _fake_runs(tmp_path, ["bottle"])
+    (tmp_path / "run_bottle" / checkpoints.BACKBONE_FILE).unlink()
+    member = patchcore_wdam_config.get_config().members.wdam
+    member.workdir = str(tmp_path / "run_{category}")
+    member.wdam_layers = ()
+    with pytest.raises(FileNotFoundError, match=r"no trained backbone.*python -m launch.train"):
+        patchcore_method.load_member("wdam", member, "bottle")
+
+
+def test_each_category_uses_its_own_finetuned_run(tmp_path):
+    kernels = _fake_runs(tmp_path, ["bottle", "cable"])
     member = patchcore_wdam_config.get_config().members.wdam
     member.workdir = str(tmp_path / "run_{category}")
     member.wdam_layers = ()
     a = patchcore_method.load_member("wdam", member, "bottle")
     b = patchcore_method.load_member("wdam", member, "cable")
-    assert restored == ["run_bottle", "run_cable"] and a.name != b.name
+    np.testing.assert_array_equal(_conv1(a), kernels["bottle"])
+    np.testing.assert_array_equal(_conv1(b), kernels["cable"])
+    assert not np.array_equal(kernels["bottle"], kernels["cable"])
 
 
-def test_a_member_run_of_another_category_is_refused(tmp_path, monkeypatch):
+def test_a_member_run_of_another_category_is_refused(tmp_path):
     """A member path written by hand without {category} names one category's run for all."""
-    restored = _fake_runs(tmp_path, monkeypatch, ["bottle"])
+    kernels = _fake_runs(tmp_path, ["bottle"])
     config = patchcore_wdam_config.get_config()
     config.data.category = "cable"
     config.members.wdam.workdir = str(tmp_path / "run_bottle")
@@ -409,9 +420,9 @@ def test_a_member_run_of_another_category_is_refused(tmp_path, monkeypatch):
         patchcore_method.load_member("wdam", config.members.wdam, "cable")
     problems = patchcore_method.PatchCore(config).check_inputs()
     assert any("run of category 'bottle'" in p for p in problems), problems
-    assert restored == []
     # The same path for its own category is accepted.
-    assert patchcore_method.load_member("wdam", config.members.wdam, "bottle").name == "run_bottle"
+    member = patchcore_method.load_member("wdam", config.members.wdam, "bottle")
+    np.testing.assert_array_equal(_conv1(member), kernels["bottle"])
 
 
 def _minmax_reference(members):
@@ -451,7 +462,7 @@ def test_ensemble_normalisation_option_through_the_method(demo_data_root, tmp_pa
     )
     assert config.patchcore.normalisation == "train_standardise"
     train.train(config, tmp_path / "run")
-    run = train.restore(tmp_path / "run")
+    run = runs.restore(tmp_path / "run")
     images = sources.load_split(config.data, split="test").images[:6]
 
     def method(normalisation=None):

@@ -5,7 +5,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from test_contract import tiny_config
 
-from wdam_jax import evaluate, train
+from wdam_jax import evaluate, runs
 from wdam_jax.analysis import pixel_resolution
 from wdam_jax.data import sources
 
@@ -19,7 +19,7 @@ def test_both_resolutions_of_one_run(demo_data_root, tmp_path):
     # "original" is what evaluation reports (the MVTec AD protocol).
     assert got["original"] == pytest.approx({k: reported[k] for k in ("p_auroc", "pro")})
     # "model": the maps as scored against the masks at the model's size, checked with sklearn.
-    run = train.restore(tmp_path)
+    run = runs.restore(tmp_path)
     split = sources.load_split(run.config.data, split="test")
     maps = run.method.score(run.model, run.fitted, split.images, step=run.step).maps
     masks = np.asarray(split.masks, bool)

@@ -16,11 +16,13 @@ import pytest
 from PIL import Image
 from test_contract import tiny_config
 
-from wdam_jax import evaluate, export, predict, thresholds, train
+from wdam_jax import evaluate, export, predict, thresholds
+from wdam_jax import runs as run_store
 from wdam_jax.data import datasets, sources
 from wdam_jax.errors import MissingFileError
+from wdam_jax.methods import registry
 
-METHODS = ("cutpaste", "patchcore", "draem")
+METHODS = tuple(sorted(registry.METHODS))  # every registered method
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,7 @@ def _new_images(config, folder: pathlib.Path) -> list[pathlib.Path]:
 @pytest.mark.parametrize("name", METHODS)
 def test_evaluation_stores_thresholds_from_the_holdout(name, runs):
     workdir = runs[name]
-    run = train.restore(workdir)
+    run = run_store.restore(workdir)
     stored = json.loads((workdir / thresholds.THRESHOLDS_FILE).read_text())
     eval_copy = workdir / "eval" / f"step_{run.step}" / thresholds.THRESHOLDS_FILE
     assert json.loads(eval_copy.read_text()) == stored and stored["step"] == run.step
@@ -98,7 +100,7 @@ def test_evaluation_reports_every_defect_type_and_the_held_out_images(name, runs
         assert by_defect[kind]["i_auroc"] == pytest.approx(expected, abs=1e-9)
         assert f"| washer: {kind} | {100 * expected:.1f} |" in table
     assert (eval_dir / "heatmaps.png").is_file()
-    summary = json.loads((workdir / train.DATA_SUMMARY).read_text())
+    summary = json.loads((workdir / run_store.DATA_SUMMARY).read_text())
     n_train = summary["images"]["train"]["good"]
     held = len(sources.holdout_indices(n_train, fraction=0.2, seed=0))
     assert summary["held_out"]["threshold"] == held > 0
@@ -108,7 +110,7 @@ def test_evaluation_reports_every_defect_type_and_the_held_out_images(name, runs
 @pytest.mark.parametrize("name", METHODS)
 def test_predict_writes_rows_overlays_and_reports_bad_files(name, runs, tmp_path):
     workdir = runs[name]
-    run = train.restore(workdir)
+    run = run_store.restore(workdir)
     images = _new_images(run.config, tmp_path / "new")
     rows = predict.predict(workdir, tmp_path / "new", tmp_path / "out", batch_size=2)
     out = tmp_path / "out"
@@ -152,7 +154,7 @@ def test_predict_writes_rows_overlays_and_reports_bad_files(name, runs, tmp_path
 
 def test_manual_threshold_and_glob(runs, tmp_path):
     workdir = runs["cutpaste"]
-    run = train.restore(workdir)
+    run = run_store.restore(workdir)
     _new_images(run.config, tmp_path / "new")
     rows = predict.predict(
         workdir, str(tmp_path / "new" / "[0-2]_*.png"), tmp_path / "out", threshold=-1.0,
@@ -296,7 +298,7 @@ def _test_images(run, n):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_inference_fn_equals_score(name, runs):
-    run = train.restore(runs[name])
+    run = run_store.restore(runs[name])
     images = _test_images(run, 5)
     expected = run.method.score(run.model, run.fitted, images, step=run.step)
     fn = jax.jit(run.method.inference_fn(run.model, run.fitted, step=run.step))
@@ -307,12 +309,12 @@ def test_inference_fn_equals_score(name, runs):
 
 def test_patchcore_inference_fn_equals_score_with_anomalib_scoring(runs):
     """The export path follows ``patchcore.scoring`` too (the run above scores "official")."""
-    run = train.restore(runs["patchcore"])
+    run = run_store.restore(runs["patchcore"])
     assert run.config.patchcore.scoring == "official"
     run.method.config.patchcore.scoring = "anomalib"
     images = _test_images(run, 3)
     expected = run.method.score(run.model, run.fitted, images, step=run.step)
-    official = train.restore(runs["patchcore"])
+    official = run_store.restore(runs["patchcore"])
     official = official.method.score(official.model, official.fitted, images, step=run.step)
     assert not np.allclose(expected.image_scores, official.image_scores)
     scores, maps = jax.jit(run.method.inference_fn(run.model, run.fitted, step=run.step))(images)
@@ -327,7 +329,7 @@ def test_exported_artefacts_reproduce_scores_in_a_fresh_process(name, runs, tmp_
     meta = json.loads(paths["metadata"].read_text())
     stored = json.loads((workdir / thresholds.THRESHOLDS_FILE).read_text())
     assert meta["thresholds"]["image"] == stored["image"] and meta["input"]["shape"][0] == "b"
-    run = train.restore(workdir)
+    run = run_store.restore(workdir)
     images = _test_images(run, 5)
     batches = {"three": images[:3], "five": images}  # one artefact, two batch sizes
     np.savez(tmp_path / "inputs.npz", **batches)

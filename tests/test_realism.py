@@ -183,28 +183,28 @@ def tiny_dataset(tmp_path) -> dict[str, Path]:
     return {"real": root / "widget/test", "records": tmp_path / "fmas-*.tfrecord"}
 
 
-def test_the_command_writes_table_2(tiny_dataset, inception_weights, tmp_path):
+def test_table_2_is_computed_in_process(tiny_dataset, inception_weights, tmp_path, capsys):
+    """The library computation behind ``launch.realism`` (its flags are the fields)."""
+    from configs import cutpaste as cutpaste_config
+    from configs import draem as draem_config
+    from wdam_jax.analysis import realism as realism_lib
+
     out = tmp_path / "out"
-    argv = [
-        f"--real={tiny_dataset['real']}",
-        f"--fmas_records={tiny_dataset['records']}",
-        "--texture_dir=procedural",
-        f"--inception_weights={inception_weights}",
-        "--fid_features=64",
-        "--lpips_backbone=random",
-        "--image_size=64",
-        f"--out={out}",
-    ]
-    # A process of its own: absl flags are global, and another launcher imported by a test in
-    # the same worker defines --out too.
-    result = subprocess.run(
-        [sys.executable, "-m", "launch.realism", *argv],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    realism_lib.compute(
+        realism_lib.RealismInputs(
+            real=[str(tiny_dataset["real"])],
+            out=str(out),
+            cutpaste_augment=cutpaste_config.get_config().augment,
+            draem_augment=draem_config.get_config().augment,
+            fmas_records=str(tiny_dataset["records"]),
+            texture_dir="procedural",
+            inception_weights=str(inception_weights),
+            fid_features=64,
+            lpips_backbone="random",
+            image_size=64,
+        )
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = capsys.readouterr()
     document = json.loads((out / "realism.json").read_text())
     rows = {r["source"]: r for r in document["rows"]}
     assert list(rows) == ["real", "fmas", "cutpaste", "scar", "draem"]
@@ -217,7 +217,7 @@ def test_the_command_writes_table_2(tiny_dataset, inception_weights, tmp_path):
     csv_lines = (out / "realism.csv").read_text().splitlines()
     assert csv_lines[0] == ",".join(realism.COLUMNS) and len(csv_lines) == 6
     assert "| draem |" in (out / "realism.md").read_text()
-    assert "| cutpaste |" in result.stdout
+    assert "| cutpaste |" in result.out
     assert not list(out.glob(".*.tmp"))
 
 

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from test_contract import tiny_config
 
-from wdam_jax import evaluate, predict, report, reporting, thresholds, train
+from wdam_jax import evaluate, predict, report, reporting, runs, thresholds
 from wdam_jax.data import sources
 from wdam_jax.errors import MissingFileError
 
@@ -113,7 +113,7 @@ def _between(sorted_scores: np.ndarray, k: int) -> float:
 
 
 def test_evaluation_page_in_a_browser(run, tmp_path):
-    step = train.restore(run).step
+    step = runs.restore(run).step
     outdir = run / "eval" / f"step_{step}"
     page = outdir / report.REPORT_FILE
     assert page.is_file() and f"eval/step_{step}/report.html" in (run / "report.html").read_text()
@@ -193,7 +193,7 @@ def test_evaluation_page_in_a_browser(run, tmp_path):
 
 
 def test_prediction_page_in_a_browser(run, tmp_path):
-    config = train.restore(run).config
+    config = runs.restore(run).config
     test = sources.dataset_root(config.data) / config.data.category / "test"
     folder = tmp_path / "new"
     folder.mkdir()
@@ -230,7 +230,7 @@ def _launch(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_launcher_rebuilds_the_page_of_an_existing_run(run, tmp_path):
-    step = train.restore(run).step
+    step = runs.restore(run).step
     page = run / "eval" / f"step_{step}" / report.REPORT_FILE
     before = page.read_text()
     page.unlink()
@@ -262,7 +262,7 @@ def test_the_page_escapes_what_it_embeds(tmp_path):
     start = text.index('<script id="report-data" type="application/json">')
     embedded = text[start:].split(">", 1)[1].split("</script>", 1)[0]
     assert json.loads(embedded)["items"][0]["name"] == "</script><b>bold</b>"
-    assert report.DATA_SUMMARY == train.DATA_SUMMARY and report.EVAL_DIR == evaluate.EVAL_DIR
+    assert report.DATA_SUMMARY == runs.DATA_SUMMARY and report.EVAL_DIR == evaluate.EVAL_DIR
 
 
 def test_thumbnail_panels_show_the_image_the_map_and_the_truth():

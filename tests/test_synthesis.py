@@ -19,7 +19,7 @@ from fake_llm import completion, send, serve
 from PIL import Image
 
 from configs import fmas_mvtec, fmas_visa
-from synthesis import inpainting, masks, pipeline, prompts, selector, subband, writer
+from synthesis import inpainting, masks, pipeline, prompts, selector, subband, worker, writer
 from wdam_jax.data.tf_setup import import_tensorflow
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: loading uses local_files_only
@@ -683,7 +683,7 @@ def assert_same_record(a: dict, b: dict) -> None:
 
 def test_killed_run_restarted_writes_each_image_exactly_once(env, e2e, monkeypatch):
     config = sf.make_config(env["tmp"], data_root=env["data"], models=env["models"], output="kill")
-    real = pipeline.synthesize_one
+    real = worker.synthesize_one
     calls = []
 
     def dies_on_fourth(item, **kwargs):
@@ -693,7 +693,7 @@ def test_killed_run_restarted_writes_each_image_exactly_once(env, e2e, monkeypat
         return real(item, **kwargs)
 
     with monkeypatch.context() as mp:
-        mp.setattr(pipeline, "synthesize_one", dies_on_fourth)
+        mp.setattr(worker, "synthesize_one", dies_on_fourth)
         # A hard kill never reaches the writer's final flush: buffered records are lost.
         mp.setattr(writer.ShardedRecordWriter, "__exit__", lambda self, *exc: None)
         with pytest.raises(KeyboardInterrupt):

@@ -17,7 +17,7 @@ import optax
 import pytest
 from flax import nnx
 
-from wdam_jax import checkpoints, optim, train
+from wdam_jax import checkpoints, optim, runs, train
 from wdam_jax.methods.base import ImageScores, Method
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -182,18 +182,18 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
 
 def test_restore_needs_a_workdir(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"launch\.train"):
-        train.restore(tmp_path)
+        runs.restore(tmp_path)
 
 
 def test_fitted_statistics_are_checkpointed_with_the_final_state(tmp_path):
     config = toy_config(steps=4)
     model, _ = train.train(config, tmp_path, method=ToyMethod(config))
-    run = train.restore(tmp_path, config=config, method=ToyMethod(config))
+    run = runs.restore(tmp_path, config=config, method=ToyMethod(config))
     assert run.step == 4
     expected = ToyMethod(config).fit(model, ToyMethod(config).train_images(), step=4)
     np.testing.assert_allclose(run.fitted["mean_logit"], expected["mean_logit"], rtol=1e-6)
     # An earlier checkpoint holds no fitted item: restore fits from its model instead.
-    early = train.restore(tmp_path, step=2, config=config, method=ToyMethod(config))
+    early = runs.restore(tmp_path, step=2, config=config, method=ToyMethod(config))
     assert early.step == 2 and set(early.fitted) == {"mean_logit"}
     assert not np.allclose(early.fitted["mean_logit"], run.fitted["mean_logit"])
 
@@ -204,7 +204,7 @@ def test_validate_runs_every_eval_every_steps_and_at_step_0(tmp_path):
     method = ToyMethod(config)
     train.train(config, tmp_path, method=method)
     assert method.validated == [0, 2, 4, 5]
-    log = train.read_train_log(tmp_path)
+    log = runs.read_train_log(tmp_path)
     assert [s for s, _ in log["val/score"]] == [0, 2, 4, 5]
     assert [s for s, _ in log["loss"]] == [1, 2, 4, 5]
 
@@ -226,8 +226,8 @@ def test_best_checkpoint_is_kept_beside_the_newest_and_survives_a_resume(tmp_pat
     train.train(config, workdir, method=PeakMethod(config))  # resumed: steps 6, 8 score lower
     record = json.loads((workdir / checkpoints.BEST_RECORD).read_text())
     assert record == {"metric": "val/score", "value": 0.0, "step": 4}
-    best = train.restore(workdir, config=config, method=PeakMethod(config), best=True)
-    latest = train.restore(workdir, config=config, method=PeakMethod(config))
+    best = runs.restore(workdir, config=config, method=PeakMethod(config), best=True)
+    latest = runs.restore(workdir, config=config, method=PeakMethod(config))
     assert (best.step, latest.step) == (4, 8)
     # The best checkpoint is the state at step 4, with its fitted statistics.
     _, at4 = train.train(config, tmp_path / "to4", method=PeakMethod(config), stop_at=4)
@@ -240,7 +240,7 @@ def test_best_checkpoint_is_kept_beside_the_newest_and_survives_a_resume(tmp_pat
     config.train.select_metric = ""
     train.train(config, tmp_path / "plain", method=PeakMethod(config))
     with pytest.raises(checkpoints.NoCheckpointError, match="select_metric"):
-        train.restore(tmp_path / "plain", config=config, method=PeakMethod(config), best=True)
+        runs.restore(tmp_path / "plain", config=config, method=PeakMethod(config), best=True)
 
 
 def test_changed_config_is_refused_naming_the_fields(tmp_path):

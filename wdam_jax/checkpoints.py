@@ -49,6 +49,8 @@ BEST_RECORD = "best_checkpoint.json"
 DAMAGED_DIR = "damaged_checkpoints"
 CHECKSUMS = "wdam_sha256.json"
 CONFIG_FILE = "config.json"
+# A finished run's feature backbone, torchvision-named arrays (wdam_jax.runs.write_backbone).
+BACKBONE_FILE = "backbone.npz"
 STATE, FITTED = "state", "fitted"
 OPT_STATE = "opt_state"  # the key of ``state`` a params-only checkpoint leaves out
 # Config fields a resumed run may change: they affect logging, checkpoint cadence or scoring

@@ -1,6 +1,6 @@
 """Evaluation of a run directory, the same for every method (Sec. 4.1).
 
-Restores the run (:func:`wdam_jax.train.restore`), scores the test split with the method's
+Restores the run (:func:`wdam_jax.runs.restore`), scores the test split with the method's
 ``score``, and writes the report to ``<workdir>/eval/step_<step>/``, whole
 (:func:`wdam_jax.runlock.publish`; beside a training that still writes the run, too):
 
@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from wdam_jax import checkpoints, metrics, report, reporting, runlock, thresholds
+from wdam_jax import checkpoints, metrics, report, reporting, runlock, runs, thresholds
 from wdam_jax import train as train_lib
 from wdam_jax.data import sources
 from wdam_jax.methods.base import Method, describe
@@ -81,7 +81,7 @@ def evaluate(
       as fractions.
     """
     workdir = pathlib.Path(workdir)
-    run = train_lib.restore(workdir, step=step, config=config, method=method, best=best)
+    run = runs.restore(workdir, step=step, config=config, method=method, best=best)
     config = run.config
     if not best and (workdir / checkpoints.BEST_RECORD).is_file():
         logging.warning(
@@ -178,7 +178,7 @@ def _write_report(
             thresholds=None if image_t is None else {label: image_t.value},
             labels=split.labels[order],
         )
-    curves = train_lib.read_train_log(workdir)
+    curves = runs.read_train_log(workdir)
     if curves:
         reporting.save_curves_figure(curves, outdir / "learning_curves.png")
 
@@ -217,7 +217,7 @@ def by_defect_type(
 
 
 def store_thresholds(
-    run: train_lib.Restored,
+    run: runs.Restored,
     split,
     scores,
     maps: list[np.ndarray],

@@ -31,14 +31,14 @@ import importlib
 import json
 import math
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
 import numpy as np
 from absl import logging
 
-from wdam_jax import checkpoints, report, runlock
+from wdam_jax import checkpoints, report, reporting, runlock
 from wdam_jax import evaluate as evaluate_lib
 from wdam_jax.errors import ConfigError, InputsError, check_config_variant
 from wdam_jax.methods import registry
@@ -47,8 +47,7 @@ from wdam_jax.progress import Progress
 DONE_FILE = "done.json"
 EXPERIMENT_FILE = "experiment.json"
 RESULTS_STEM = "results"
-MEAN = "mean"
-METRIC_TITLES = {"i_auroc": "I-AUROC", "p_auroc": "P-AUROC", "pro": "PRO"}
+MEAN = reporting.MEAN_ROW
 PLACEHOLDERS = ("workdir", "category", "seed")
 
 
@@ -363,78 +362,6 @@ def aggregate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) ->
     }
 
 
-def _ours(cell: Mapping[str, Any]) -> str:
-    if cell["mean"] is None:
-        return "-"
-    if cell["n"] > 1:
-        return f"{cell['mean']:.2f} ± {cell['std']:.2f}"
-    return f"{cell['mean']:.2f}"
-
-
-def _paper(cell: Mapping[str, Any]) -> str:
-    return "" if cell["paper"] is None else f"{cell['paper']:.2f}"
-
-
-def markdown(results: Mapping[str, Any]) -> str:
-    """One table per section and metric: categories down, each row's ours and paper across."""
-    seeds = ", ".join(map(str, results["seeds"]))
-    lines = [
-        f"# {results['table']}: ours (mean ± std over seeds {seeds}) and the paper's",
-        "",
-        f"{results['finished']}/{results['runs']} runs finished.",
-    ]
-    if results["missing"]:
-        lines.append(f"Not finished (shown as -): {', '.join(results['missing'])}.")
-    chosen = [
-        f"{row['label']} ({', '.join(row['selected_on'])})"
-        for rows in results["sections"].values()
-        for row in rows.values()
-        if row.get("selected_on")
-    ]
-    if chosen:
-        lines.append(
-            "Scored from the validation-selected checkpoint (train.select_metric; validation on "
-            f"held-out training images, never the test split): {'; '.join(chosen)}. Other rows: "
-            "the final checkpoint."
-        )
-    for section, rows in results["sections"].items():
-        categories = list(next(iter(rows.values()))["cells"])
-        for metric in results["metrics"]:
-            lines += ["", f"## {section}: {METRIC_TITLES.get(metric, metric)} (%)", ""]
-            header = ["Category"]
-            for row in rows.values():
-                header += [row["label"], f"{row['label']} (paper)"] if row["paper_column"] else [
-                    row["label"]]  # fmt: skip
-            lines.append("| " + " | ".join(header) + " |")
-            lines.append("|---|" + "---:|" * (len(header) - 1))
-            for category in categories:
-                cells = []
-                for row in rows.values():
-                    cell = row["cells"].get(category, {}).get(metric)
-                    if cell is None:
-                        cells += ["", ""] if row["paper_column"] else [""]
-                        continue
-                    cells.append(_ours(cell))
-                    if row["paper_column"]:
-                        cells.append(_paper(cell))
-                name = f"**{category}**" if category == MEAN else category
-                lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _csv(results: Mapping[str, Any]) -> str:
-    out = ["section,row,label,category,metric,mean,std,n_seeds,paper"]
-    for section, rows in results["sections"].items():
-        for slug, row in rows.items():
-            for category, metrics in row["cells"].items():
-                for metric, cell in metrics.items():
-                    fields = [section, slug, row["label"], category, metric]
-                    fields = [f'"{f}"' if "," in f else f for f in fields]
-                    nums = [cell["mean"], cell["std"], cell["n"], cell["paper"]]
-                    out.append(",".join(fields + ["" if v is None else repr(v) for v in nums]))
-    return "\n".join(out) + "\n"
-
-
 def write_results(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
     """Writes ``<workdir>/results.{md,csv,json}`` (each atomically) from the finished runs, and
     the page ``<workdir>/report.html`` (:func:`wdam_jax.report.experiment_page`).
@@ -448,8 +375,9 @@ def write_results(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
         results = aggregate(config, workdir)
         text = json.dumps(results, indent=2)
         checkpoints.atomic_write_text(workdir / f"{RESULTS_STEM}.json", text)
-        checkpoints.atomic_write_text(workdir / f"{RESULTS_STEM}.csv", _csv(results))
-        table = markdown(results)
+        csv_text = reporting.experiment_csv(results)
+        checkpoints.atomic_write_text(workdir / f"{RESULTS_STEM}.csv", csv_text)
+        table = reporting.experiment_markdown(results)
         checkpoints.atomic_write_text(workdir / f"{RESULTS_STEM}.md", table)
         page = report.experiment_page(workdir)
     print(f"\n{table}\n({workdir / RESULTS_STEM}.{{md,csv,json}}, {page})", flush=True)

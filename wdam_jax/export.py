@@ -52,8 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from wdam_jax import onnx_scorer, runlock, thresholds
-from wdam_jax import train as train_lib
+from wdam_jax import onnx_scorer, runlock, runs, thresholds
 from wdam_jax.data import datasets
 from wdam_jax.errors import MissingFileError
 
@@ -64,7 +63,7 @@ ONNX_FILE = onnx_scorer.MODEL_FILE
 SCORER_FILE = "onnx_scorer.py"
 
 
-def inference_function(run: train_lib.Restored) -> tuple[Callable, int]:
+def inference_function(run: runs.Restored) -> tuple[Callable, int]:
     """The run's full inference function and its input side.
 
     Returns:
@@ -166,7 +165,7 @@ def loading_instructions() -> dict[str, dict[str, Any]]:
 
 
 def metadata(
-    run: train_lib.Restored,
+    run: runs.Restored,
     workdir: pathlib.Path,
     size: int,
     *,
@@ -247,7 +246,7 @@ def export_saved_model(fn: Callable, size: int, path: pathlib.Path) -> pathlib.P
     return path
 
 
-def run_id(run: train_lib.Restored, workdir: pathlib.Path) -> str:
+def run_id(run: runs.Restored, workdir: pathlib.Path) -> str:
     """A short digest naming the run and checkpoint an ONNX model was exported from."""
     text = f"{workdir.resolve()}\n{run.step}\n{run.config.to_json_best_effort(sort_keys=True)}"
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -325,7 +324,7 @@ def export(
     owns = runlock.written_by(METADATA_FILE, written)
     kind = dict(owns=owns, overwrite=overwrite, kind="export")
     out = runlock.check_output(out, **kind)  # before the slow part: a wrong --out fails at once
-    run = train_lib.restore(workdir, step=step)
+    run = runs.restore(workdir, step=step)
     if not allow_no_thresholds and stored_thresholds(workdir, run.step) is None:
         raise MissingFileError(
             f"{workdir} has no stored thresholds for step {run.step} ({thresholds.THRESHOLDS_FILE} "

@@ -2,7 +2,7 @@
 
 ``python -m launch.predict --workdir=W --images=DIR_OR_GLOB --out=O`` calls :func:`predict`:
 
-1. restores the run (:func:`wdam_jax.train.restore`: the model at its newest checkpoint and the
+1. restores the run (:func:`wdam_jax.runs.restore`: the model at its newest checkpoint and the
    fitted statistics saved with it) and its thresholds (:func:`wdam_jax.thresholds.read`,
    written by ``launch.evaluate``), or takes a manual threshold;
 2. lists the files (a folder's files, or a glob), then per chunk of ``batch_size`` files reads
@@ -51,8 +51,7 @@ import scipy.ndimage
 from absl import logging
 from PIL import Image, ImageDraw
 
-from wdam_jax import report, runlock, thresholds
-from wdam_jax import train as train_lib
+from wdam_jax import report, runlock, runs, thresholds
 from wdam_jax.data import datasets
 from wdam_jax.data import summary as data_summary
 from wdam_jax.errors import MissingFileError
@@ -218,7 +217,7 @@ def _chunks(paths: Sequence[pathlib.Path], size: int) -> Iterator[tuple[int, Seq
 
 
 def resolve_thresholds(
-    run: train_lib.Restored,
+    run: runs.Restored,
     workdir: pathlib.Path,
     *,
     threshold: float | None,
@@ -291,7 +290,7 @@ def predict(
     kind = dict(owns=owns, overwrite=overwrite, kind="prediction")
     out = runlock.check_output(out, **kind)  # before the slow part: a wrong --out fails at once
     paths, skipped = list_inputs(images)
-    run = train_lib.restore(workdir, step=step, best=best)
+    run = runs.restore(workdir, step=step, best=best)
     warnings = input_warnings(paths, skipped, image_size=run.config.data.image_size)
     for warning in warnings:
         logging.warning("%s", warning)

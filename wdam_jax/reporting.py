@@ -19,6 +19,7 @@ import math
 import os
 import pathlib
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -383,3 +384,80 @@ def save_curves_figure(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=100)
     return path
+
+
+# ---- experiments (rows x categories x seeds, beside the paper's values)
+
+
+def _experiment_cell(cell: Mapping[str, Any]) -> str:
+    if cell["mean"] is None:
+        return "-"
+    if cell["n"] > 1:
+        return f"{cell['mean']:.2f} ± {cell['std']:.2f}"
+    return f"{cell['mean']:.2f}"
+
+
+def _paper_cell(cell: Mapping[str, Any]) -> str:
+    return "" if cell["paper"] is None else f"{cell['paper']:.2f}"
+
+
+def experiment_markdown(results: Mapping[str, Any]) -> str:
+    """An experiment's results (:func:`wdam_jax.experiment.aggregate`) as markdown: one table
+    per section and metric, categories down, each row's ours and the paper's across."""
+    seeds = ", ".join(map(str, results["seeds"]))
+    lines = [
+        f"# {results['table']}: ours (mean ± std over seeds {seeds}) and the paper's",
+        "",
+        f"{results['finished']}/{results['runs']} runs finished.",
+    ]
+    if results["missing"]:
+        lines.append(f"Not finished (shown as -): {', '.join(results['missing'])}.")
+    chosen = [
+        f"{row['label']} ({', '.join(row['selected_on'])})"
+        for rows in results["sections"].values()
+        for row in rows.values()
+        if row.get("selected_on")
+    ]
+    if chosen:
+        lines.append(
+            "Scored from the validation-selected checkpoint (train.select_metric; validation on "
+            f"held-out training images, never the test split): {'; '.join(chosen)}. Other rows: "
+            "the final checkpoint."
+        )
+    for section, rows in results["sections"].items():
+        categories = list(next(iter(rows.values()))["cells"])
+        for metric in results["metrics"]:
+            lines += ["", f"## {section}: {METRIC_TITLES.get(metric, metric)} (%)", ""]
+            header = ["Category"]
+            for row in rows.values():
+                header += [row["label"], f"{row['label']} (paper)"] if row["paper_column"] else [
+                    row["label"]]  # fmt: skip
+            lines.append("| " + " | ".join(header) + " |")
+            lines.append("|---|" + "---:|" * (len(header) - 1))
+            for category in categories:
+                cells = []
+                for row in rows.values():
+                    cell = row["cells"].get(category, {}).get(metric)
+                    if cell is None:
+                        cells += ["", ""] if row["paper_column"] else [""]
+                        continue
+                    cells.append(_experiment_cell(cell))
+                    if row["paper_column"]:
+                        cells.append(_paper_cell(cell))
+                name = f"**{category}**" if category == MEAN_ROW else category
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def experiment_csv(results: Mapping[str, Any]) -> str:
+    """An experiment's results as CSV: one line per section, row, category and metric."""
+    out = ["section,row,label,category,metric,mean,std,n_seeds,paper"]
+    for section, rows in results["sections"].items():
+        for slug, row in rows.items():
+            for category, metrics in row["cells"].items():
+                for metric, cell in metrics.items():
+                    fields = [section, slug, row["label"], category, metric]
+                    fields = [f'"{f}"' if "," in f else f for f in fields]
+                    nums = [cell["mean"], cell["std"], cell["n"], cell["paper"]]
+                    out.append(",".join(fields + ["" if v is None else repr(v) for v in nums]))
+    return "\n".join(out) + "\n"

@@ -33,11 +33,9 @@ import functools
 import json
 import math
 import pathlib
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -45,64 +43,27 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from wdam_jax import checkpoints, distributed, runlock
-from wdam_jax.data import sources
+from wdam_jax import checkpoints, distributed, runlock, runs
 from wdam_jax.data import summary as data_summary
 from wdam_jax.errors import InputsError
 from wdam_jax.methods.base import Fitted, Method
 from wdam_jax.methods.registry import get_method
 from wdam_jax.progress import Progress
-
-State = dict[str, Any]
+from wdam_jax.runs import DATA_SUMMARY, TRAIN_LOG, fit_statistics, stale
+from wdam_jax.state import DATA_AXIS, State, data_mesh, init_state, model_from_state
 
 TENSORBOARD_DIR = "tensorboard"
-TRAIN_LOG = "train_log.jsonl"
-DATA_SUMMARY = "data_summary.json"
-DATA_AXIS = "data"
 
 
 # --------------------------------------------------------------------------------------------
 # State, step, sharding.
 
 
-def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh named ``data`` over ``devices`` (default: every device of every process,
-    ordered by process, so each process's devices hold one contiguous block of the batch)."""
-    if devices is None:
-        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
-
-
-def split_model(model: nnx.Module):
-    """``(graphdef, params, batch_stats, rest)``; ``rest`` (diagnostics) is never trained."""
-    return nnx.split(model, nnx.Param, nnx.BatchStat, ...)
-
-
-def init_state(method: Method, config: ml_collections.ConfigDict, *, abstract: bool = False):
-    """Builds the model and the train state at step 0 (``abstract``: shapes only, to restore into).
-
-    Returns:
-      ``(graphdef, rest, tx, state)``: the model's structure, its non-trained variables, the
-      optimiser, and the state pytree ``{"params", "batch_stats", "opt_state", "step", "rng"}``.
-    """
-    model = method.create_model(abstract=abstract)
-    graphdef, params, batch_stats, rest = split_model(model)
-    tx = method.optimizer()
-    state = {
-        "params": params,
-        "batch_stats": batch_stats,
-        "opt_state": jax.eval_shape(tx.init, params) if abstract else tx.init(params),
-        "step": jnp.zeros([], jnp.int32),
-        "rng": jax.random.key_data(jax.random.key(config.seed)),
-    }
-    return graphdef, rest, tx, state
-
-
 def train_step(graphdef, rest, loss_fn, tx, state: State, batch: Mapping[str, jax.Array]):
     """One optimisation step (pure; jit it with the state donated).
 
     Args:
-      graphdef, rest: from :func:`split_model`.
+      graphdef, rest: from :func:`wdam_jax.state.split_model`.
       loss_fn: ``Method.loss``.
       tx: the optimiser.
       state: the train state.
@@ -166,124 +127,6 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
     }
 
 
-def model_from_state(graphdef, rest, state: State) -> nnx.Module:
-    """The model holding ``state``'s parameters and batch statistics (on this process's first
-    device in a multi-host run, for host-side work: validation, fitting, scoring)."""
-    state = distributed.local_copy(state)
-    return nnx.merge(graphdef, state["params"], state["batch_stats"], rest, copy=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Restoring a run.
-
-
-class Restored:
-    """A run restored from its workdir: its method, model at ``step``, and fitted statistics.
-
-    ``fitted`` is what the checkpoint holds, or, for a checkpoint taken before the end of
-    training, computed now by ``method.fit`` on the training images (not saved).
-    """
-
-    def __init__(self, method: Method, model: nnx.Module, step: int, fitted: Fitted):
-        self.method, self.model, self.step, self.fitted = method, model, step, fitted
-
-    @property
-    def config(self) -> ml_collections.ConfigDict:
-        return self.method.config
-
-
-DATA_FINGERPRINT = "data_fingerprint"
-
-
-def _fingerprint(method: Method) -> np.ndarray | None:
-    if "data" not in method.config:  # a method that reads no dataset (tests' toy methods)
-        return None
-    digest = sources.train_fingerprint(method.config.data)
-    return np.frombuffer(bytes.fromhex(digest), np.uint8).copy()
-
-
-def fit_statistics(method: Method, model: nnx.Module, *, step: int) -> Fitted:
-    """``method.fit`` on the method's normal training images, stamped with their fingerprint
-    (:func:`wdam_jax.data.sources.train_fingerprint`) so stale statistics are never reused."""
-    fitted = dict(method.fit(model, method.train_images(), step=step))
-    fingerprint = _fingerprint(method)
-    return fitted if fingerprint is None else {**fitted, DATA_FINGERPRINT: fingerprint}
-
-
-def stale(method: Method, fitted: Fitted) -> bool:
-    """True if ``fitted`` was computed on other training files than the config's now."""
-    current = _fingerprint(method)
-    if current is None:
-        return False
-    stored = fitted.get(DATA_FINGERPRINT)
-    return stored is None or not np.array_equal(stored, current)
-
-
-def restore(
-    workdir: str | pathlib.Path,
-    *,
-    step: int | None = None,
-    config: ml_collections.ConfigDict | None = None,
-    method: Method | None = None,
-    best: bool = False,
-) -> Restored:
-    """The model (and fitted statistics) of a workdir's newest (or ``step``'s) checkpoint.
-
-    Args:
-      workdir: a training workdir.
-      step: checkpoint step (default: newest).
-      config: the run's config (default: the one recorded in the workdir).
-      method: an already built method for ``config`` (reuses its loaded data).
-      best: the checkpoint with the best validation score (``train.select_metric``) instead.
-    """
-    config = checkpoints.read_config(workdir) if config is None else config
-    method = get_method(config) if method is None else method
-    manager = checkpoints.checkpoint_manager(workdir, best=best)
-    if best and manager.latest_step() is None:
-        manager.close()
-        raise checkpoints.NoCheckpointError(
-            f"{workdir} has no best checkpoint: runs keep one when config.train.select_metric "
-            "names a metric their validation reports (with config.train.eval_every > 0); "
-            "evaluate the newest checkpoint instead (without --checkpoint=best)."
-        )
-    if manager.latest_step() is None:
-        raise checkpoints.NoCheckpointError(
-            f"{workdir} has no checkpoint yet: train it first, or finish an interrupted run by "
-            f"re-running its command (python -m launch.train --config=... --workdir={workdir})."
-        )
-    graphdef, rest, _, state = init_state(method, config, abstract=True)
-    state, fitted = checkpoints.restore(manager, state, step=step, mesh=data_mesh())
-    manager.close()
-    model = model_from_state(graphdef, rest, state)
-    step = int(state["step"])
-    if fitted and stale(method, fitted):
-        logging.warning(
-            "The training files of %s changed since its statistics were fitted: refitting them "
-            "now for this evaluation (python -m launch.train on the run refits and saves them%s).",
-            workdir,
-            "" if method.total_steps == 0 else "; the network itself was trained on the old files",
-        )
-        fitted = {}
-    if not fitted:
-        fitted = fit_statistics(method, model, step=step)
-    return Restored(method, model, step, fitted)
-
-
-def restore_backbone(workdir: str | pathlib.Path, *, step: int | None = None) -> nnx.Module:
-    """The feature backbone (with WDAM where trained) of a run's checkpoint, for PatchCore."""
-    config = checkpoints.read_config(workdir)
-    method = get_method(config)
-    manager = checkpoints.checkpoint_manager(workdir)
-    graphdef, rest, _, state = init_state(method, config, abstract=True)
-    state, _ = checkpoints.restore(manager, state, step=step, mesh=data_mesh())
-    manager.close()
-    model = model_from_state(graphdef, rest, state)
-    backbone = method.backbone(model, step=int(state["step"]))
-    if backbone is None:
-        raise ValueError(f"{workdir} is a {config.method} run, which has no feature backbone.")
-    return backbone
-
-
 # --------------------------------------------------------------------------------------------
 # Logging.
 
@@ -341,25 +184,6 @@ class _NoLog:
 
     def close(self) -> None:
         pass
-
-
-def read_train_log(workdir: str | pathlib.Path) -> dict[str, list[tuple[int, float]]]:
-    """``train_log.jsonl`` as ``{name: [(step, value), ...]}`` (a resumed step's last value)."""
-    path = pathlib.Path(workdir) / TRAIN_LOG
-    latest: dict[tuple[str, int], float] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:  # a line cut by a kill
-                continue
-            step = int(row.pop("step"))
-            for k, v in row.items():
-                latest[(k, step)] = v
-    out: dict[str, list[tuple[int, float]]] = {}
-    for (k, step), v in sorted(latest.items()):
-        out.setdefault(k, []).append((step, v))
-    return out
 
 
 def _check_finite(metrics: Mapping[str, float], step: int, manager) -> None:
@@ -546,6 +370,9 @@ def _train(config, workdir, method, stop_at, allow_config_change) -> tuple[nnx.M
         if config.train.get("save_final_params_only", False):
             final = {k: v for k, v in state.items() if k != checkpoints.OPT_STATE}
         checkpoints.save(manager, total, final, fitted)
+    if last == total and primary and not (workdir / checkpoints.BACKBONE_FILE).is_file():
+        # Also for a run finished before runs wrote it: re-running its command writes it.
+        runs.write_backbone(method, model_from_state(graphdef, rest, state), workdir, step=total)
     manager.wait_until_finished()
     manager.close()
     best.close()

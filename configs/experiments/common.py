@@ -95,3 +95,24 @@ def parse_demo(arg: str | None) -> bool:
     if arg not in (None, "", "demo"):
         raise ValueError(f"Unknown experiment config argument {arg!r}; use nothing or 'demo'.")
     return arg == "demo"
+
+
+# The demo studies (configs/experiments/study_*_demo.py): the four demo categories, 3 seeds;
+# ``quick``: seed 0 on an object and a texture.
+STUDY_CATEGORIES = ("washer", "brick", "grass", "gravel")
+STUDY_VARIANTS = ("", "quick")
+
+
+def demo_study(table: str, arg: str | None) -> ml_collections.ConfigDict:
+    """The fields of a demo study other than its rows (no published values to compare with)."""
+    if arg not in (None, *STUDY_VARIANTS):
+        raise ValueError(f"Unknown argument {arg!r}; use nothing or 'quick'.")
+    quick = arg == "quick"
+    return experiment(
+        table,
+        "",
+        section="demo data",
+        categories=STUDY_CATEGORIES[:2] if quick else STUDY_CATEGORIES,
+        data_root=DEMO_ROOT,
+        seeds=(0,) if quick else (0, 1, 2),
+    )

@@ -30,8 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from wdam_jax import checkpoints, reporting
-from wdam_jax import train as train_lib
+from wdam_jax import checkpoints, reporting, runs
 from wdam_jax.data import sources
 from wdam_jax.errors import UserError
 from wdam_jax.methods.base import describe
@@ -99,7 +98,7 @@ def check_same_test_set(sets: Sequence[TestSet]) -> None:
 
 def score_run(workdir: str | pathlib.Path, *, step: int | None = None) -> ScoredRun:
     """Restores ``workdir`` and scores its whole test split."""
-    run = train_lib.restore(workdir, step=step)
+    run = runs.restore(workdir, step=step)
     split = sources.load_split(run.config.data, split="test")
     scores = run.method.score(run.model, run.fitted, split.images, step=run.step)
     return ScoredRun(

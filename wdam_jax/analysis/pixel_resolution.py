@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from wdam_jax import metrics
-from wdam_jax import train as train_lib
+from wdam_jax import metrics, runs
 from wdam_jax.data import sources
 
 
@@ -36,7 +35,7 @@ def compare_resolutions(
       maps as scored, against ``Split.masks`` (the ground truth resized, nearest neighbour, and
       cropped as the images were).
     """
-    run = train_lib.restore(workdir, step=step, best=best)
+    run = runs.restore(workdir, step=step, best=best)
     split = sources.load_split(run.config.data, split="test")
     scores = run.method.score(run.model, run.fitted, split.images, step=run.step)
     maps = np.asarray(scores.maps, np.float32)

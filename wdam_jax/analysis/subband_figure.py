@@ -81,13 +81,6 @@ def draw(normal: np.ndarray, anomalous: np.ndarray, mask: np.ndarray, *, title: 
     return fig
 
 
-def _range(section: ml_collections.ConfigDict | None, field: str, default):
-    if section is None or field not in section:
-        return default
-    value = section[field]
-    return tuple(tuple(v) for v in value) if isinstance(value[0], tuple | list) else tuple(value)
-
-
 def synthesize(
     config: ml_collections.ConfigDict, images: np.ndarray, *, source: str, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -108,30 +101,15 @@ def synthesize(
     for i, image in enumerate(images):
         rng = np.random.default_rng([seed, i])
         if source == "cutpaste":
-            out, mask = augment.cutpaste_with_mask(
-                rng,
-                image,
-                area_ratio=_range(a, "cutpaste_area_ratio", (0.02, 0.15)),
-                aspect_ratio=_range(a, "cutpaste_aspect_ratio", ((0.3, 1.0), (1.0, 3.3))),
-                color_jitter=a.get("color_jitter", 0.1) if a else 0.1,
-            )
+            out, mask = augment.cutpaste_with_mask(rng, image, **augment.cutpaste_options(a))
         elif source == "scar":
-            out, mask = augment.cutpaste_scar_with_mask(
-                rng,
-                image,
-                width=_range(a, "scar_width", (2, 16)),
-                length=_range(a, "scar_length", (10, 25)),
-                rotation=_range(a, "scar_rotation", (-45, 45)),
-                color_jitter=a.get("color_jitter", 0.1) if a else 0.1,
-            )
+            out, mask = augment.cutpaste_scar_with_mask(rng, image, **augment.scar_options(a))
         elif source == "perlin":
             out, mask = augment.draem_anomaly(
                 rng,
                 image,
                 bank.get(int(rng.integers(len(bank)))),
-                scale_exponents=_range(a, "perlin_scale_exponents", (0, 6)),
-                threshold=a.get("perlin_threshold", 0.5) if a else 0.5,
-                max_beta=a.get("max_beta", 0.8) if a else 0.8,
+                **augment.draem_options(a),
                 no_anomaly_prob=0.0,
             )
         else:

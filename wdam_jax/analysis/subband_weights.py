@@ -37,8 +37,7 @@ from absl import logging
 from flax import nnx
 from matplotlib.figure import Figure
 
-from wdam_jax import reporting
-from wdam_jax import train as train_lib
+from wdam_jax import reporting, runs
 from wdam_jax.checkpoints import atomic_write_bytes, atomic_write_text
 from wdam_jax.data import pipeline, sources
 from wdam_jax.errors import UserError
@@ -107,7 +106,7 @@ def _append(sink: list[np.ndarray], weights) -> None:
 
 
 def collect(
-    run: train_lib.Restored, images: np.ndarray, *, batch_size: int, name: str = "the run"
+    run: runs.Restored, images: np.ndarray, *, batch_size: int, name: str = "the run"
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Runs the method's scoring function over ``images`` and records every WDAM's weights.
 
@@ -179,7 +178,7 @@ def collect(
 
 def run_weights(workdir: str | pathlib.Path, *, step: int | None = None) -> RunWeights:
     """Restores ``workdir`` and collects the sub-band weights of its category's test split."""
-    run = train_lib.restore(workdir, step=step)
+    run = runs.restore(workdir, step=step)
     config = run.config
     split = sources.load_split(config.data, split="test")
     weights, scores = collect(

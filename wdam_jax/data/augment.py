@@ -13,6 +13,7 @@ Each generator has one return type: ``cutpaste`` / ``cutpaste_scar`` return the 
 
 from __future__ import annotations
 
+import ml_collections
 import numpy as np
 import scipy.ndimage
 import skimage.color
@@ -154,25 +155,9 @@ def cutpaste_with_mask(
     return _paste(rng, image, patch, np.ones((h, w), bool), fg)
 
 
-def cutpaste(
-    rng: np.random.Generator,
-    image: np.ndarray,
-    *,
-    area_ratio: Range = (0.02, 0.15),
-    aspect_ratio: tuple[Range, ...] = ((0.3, 1.0), (1.0, 3.3)),
-    color_jitter: float = 0.1,
-    fg_mask: np.ndarray | None = None,
-) -> np.ndarray:
-    """:func:`cutpaste_with_mask` without the mask: [H, W, 3] -> [H, W, 3] float32."""
-    out, _ = cutpaste_with_mask(
-        rng,
-        image,
-        area_ratio=area_ratio,
-        aspect_ratio=aspect_ratio,
-        color_jitter=color_jitter,
-        fg_mask=fg_mask,
-    )
-    return out
+def cutpaste(rng: np.random.Generator, image: np.ndarray, **options) -> np.ndarray:
+    """:func:`cutpaste_with_mask` (same options) without the mask: [H, W, 3] -> [H, W, 3]."""
+    return cutpaste_with_mask(rng, image, **options)[0]
 
 
 def cutpaste_scar_with_mask(
@@ -226,27 +211,9 @@ def cutpaste_scar_with_mask(
     return _paste(rng, image, patch, footprint, fg)
 
 
-def cutpaste_scar(
-    rng: np.random.Generator,
-    image: np.ndarray,
-    *,
-    width: Range = (2, 16),
-    length: Range = (10, 25),
-    rotation: Range = (-45, 45),
-    color_jitter: float = 0.1,
-    fg_mask: np.ndarray | None = None,
-) -> np.ndarray:
-    """:func:`cutpaste_scar_with_mask` without the mask: [H, W, 3] -> [H, W, 3] float32."""
-    out, _ = cutpaste_scar_with_mask(
-        rng,
-        image,
-        width=width,
-        length=length,
-        rotation=rotation,
-        color_jitter=color_jitter,
-        fg_mask=fg_mask,
-    )
-    return out
+def cutpaste_scar(rng: np.random.Generator, image: np.ndarray, **options) -> np.ndarray:
+    """:func:`cutpaste_scar_with_mask` (same options) without the mask: [H, W, 3] -> [H, W, 3]."""
+    return cutpaste_scar_with_mask(rng, image, **options)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -441,3 +408,51 @@ def draem_anomaly(
     m = mask[..., None].astype(np.float32)
     out = (1 - m) * image + (1 - beta) * m * source + beta * m * image
     return np.clip(out, 0.0, 1.0).astype(np.float32), mask
+
+
+# --------------------------------------------------------------------------------------------
+# The augmentation arguments a config's ``augment`` section gives (the one place they are read).
+# A missing section or field keeps the function's default: CutPaste's and DRAEM's published
+# strengths.
+
+_CUTPASTE_FIELDS = {"area_ratio": "cutpaste_area_ratio", "aspect_ratio": "cutpaste_aspect_ratio"}
+_SCAR_FIELDS = {"width": "scar_width", "length": "scar_length", "rotation": "scar_rotation"}
+_PERLIN_FIELDS = {"scale_exponents": "perlin_scale_exponents"}
+
+
+def _as_range(value):
+    if len(value) and isinstance(value[0], list | tuple):
+        return tuple(tuple(v) for v in value)
+    return tuple(value)
+
+
+def _options(section, ranges: dict[str, str], scalars: dict[str, str]) -> dict:
+    if section is None:
+        return {}
+    out = {arg: _as_range(section[f]) for arg, f in ranges.items() if f in section}
+    return out | {arg: section[f] for arg, f in scalars.items() if f in section}
+
+
+def cutpaste_options(section: ml_collections.ConfigDict | None) -> dict:
+    """Keyword arguments of :func:`cutpaste` / :func:`cutpaste_with_mask` from
+    ``config.augment`` (``cutpaste_area_ratio``, ``cutpaste_aspect_ratio``, ``color_jitter``)."""
+    return _options(section, _CUTPASTE_FIELDS, {"color_jitter": "color_jitter"})
+
+
+def scar_options(section: ml_collections.ConfigDict | None, *, scale: float = 1.0) -> dict:
+    """Keyword arguments of :func:`cutpaste_scar` / :func:`cutpaste_scar_with_mask` from
+    ``config.augment`` (``scar_width``, ``scar_length``, ``scar_rotation``, ``color_jitter``);
+    ``scale`` resizes width and length (CutPaste's sizes are for 256 x 256 inputs; at least 1)."""
+    out = _options(section, _SCAR_FIELDS, {"color_jitter": "color_jitter"})
+    if scale != 1.0:
+        for arg in ("width", "length"):
+            if arg in out:
+                out[arg] = tuple(max(1.0, v * scale) for v in out[arg])
+    return out
+
+
+def draem_options(section: ml_collections.ConfigDict | None) -> dict:
+    """Keyword arguments of :func:`draem_anomaly` from ``config.augment``
+    (``perlin_scale_exponents``, ``perlin_threshold``, ``max_beta``)."""
+    scalars = {"threshold": "perlin_threshold", "max_beta": "max_beta"}
+    return _options(section, _PERLIN_FIELDS, scalars)

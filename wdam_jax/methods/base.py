@@ -17,9 +17,12 @@ Life of a run, and which hook is called where:
 3. After the last step, ``fit(model, train_images, step=)`` computes statistics of the normal
    training images that scoring needs (PatchCore's memory bank, CutPaste's Gaussian density);
    they are checkpointed with the final state (orbax item ``fitted``).
-4. ``score(model, fitted, images, step=)`` maps images to image scores and anomaly maps. The
-   evaluation loads the split, calls ``score`` and computes the metrics; prediction on new images
-   calls the same function.
+4. ``scorer(model, fitted, step=)`` gives the method's scoring as one pure JAX function and its
+   arrays (:class:`~wdam_jax.components.scoring.Scorer`). ``score`` runs it over batches
+   (evaluation, prediction, validation curves) and ``inference_fn`` closes it over its arrays
+   (export): one scoring path, so the exported model scores as the evaluated one. A method
+   whose score needs host work (PatchCore's ensemble over the evaluated set) overrides
+   ``score`` and ``inference_fn`` instead.
 
 Everything a method returns is numpy on the host; everything it receives from the loop is the
 model (an ``nnx.Module``) and arrays.
@@ -38,6 +41,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from wdam_jax.components.scoring import Scorer
 from wdam_jax.data import sources
 
 Batch = dict[str, np.ndarray]
@@ -151,34 +155,42 @@ class Method(abc.ABC):
         del model, train_images, step
         return {}
 
-    @abc.abstractmethod
-    def score(
-        self, model: nnx.Module, fitted: Fitted, images: np.ndarray, *, step: int
-    ) -> ImageScores:
-        """Image scores and anomaly maps of ``images`` ``[N, S, S, 3]`` in [0, 1].
+    def scorer(self, model: nnx.Module, fitted: Fitted, *, step: int) -> Scorer:
+        """The method's scoring as one pure function and its arrays (:class:`Scorer`): what
+        :meth:`score` (evaluation, prediction, validation) and :meth:`inference_fn` (export)
+        both run, so the exported model scores as the evaluated one by construction.
 
         Args:
           model: the model restored at ``step``.
           fitted: what :meth:`fit` returned for it.
-          images: preprocessed as the training images (``config.data.image_size``).
           step: the step the model was trained to (a method may change its network by stage).
         """
+        del model, fitted, step
+        raise NotImplementedError(
+            f"Method {self.name!r} has no scorer: implement Method.scorer (a pure JAX form of "
+            "its scoring), or override score (and inference_fn to export it)."
+        )
+
+    def score(
+        self, model: nnx.Module, fitted: Fitted, images: np.ndarray, *, step: int
+    ) -> ImageScores:
+        """Image scores and anomaly maps of ``images`` ``[N, S, S, 3]`` in [0, 1], preprocessed
+        as the training images (``config.data.image_size``). Default: :meth:`scorer` over
+        batches of ``score.eval_batch_size``."""
+        run = self.scorer(model, fitted, step=step)
+        return ImageScores(*run(images, batch_size=self.config.score.eval_batch_size))
 
     def inference_fn(
         self, model: nnx.Module, fitted: Fitted, *, step: int
     ) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
-        """Optional: :meth:`score` as one pure JAX function, for export (``jax.export``, TF).
+        """:meth:`score` as one pure JAX function, for export (``jax.export``, TF).
 
         Returns a jittable ``images [B, S, S, 3] -> (image_scores [B], maps [B, S, S])`` with the
         model and the fitted statistics closed over as constants, equal to :meth:`score` within
         1e-5 and traceable with a symbolic batch size ``B`` (``jax.export.symbolic_shape``).
-        Default: the method cannot be exported (its score does host work).
+        Default: :meth:`scorer`'s function (a method without one cannot be exported).
         """
-        del model, fitted, step
-        raise NotImplementedError(
-            f"Method {self.name!r} has no inference_fn: its score cannot be exported. Implement "
-            "Method.inference_fn (a pure JAX form of score) to export it."
-        )
+        return self.scorer(model, fitted, step=step).inference_fn()
 
     # ---- optional extras
 

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from wdam_jax import filters
 from wdam_jax.errors import MissingFileError
+from wdam_jax.filters import gaussian_blur
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
@@ -470,29 +470,6 @@ def reweighted_image_scores(
     log_denominator = jax.nn.logsumexp(d_support, axis=1)
     weight = 1.0 - jnp.exp(s_star - log_denominator)
     return weight * s_star
-
-
-def gaussian_blur(maps: ArrayLike, *, sigma: float = 4.0, truncate: float = 4.0) -> Array:
-    """Separable Gaussian smoothing, as ``scipy.ndimage.gaussian_filter(mode="reflect")``.
-
-    Args:
-      maps: ``[B, H, W]``.
-      sigma: standard deviation in pixels.
-      truncate: kernel radius in standard deviations (scipy's default 4).
-
-    Returns:
-      ``[B, H, W]`` float32.
-    """
-    maps = jnp.asarray(maps, jnp.float32)
-    radius = int(truncate * sigma + 0.5)
-    kwargs = dict(sigma=sigma, offsets=tuple(range(-radius, radius + 1)), boundary="reflect")
-    rows = jnp.asarray(filters.gaussian_matrix(maps.shape[1], **kwargs))
-    cols = jnp.asarray(filters.gaussian_matrix(maps.shape[2], **kwargs))
-    # Two small matmuls with the reflect padding folded into the matrices: the same sums as a
-    # padded separable convolution, but XLA:CPU runs a 1-channel convolution ~50x slower than
-    # these (77 ms vs ~1 ms for 8 maps of 224 x 224, benchmarks/README_patchcore.md).
-    out = jnp.einsum("ih,bhw->biw", rows, maps, precision=_HIGHEST)
-    return jnp.einsum("jw,biw->bij", cols, out, precision=_HIGHEST)
 
 
 def anomaly_maps(

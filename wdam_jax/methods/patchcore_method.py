@@ -43,6 +43,7 @@ from absl import logging
 from flax import nnx
 
 from wdam_jax import checkpoints
+from wdam_jax.components.scoring import fill_untrained
 from wdam_jax.data import pipeline
 from wdam_jax.errors import ConfigError, MissingFileError
 from wdam_jax.methods import patchcore as pc
@@ -162,19 +163,29 @@ def load_member(
         )
     if member.kind == "imagenet":
         return wide_resnet.load_pretrained(source, wdam_layers=wdam_layers)
-    from wdam_jax import train  # the loop's restore; imported here: train imports the registry
-
     run = member_workdir(member, category)
     _member_shape(name, member, category)  # a clear error for a missing run directory
-    model = train.restore_backbone(run)
-    if tuple(model.wdam_layers) != wdam_layers:
+    weights = run / checkpoints.BACKBONE_FILE
+    if not weights.is_file():
+        raise MissingFileError(
+            f"PatchCore member {name!r}: {run} has no trained backbone ({weights}): the run has "
+            "not finished, or finished before runs wrote one. Run its training command again "
+            f"(python -m launch.train --config=... --workdir={run}): a finished run only writes "
+            "the backbone."
+        )
+    state_dict = wide_resnet.read_state_dict(weights)
+    shape = wide_resnet.architecture(state_dict)
+    trained = shape["wdam_layers"]
+    if trained != wdam_layers:
         raise ValueError(
             f"PatchCore member {name!r}: the backbone in {run} has WDAM in layers "
-            f"{tuple(model.wdam_layers)}, the config says {wdam_layers}; set "
-            f"--config.members.{name}.wdam_layers to match the run (a checkpoint taken before "
-            "WDAM entered training has none: use a later one)."
+            f"{trained}, the config says {wdam_layers}; set "
+            f"--config.members.{name}.wdam_layers to match the run (a run that ended before "
+            "WDAM entered training has none)."
         )
-    return model
+    return wide_resnet.from_torchvision(
+        state_dict, wdam_layers=wdam_layers, wdam_reduction=shape["wdam_reduction"]
+    )
 
 
 def _reweighted_score(bank, feats, dist, index, num_neighbors: int):
@@ -275,9 +286,7 @@ class PatchCore(Method):
                 return PatchCoreNet(members)
 
             model = nnx.eval_shape(build)
-            for _, var in nnx.iter_graph(model):  # diagnostics outside the state: concrete
-                if isinstance(var, nnx.Variable) and not isinstance(var, nnx.Param | nnx.BatchStat):
-                    var.set_value(jnp.zeros(var.get_value().shape, var.get_value().dtype))
+            fill_untrained(model, 0.0)  # WDAM's sub-band weights (a diagnostic)
             return model
         return PatchCoreNet(
             {n: load_member(n, self.config.members[n], category) for n in self.names}

@@ -29,6 +29,7 @@ Inputs are NHWC images in [0, 1], used as they are (DRAEM does not normalise).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -301,3 +302,33 @@ class Draem(nnx.Module):
         logits = self.discriminative(jnp.concatenate([reconstruction, x], axis=-1), train=train)
         anomaly = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., 1]
         return {"reconstruction": reconstruction, "logits": logits, "anomaly": anomaly}
+
+
+def fill_random(model: nnx.Module, rng: np.random.Generator) -> None:
+    """DRAEM's ``weights_init`` drawn with numpy (no XLA compile per parameter shape).
+
+    Convolutions: weight ``N(0, 0.02)``, bias torch's default ``U(+-1/sqrt(fan_in))``; BatchNorm:
+    scale ``N(1, 0.02)``, bias 0, running mean 0 and variance 1; WDAM's linear layers (which
+    DRAEM's init does not touch): torch's default ``U(+-1/sqrt(fan_in))`` for weight and bias.
+    """
+
+    def put(var: nnx.Variable, value: np.ndarray) -> None:
+        var.set_value(jnp.asarray(value, var.get_value().dtype))
+
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Conv):
+            shape = node.kernel.get_value().shape
+            put(node.kernel, rng.normal(0.0, 0.02, shape))
+            bound = 1.0 / math.sqrt(shape[0] * shape[1] * shape[2])
+            put(node.bias, rng.uniform(-bound, bound, shape[-1]))
+        elif isinstance(node, nnx.BatchNorm):
+            n = node.scale.get_value().shape
+            put(node.scale, rng.normal(1.0, 0.02, n))
+            put(node.bias, np.zeros(n))
+            put(node.mean, np.zeros(n))
+            put(node.var, np.ones(n))
+        elif isinstance(node, nnx.Linear):
+            shape = node.kernel.get_value().shape
+            bound = 1.0 / math.sqrt(shape[0])
+            put(node.kernel, rng.uniform(-bound, bound, shape))
+            put(node.bias, rng.uniform(-bound, bound, shape[-1]))

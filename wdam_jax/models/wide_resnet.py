@@ -22,7 +22,7 @@ from flax import nnx
 from jax import lax
 
 from wdam_jax import runlock
-from wdam_jax.errors import MissingFileError
+from wdam_jax.errors import MissingFileError, UserError
 from wdam_jax.wdam import WDAM
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -307,6 +307,31 @@ def _as_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def architecture(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The :class:`WideResNet50_2` arguments a torchvision-named state_dict was exported from.
+
+    Read from the names and shapes alone: ``depths`` (bottlenecks per layer), ``base_width``
+    (``conv1``'s output channels), ``wdam_layers`` (layers holding ``layerN.i.wdam.*`` weights)
+    and ``wdam_reduction`` (WDAM's ``4C / hidden``; 16 without WDAM weights). torchvision's
+    ImageNet weights give ``(3, 4, 6, 3)``, 64, ``()``.
+    """
+    if "conv1.weight" not in state_dict:  # not a ResNet: from_torchvision names what is missing
+        return dict(depths=DEPTHS, base_width=BASE_WIDTH, wdam_layers=(), wdam_reduction=16)
+    blocks = {tuple(k.split(".")[:2]) for k in state_dict if k.startswith("layer")}
+    depths = tuple(sum(1 for layer, _ in blocks if layer == f"layer{i}") for i in range(1, 5))
+    wdam_keys = sorted(k for k in state_dict if ".wdam.fc1.weight" in k)
+    reduction = 16
+    if wdam_keys:
+        hidden, four_c = _as_numpy(state_dict[wdam_keys[0]]).shape
+        reduction = four_c // hidden
+    return dict(
+        depths=depths,
+        base_width=int(_as_numpy(state_dict["conv1.weight"]).shape[0]),
+        wdam_layers=tuple(sorted({int(k.split(".")[0][len("layer") :]) for k in wdam_keys})),
+        wdam_reduction=reduction,
+    )
+
+
 def from_torchvision(
     state_dict: Mapping[str, Any],
     *,
@@ -319,7 +344,8 @@ def from_torchvision(
 
     Args:
       state_dict: torchvision ``wide_resnet50_2().state_dict()`` (torch tensors or numpy arrays),
-        e.g. from ``torch.load(path, weights_only=True)``, or :func:`to_torchvision`'s output.
+        e.g. from ``torch.load(path, weights_only=True)``, or :func:`to_torchvision`'s output
+        (of a reduced network too: depths and width are read by :func:`architecture`).
       wdam_layers: layers that get Bottleneck*; WDAM weights absent from ``state_dict`` (ImageNet
         weights have none) keep their fresh initialisation from ``seed``.
       seed: initialisation seed for whatever the state_dict does not hold.
@@ -332,6 +358,7 @@ def from_torchvision(
     """
     has_fc = "fc.weight" in state_dict
     num_classes = int(_as_numpy(state_dict["fc.weight"]).shape[0]) if has_fc else None
+    shape = architecture(state_dict)
     # Shapes only (a real initialisation costs one XLA compile per parameter shape on CPU); every
     # variable is then filled from the state_dict, and only the small WDAMs are initialised.
     model = nnx.eval_shape(
@@ -340,6 +367,8 @@ def from_torchvision(
             num_classes=num_classes,
             wdam_reduction=wdam_reduction,
             dtype=dtype,
+            depths=shape["depths"],
+            base_width=shape["base_width"],
             rngs=nnx.Rngs(0),
         )
     )
@@ -469,7 +498,37 @@ def load_pretrained(
     dtype: Any = None,
     seed: int = 0,
 ) -> WideResNet50_2:
-    """Builds the model from a checkpoint written by ``python -m launch.convert_weights``."""
+    """Builds the model from a checkpoint written by ``python -m launch.convert_weights`` (or a
+    trained run's ``backbone`` folder, :func:`wdam_jax.runs.write_backbone`)."""
+    return from_torchvision(
+        read_pretrained(directory),
+        wdam_layers=wdam_layers,
+        wdam_reduction=wdam_reduction,
+        dtype=dtype,
+        seed=seed,
+    )
+
+
+def read_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+    """A torchvision-named state_dict from a ``.npz`` file (a trained run's ``backbone.npz``,
+    :func:`wdam_jax.runs.write_backbone`) or a :func:`save_pretrained` folder."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        return read_pretrained(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except FileNotFoundError:
+        raise MissingFileError(f"No WideResNet weights at {path}.") from None
+    except (OSError, ValueError) as e:  # truncated or not an npz
+        raise UserError(
+            f"{path} is not a readable .npz of WideResNet weights ({e}); write it again (a "
+            "run's backbone.npz: re-run its python -m launch.train command after deleting it)."
+        ) from None
+
+
+def read_pretrained(directory: str | pathlib.Path) -> dict[str, np.ndarray]:
+    """The torchvision-named state_dict that :func:`save_pretrained` wrote to ``directory``."""
     import orbax.checkpoint as ocp
 
     directory = pathlib.Path(directory).absolute()
@@ -481,10 +540,7 @@ def load_pretrained(
         )
     with ocp.StandardCheckpointer() as checkpointer:
         tree = checkpointer.restore(directory)
-    flat = {
-        ".".join(str(getattr(k, "key", k)) for k in path): value
+    return {
+        ".".join(str(getattr(k, "key", k)) for k in path): np.asarray(value)
         for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]
     }
-    return from_torchvision(
-        flat, wdam_layers=wdam_layers, wdam_reduction=wdam_reduction, dtype=dtype, seed=seed
-    )
