@@ -364,5 +364,5 @@ def test_export_refuses_a_run_without_thresholds_unless_asked(runs, tmp_path):
     assert not (tmp_path / "refused").exists()
     paths = export.export(workdir, tmp_path / "raw", saved_model=False, allow_no_thresholds=True)
     meta = json.loads(paths["metadata"].read_text())
-    assert meta["thresholds"] is None and set(meta["loading"]) == {"stablehlo"}
+    assert meta["thresholds"] is None and set(meta["loading"]) == {"stablehlo", "onnx"}
     assert meta["loading"]["stablehlo"]["packages"][1].startswith("flatbuffers")

@@ -10,6 +10,11 @@
 - ``E/saved_model/``: the same function as a TensorFlow SavedModel (``jax2tf``, native
   serialisation) for TF Serving; signature ``serving_default``: ``images`` ->
   ``{"image_scores", "maps"}``;
+- ``E/model.onnx``: the same function as ONNX (opset 17, dynamic batch ``batch``; converted from
+  its jaxpr by :mod:`wdam_jax.onnx_export`), input ``images``, outputs ``image_scores`` and
+  ``maps``; ``E/onnx_scorer.py`` (a copy of :mod:`wdam_jax.onnx_scorer`, numpy and onnxruntime
+  only) loads it, checks it is the file ``metadata.json`` describes (size, SHA-256, run id) and
+  checks the images' shape and range;
 - ``E/metadata.json``: the input contract (shape with a symbolic batch ``b``, dtype, range,
   layout, the host preprocessing to apply before), the outputs, the run (method, step,
   workdir) and the decision thresholds with their rule and the normalisation (from
@@ -34,9 +39,11 @@ with ``"thresholds": null``.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import pathlib
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -45,13 +52,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from wdam_jax import runlock, runs, thresholds
+from wdam_jax import onnx_scorer, runlock, runs, thresholds
 from wdam_jax.data import datasets
 from wdam_jax.errors import MissingFileError
 
 STABLEHLO_FILE = "model.stablehlo"
 SAVED_MODEL_DIR = "saved_model"
 METADATA_FILE = "metadata.json"
+ONNX_FILE = onnx_scorer.MODEL_FILE
+SCORER_FILE = "onnx_scorer.py"
 
 
 def inference_function(run: runs.Restored) -> tuple[Callable, int]:
@@ -99,7 +108,8 @@ def _pinned(name: str, version: str) -> str:
 
 
 def loading_instructions() -> dict[str, dict[str, Any]]:
-    """How to load each artefact without this repository: ``{"stablehlo", "saved_model"}`` ->
+    """How to load each artefact without this repository: ``{"stablehlo", "saved_model",
+    "onnx"}`` ->
     ``{"packages": pip requirements, "python": code}``. The code runs in the export folder with
     ``images`` a float32 ``[B, S, S, 3]`` array already preprocessed (``input.host_preprocessing``)
     and leaves ``image_scores`` ``[B]`` and ``maps`` ``[B, C, C]``."""
@@ -132,6 +142,25 @@ def loading_instructions() -> dict[str, dict[str, Any]]:
                 "image_scores, maps = out['image_scores'].numpy(), out['maps'].numpy()\n"
             ),
         },
+        "onnx": {
+            "packages": [
+                _pinned("onnxruntime", _version("onnxruntime")),
+                _pinned("numpy", np.__version__),
+            ],
+            "note": (
+                f"{SCORER_FILE} checks the model against this file and the images' shape and "
+                f"range; without it: onnxruntime.InferenceSession({ONNX_FILE!r}).run(None, "
+                "{'images': images}) (OpenVINO and TensorRT read the same file)."
+            ),
+            "python": (
+                "import importlib.util\n"
+                f"spec = importlib.util.spec_from_file_location('onnx_scorer', {SCORER_FILE!r})\n"
+                "onnx_scorer = importlib.util.module_from_spec(spec)\n"
+                "spec.loader.exec_module(onnx_scorer)\n"
+                "scorer = onnx_scorer.OnnxScorer('.')\n"
+                "image_scores, maps = scorer(images)\n"
+            ),
+        },
     }
 
 
@@ -141,9 +170,10 @@ def metadata(
     size: int,
     *,
     saved_model: bool = True,
+    onnx: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``metadata.json``: input and output contract, the run, thresholds and normalisation, and
-    how to load each artefact written."""
+    how to load each artefact written (``onnx``: :func:`export_onnx`'s description, or None)."""
     data = run.config.data
     side = data.get("crop_size", 0) or size
     stored = stored_thresholds(workdir, run.step)
@@ -153,6 +183,8 @@ def metadata(
     loading = loading_instructions()
     if not saved_model:
         del loading["saved_model"]
+    if onnx is None:
+        del loading["onnx"]
     return {
         "method": run.config.method,
         "step": run.step,
@@ -180,6 +212,7 @@ def metadata(
         else {level: stored[level] for level in thresholds.LEVELS},
         "loading": loading,
         "jax_version": jax.__version__,
+        **({"onnx": onnx} if onnx is not None else {}),
     }
 
 
@@ -213,12 +246,53 @@ def export_saved_model(fn: Callable, size: int, path: pathlib.Path) -> pathlib.P
     return path
 
 
+def run_id(run: runs.Restored, workdir: pathlib.Path) -> str:
+    """A short digest naming the run and checkpoint an ONNX model was exported from."""
+    text = f"{workdir.resolve()}\n{run.step}\n{run.config.to_json_best_effort(sort_keys=True)}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def export_onnx(
+    fn: Callable, size: int, path: pathlib.Path, *, run: str, run_id: str
+) -> dict[str, Any]:
+    """Writes ``fn`` as ONNX (:func:`wdam_jax.onnx_export.to_onnx`) with ``run`` and ``run_id``
+    in its ``metadata_props``, and :mod:`wdam_jax.onnx_scorer` beside it.
+
+    Returns:
+      ``metadata.json``'s ``"onnx"``: file, bytes, SHA-256, opset, run id, inputs and outputs.
+    """
+    from wdam_jax import onnx_export
+
+    props = {onnx_scorer.RUN_ID_KEY: run_id, onnx_scorer.RUN_KEY: run}
+    model = onnx_export.to_onnx(fn, (1, size, size, 3), metadata=props)
+    data = model.SerializeToString()
+    path.write_bytes(data)
+    shutil.copyfile(onnx_scorer.__file__, path.parent / SCORER_FILE)
+    batch = onnx_export.BATCH
+    shapes = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
+              for o in model.graph.output}  # fmt: skip
+    return {
+        "file": path.name,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "opset": onnx_export.OPSET,
+        "run_id": run_id,
+        "inputs": {"images": {"shape": [batch, size, size, 3], "dtype": "float32"}},
+        "outputs": {name: {"shape": shape, "dtype": "float32"} for name, shape in shapes.items()},
+        "preprocessing": "as input.host_preprocessing; the crop is in the graph",
+        "scorer": SCORER_FILE,
+        "onnxruntime_version": _version("onnxruntime"),
+        "onnx_version": _version("onnx"),
+    }
+
+
 def export(
     workdir: str | pathlib.Path,
     out: str | pathlib.Path,
     *,
     step: int | None = None,
     saved_model: bool = True,
+    onnx: bool = True,
     allow_no_thresholds: bool = False,
     overwrite: bool = False,
 ) -> dict[str, pathlib.Path]:
@@ -233,19 +307,21 @@ def export(
       out: the export folder.
       step: checkpoint step (default: the newest).
       saved_model: also write the TF SavedModel.
+      onnx: also write ``model.onnx`` and ``onnx_scorer.py``.
       allow_no_thresholds: export a run without stored thresholds for that step (metadata
         ``"thresholds": null``) instead of refusing it.
       overwrite: replace a previous export in ``out``.
 
     Returns:
-      ``{"stablehlo", "metadata"[, "saved_model"]}`` paths.
+      ``{"stablehlo", "metadata"[, "saved_model"][, "onnx"]}`` paths.
 
     Raises:
       MissingFileError: no thresholds for the step and not ``allow_no_thresholds``; nothing is
         written.
     """
     workdir = pathlib.Path(workdir)
-    owns = runlock.written_by(METADATA_FILE, {METADATA_FILE, STABLEHLO_FILE, SAVED_MODEL_DIR})
+    written = {METADATA_FILE, STABLEHLO_FILE, SAVED_MODEL_DIR, ONNX_FILE, SCORER_FILE}
+    owns = runlock.written_by(METADATA_FILE, written)
     kind = dict(owns=owns, overwrite=overwrite, kind="export")
     out = runlock.check_output(out, **kind)  # before the slow part: a wrong --out fails at once
     run = runs.restore(workdir, step=step)
@@ -262,12 +338,19 @@ def export(
         export_stablehlo(fn, size, staging / STABLEHLO_FILE)
         if saved_model:
             export_saved_model(fn, size, staging / SAVED_MODEL_DIR)
-        document = metadata(run, workdir, size, saved_model=saved_model)
+        described = None
+        if onnx:
+            name = f"{workdir} step {run.step} ({run.config.method})"
+            ident = run_id(run, workdir)
+            described = export_onnx(fn, size, staging / ONNX_FILE, run=name, run_id=ident)
+        document = metadata(run, workdir, size, saved_model=saved_model, onnx=described)
         text = json.dumps(document, indent=2, default=_json_default) + "\n"
         (staging / METADATA_FILE).write_text(text)
     paths = {"stablehlo": out / STABLEHLO_FILE, "metadata": out / METADATA_FILE}
     if saved_model:
         paths["saved_model"] = out / SAVED_MODEL_DIR
+    if onnx:
+        paths["onnx"] = out / ONNX_FILE
     logging.info("Exported %s (step %d) to %s.", workdir, run.step, out)
     return paths
 
