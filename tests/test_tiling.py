@@ -3,14 +3,15 @@ references, the messages of bad tiling inputs, and one tiny tiled run per method
 back at the original resolution."""
 
 import math
+import pathlib
 
 import ml_collections
 import numpy as np
 import pytest
 from test_contract import tiny_config
 
-from wdam_jax import evaluate, runs, train
-from wdam_jax.data import datasets, sources, tiling
+from wdam_jax import evaluate, export, predict, runs, train
+from wdam_jax.data import datasets, sources, summary, tiling
 from wdam_jax.errors import ConfigError
 from wdam_jax.methods import registry
 
@@ -139,3 +140,45 @@ def test_tiled_run_maps_at_the_original_resolution(name, demo_data_root, tmp_pat
     assert scores.maps.shape == (2, 128, 128)
     # "map_max": the image score is the stitched map's maximum.
     np.testing.assert_allclose(scores.image_scores, scores.maps.max(axis=(1, 2)), rtol=1e-6)
+
+
+def test_tiled_prediction_export_metadata_and_data_summary(demo_data_root, tmp_path):
+    config = _tiled("patchcore", demo_data_root)
+    train.train(config, tmp_path / "run")
+    evaluate.evaluate(None, tmp_path / "run")  # stores the thresholds prediction uses
+    images = tmp_path / "new"
+    images.mkdir()
+    test = sources.load_split(config.data, split="test")
+    for k in (0, len(test) - 1):
+        (images / f"{k}.png").write_bytes((pathlib.Path(test.root) / test.paths[k]).read_bytes())
+    rows = predict.predict(tmp_path / "run", images, tmp_path / "out", save_maps=True)
+    run = runs.restore(tmp_path / "run")
+    for row in rows:
+        amap = np.load(tmp_path / "out" / row["map"])
+        assert amap.shape == (128, 128) and row["status"] == "ok"  # the original resolution
+        k = int(pathlib.Path(row["path"]).stem)
+        ref = run.method.score_images(run.model, run.fitted, test.images[k : k + 1], step=0)
+        np.testing.assert_allclose(amap, ref.maps[0], rtol=1e-5, atol=1e-6)
+    assert predict.shrink(np.zeros((2048, 1000, 3))).shape == (1024, 500, 3)
+    meta = export.metadata(run, tmp_path / "run", config.data.image_size, saved_model=False)
+    assert meta["tiling"]["tile_size"] == 48 and meta["tiling"]["tile_stride"] == 40
+    assert "mean over the tiles" in meta["tiling"]["stitching"]
+    tiles = summary.summarize(config.data)["tiling"]
+    assert tiles["tiles_per_image"] == {"128x128": 9} and tiles["training_tiles"] == 9 * 30
+
+
+def test_high_resolution_demo_defects_are_small_with_exact_masks():
+    """``fabric_2k``'s generator on a small canvas (the 2048 px category is made only when a
+    config names it): each defect changes exactly its mask's pixels, a few dozen pixels across."""
+    from wdam_jax.data import demo
+
+    rng = np.random.default_rng(0)
+    image = demo._fabric_image(rng, 256)
+    assert image.shape == (256, 256, 3) and image.dtype == np.uint8
+    for kind in demo.LARGE_DEFECT_TYPES:
+        mask, style = demo._small_defect(rng, (256, 256), kind)
+        bad = demo._paint(rng, image, mask, style)
+        np.testing.assert_array_equal(np.any(bad != image, axis=-1), mask)
+        ys, xs = np.nonzero(mask)
+        assert 10 <= max(np.ptp(ys), np.ptp(xs)) <= 64
+    assert "fabric_2k" not in demo.DEMO_CATEGORIES  # not in the default demo data

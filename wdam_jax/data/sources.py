@@ -47,6 +47,8 @@ DATASET_HELP = (
 def dataset_root(data_config: ml_collections.ConfigDict) -> pathlib.Path:
     """The folder holding ``<category>/...`` (for the demo: generated here on first use)."""
     root = pathlib.Path(data_config.root)
+    if data_config.dataset == "demo" and data_config.category in demo.LARGE_CATEGORIES:
+        return demo.ensure_large_demo_data(root, seed=DEMO_SEED)  # only when named
     if data_config.dataset == "demo":
         return demo.ensure_demo_data(root, seed=DEMO_SEED, image_size=DEMO_SOURCE_SIZE)
     return root
