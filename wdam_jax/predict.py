@@ -114,12 +114,13 @@ def list_inputs(images: str | pathlib.Path) -> tuple[list[pathlib.Path], list[di
 
 
 def input_warnings(
-    paths: Sequence[pathlib.Path], skipped: Sequence[dict[str, str]], *, image_size: int
+    paths: Sequence[pathlib.Path], skipped: Sequence[dict[str, str]], *, image_size: int | None
 ) -> list[str]:
     """The warnings training gives its data, for these inputs: sizes from the files' headers
-    (:func:`wdam_jax.data.summary.size_warnings`) and the files skipped."""
+    (:func:`wdam_jax.data.summary.size_warnings`; none for ``image_size=None``, a tiled run)
+    and the files skipped."""
     sizes = []
-    for path in paths:
+    for path in paths if image_size is not None else ():
         try:
             with Image.open(path) as img:
                 sizes.append((str(path), *img.size))
@@ -323,7 +324,11 @@ def predict(
     out = runlock.check_output(out, **kind)  # before the slow part: a wrong --out fails at once
     paths, skipped = list_inputs(images)
     run = runs.restore(workdir, step=step, best=best)
-    warnings = input_warnings(paths, skipped, image_size=run.config.data.image_size)
+    # A tiled run reads files at their original resolution: no resize to warn about.
+    tiled = bool(run.config.data.get("tile_size", 0))
+    warnings = input_warnings(
+        paths, skipped, image_size=None if tiled else run.config.data.image_size
+    )
     for warning in warnings:
         logging.warning("%s", warning)
     chosen = resolve_thresholds(run, workdir, threshold=threshold, pixel_threshold=pixel_threshold)

@@ -57,7 +57,8 @@ class ImageScores:
     Attributes:
       image_scores: ``[N]`` float, higher is more anomalous.
       maps: ``[N, S, S]`` float anomaly maps at the model's input resolution (the evaluation
-        resizes them to each ground truth's original resolution).
+        resizes them to each ground truth's original resolution); from a tiled
+        :meth:`Method.score_images`, ``[N, H, W]`` at the original resolution.
     """
 
     image_scores: np.ndarray
