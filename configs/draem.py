@@ -45,6 +45,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # set the decision threshold (wdam_jax/thresholds.py); 0 keeps the paper's protocol.
     config.data.holdout_fraction = 0.0
     config.data.holdout_seed = 0
+    # Tiling (wdam_jax/data/tiling.py): tile_size > 0 cuts the images at their original
+    # resolution into tiles (resized to image_size), tile_stride apart (in [1, tile_size]);
+    # maps are stitched back at the original resolution. 0 = off (resize whole images).
+    config.data.tile_size = 0
+    config.data.tile_stride = 0
+    config.data.tile_image_score = "map_max"  # or "tile_max" (maximum of the tiles' scores)
 
     config.augment = ml_collections.ConfigDict()
     config.augment.perlin_scale_exponents = (0, 6)  # Perlin scale 2**k per axis, k in [0, 6)

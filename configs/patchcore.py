@@ -62,6 +62,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # (wdam_jax/thresholds.py); 0 keeps the paper's protocol.
             "holdout_fraction": 0.0,
             "holdout_seed": 0,
+            # Tiling (wdam_jax/data/tiling.py): tile_size > 0 cuts the images at their
+            # original resolution into tiles (resized to image_size), tile_stride apart (in
+            # [1, tile_size]); maps are stitched back at the original resolution. 0 = off.
+            "tile_size": 0,
+            "tile_stride": 0,
+            "tile_image_score": "map_max",  # or "tile_max" (maximum of the tiles' scores)
         }
     )
     config.patchcore = ml_collections.ConfigDict(
@@ -71,6 +77,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             "target_dim": 1024,  # patch feature dimension D
             "coreset_ratio": 0.1,  # memory bank = 10% of the training patches
             "proj_dim": 128,  # random projection of the coreset selection
+            # At most this many training patches enter the coreset (0: all): with tiling, a
+            # seeded subset of the tiles, so the features held in memory stay bounded.
+            "fit_max_patches": 0,
             # How patch distances become scores: "official" (patchcore-inspection, the paper's
             # "official PatchCore implementation": maximum patch score of squared L2 distances,
             # maps from squared distances) or "anomalib" (reweighted score w s* on Euclidean

@@ -27,6 +27,9 @@ _OVERLAYS = flags.DEFINE_bool("overlays", True, "Write one overlay PNG per image
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Replace a previous prediction in --out (whole, once the new one is done)."
 )
+_SAVE_MAPS = flags.DEFINE_bool(
+    "save_maps", False, "Write each raw anomaly map at full resolution to <out>/maps/*.npy."
+)
 _CHECKPOINT = cli.CheckpointChoice()
 flags.mark_flags_as_required(["workdir", "images", "out"])
 
@@ -44,6 +47,7 @@ def main(argv):
         batch_size=_BATCH_SIZE.value,
         overlays=_OVERLAYS.value,
         overwrite=_OVERWRITE.value,
+        save_maps=_SAVE_MAPS.value,
         **_CHECKPOINT.resolve(),
     )
 

@@ -96,7 +96,7 @@ def evaluate(
             "The test split of %s has no pixel masks: pixel AUROC and PRO are not meaningful.",
             config.data.category,
         )
-    scores = run.method.score(run.model, run.fitted, split.images, step=run.step)
+    scores = run.method.score_images(run.model, run.fitted, split.images, step=run.step)
     originals = [np.asarray(g, bool) for g in split.original_masks]
     maps = metrics.resize_maps_to(scores.maps, [g.shape for g in originals])
     results = {
@@ -242,7 +242,7 @@ def store_thresholds(
     config = run.config
     if config.data.get("holdout_fraction", 0.0):
         holdout = sources.load_split(config.data, split="holdout")
-        normal = run.method.score(run.model, run.fitted, holdout.images, step=run.step)
+        normal = run.method.score_images(run.model, run.fitted, holdout.images, step=run.step)
         normal_scores, normal_maps = normal.image_scores, normal.maps
         source = f"holdout split ({len(holdout)} training images left out of training and fit)"
     else:

@@ -53,7 +53,7 @@ import numpy as np
 from absl import logging
 
 from wdam_jax import onnx_scorer, runlock, runs, thresholds
-from wdam_jax.data import datasets
+from wdam_jax.data import datasets, tiling
 from wdam_jax.errors import MissingFileError
 
 STABLEHLO_FILE = "model.stablehlo"
@@ -185,6 +185,14 @@ def metadata(
         del loading["saved_model"]
     if onnx is None:
         del loading["onnx"]
+    tiles = tiling.from_config(data)
+    if tiles is not None:  # the function scores tiles; the service tiles and stitches
+        tiled = {
+            **tiles.as_json(),
+            "inputs_are": "tiles of one image, cut as 'grid' says",
+            "thresholds_apply_to": "the stitched map and the image score from it, not to one "
+            "tile's outputs",
+        }
     return {
         "method": run.config.method,
         "step": run.step,
@@ -198,6 +206,9 @@ def metadata(
             "host_preprocessing": (
                 f"decode to RGB, resize to {size}x{size} with PIL bilinear (antialiased), "
                 "divide by 255"
+                if tiles is None
+                else "decode to RGB at the original resolution, divide by 255, cut into tiles "
+                "and resize each as 'tiling' says"
             ),
             "in_graph_preprocessing": f"centre crop to {side}x{side}" if side != size else None,
         },
@@ -205,6 +216,7 @@ def metadata(
             "image_scores": {"shape": ["b"], "dtype": "float32", "higher": "more anomalous"},
             "maps": {"shape": ["b", side, side], "dtype": "float32"},
         },
+        "tiling": None if tiles is None else tiled,
         "decision": thresholds.DECISION,
         "normalisation": thresholds.NORMALISATION,
         "thresholds": None

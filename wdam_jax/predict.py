@@ -33,6 +33,12 @@ truncated) becomes a row with ``status=error`` and the reason, and the other fil
 scored. An image whose size is not the model's input size is resized (then centre-cropped)
 exactly as the run's data was; the row's ``note`` says so. Sizes are written width x height
 everywhere, as ``data_summary.json``.
+
+A tiled run (``data.tile_size``, :mod:`wdam_jax.data.tiling`) reads each file at its original
+resolution and scores it tile by tile (``method.score_images``, one file at a time: files may
+differ in size); its map is at the original resolution. Overlays and thumbnails are shrunk to at
+most ``OVERLAY_MAX_SIDE`` pixels (readable, not 3 x 12 megapixels); ``save_maps`` writes each raw
+map at its full resolution to ``<out>/maps/<index>_<name>.npy`` (float32 ``[H, W]``).
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from wdam_jax.errors import MissingFileError
 from wdam_jax.progress import Progress
 
 CSV_FILE, JSON_FILE, OVERLAY_DIR = "predictions.csv", "predictions.json", "overlays"
+MAP_DIR = "maps"
 COLUMNS = (
     "path",
     "status",
@@ -71,8 +78,10 @@ COLUMNS = (
     "note",
     "overlay",
     "error",
+    "map",
 )
 OVERLAY_MIN_SIDE = 256  # panels are upscaled (nearest) to at least this many pixels
+OVERLAY_MAX_SIDE = 1024  # larger inputs (tiled runs) are shrunk (bilinear) to this
 
 
 def list_inputs(images: str | pathlib.Path) -> tuple[list[pathlib.Path], list[dict[str, str]]]:
@@ -105,12 +114,13 @@ def list_inputs(images: str | pathlib.Path) -> tuple[list[pathlib.Path], list[di
 
 
 def input_warnings(
-    paths: Sequence[pathlib.Path], skipped: Sequence[dict[str, str]], *, image_size: int
+    paths: Sequence[pathlib.Path], skipped: Sequence[dict[str, str]], *, image_size: int | None
 ) -> list[str]:
     """The warnings training gives its data, for these inputs: sizes from the files' headers
-    (:func:`wdam_jax.data.summary.size_warnings`) and the files skipped."""
+    (:func:`wdam_jax.data.summary.size_warnings`; none for ``image_size=None``, a tiled run)
+    and the files skipped."""
     sizes = []
-    for path in paths:
+    for path in paths if image_size is not None else ():
         try:
             with Image.open(path) as img:
                 sizes.append((str(path), *img.size))
@@ -124,9 +134,9 @@ def input_warnings(
 
 
 def preprocess(
-    path: pathlib.Path, *, image_size: int, crop_size: int | None
+    path: pathlib.Path, *, image_size: int, crop_size: int | None, tiled: bool = False
 ) -> tuple[np.ndarray, str, str]:
-    """One file as the run's data pipeline reads it.
+    """One file as the run's data pipeline reads it (``tiled``: at its original resolution).
 
     Returns:
       ``(image [S, S, 3] float32 in [0, 1], original size "WxH" (width x height, as
@@ -137,6 +147,8 @@ def preprocess(
     """
     rgb = datasets.read_rgb(path)
     h, w = rgb.shape[:2]
+    if tiled:
+        return np.asarray(rgb, np.float32) / 255.0, f"{w}x{h}", "tiled at its original resolution"
     image = datasets.resize_image(rgb, image_size=image_size, crop_size=crop_size)
     notes = []
     if (h, w) != (image_size, image_size):
@@ -149,6 +161,23 @@ def preprocess(
     if crop_size:
         notes.append(f"centre-cropped to {crop_size}x{crop_size}")
     return image, f"{w}x{h}", "; ".join(notes)
+
+
+def shrink(array: np.ndarray, side: int = OVERLAY_MAX_SIDE) -> np.ndarray:
+    """``[H, W]`` or ``[H, W, 3]`` float, scaled (bilinear) to a longer side of at most ``side``."""
+    h, w = array.shape[:2]
+    if max(h, w) <= side:
+        return array
+    size = (max(1, round(w * side / max(h, w))), max(1, round(h * side / max(h, w))))
+    planes = array[..., None] if array.ndim == 2 else array
+    out = np.stack(
+        [
+            np.asarray(Image.fromarray(np.asarray(p, np.float32), "F").resize(size, Image.BILINEAR))
+            for p in np.moveaxis(planes, -1, 0)
+        ],
+        axis=-1,
+    )
+    return out[..., 0] if array.ndim == 2 else out
 
 
 def _panel(array: np.ndarray, side: int) -> Image.Image:
@@ -194,12 +223,13 @@ class _Chunk:
 
 def _read_chunk(paths: Sequence[pathlib.Path], start: int, config) -> _Chunk:
     size, crop = config.data.image_size, config.data.get("crop_size", 0) or None
+    tiled = bool(config.data.get("tile_size", 0))
     chunk = _Chunk([], [], [])
     for i, path in enumerate(paths):
         row = dict.fromkeys(COLUMNS, "")
         row.update(path=str(path), index=start + i)
         try:
-            image, original, note = preprocess(path, image_size=size, crop_size=crop)
+            image, original, note = preprocess(path, image_size=size, crop_size=crop, tiled=tiled)
         except datasets.DatasetError as e:
             row.update(status="error", error=str(e))
             logging.warning("Skipped %s: %s", path, e)
@@ -260,6 +290,7 @@ def predict(
     step: int | None = None,
     best: bool = False,
     overwrite: bool = False,
+    save_maps: bool = False,
 ) -> list[dict[str, Any]]:
     """Scores every file of ``images`` with the run in ``workdir``; writes the outputs to ``out``.
 
@@ -274,6 +305,8 @@ def predict(
       step: checkpoint step (default: newest).
       best: the checkpoint with the best validation score instead (``train.select_metric``).
       overwrite: replace a previous prediction in ``out`` (whole); without it, one is refused.
+      save_maps: write each raw anomaly map (float32, the map's full resolution) to
+        ``<out>/maps/<index>_<name>.npy``.
 
     Returns:
       The rows written (one per file).
@@ -285,13 +318,17 @@ def predict(
     """
     workdir = pathlib.Path(workdir)
     owns = runlock.written_by(
-        JSON_FILE, {JSON_FILE, CSV_FILE, OVERLAY_DIR, report.REPORT_FILE, report.ASSETS}
+        JSON_FILE, {JSON_FILE, CSV_FILE, OVERLAY_DIR, MAP_DIR, report.REPORT_FILE, report.ASSETS}
     )
     kind = dict(owns=owns, overwrite=overwrite, kind="prediction")
     out = runlock.check_output(out, **kind)  # before the slow part: a wrong --out fails at once
     paths, skipped = list_inputs(images)
     run = runs.restore(workdir, step=step, best=best)
-    warnings = input_warnings(paths, skipped, image_size=run.config.data.image_size)
+    # A tiled run reads files at their original resolution: no resize to warn about.
+    tiled = bool(run.config.data.get("tile_size", 0))
+    warnings = input_warnings(
+        paths, skipped, image_size=None if tiled else run.config.data.image_size
+    )
     for warning in warnings:
         logging.warning("%s", warning)
     chosen = resolve_thresholds(run, workdir, threshold=threshold, pixel_threshold=pixel_threshold)
@@ -299,7 +336,7 @@ def predict(
     image_t, pixel_t = chosen["image"], chosen["pixel"]
     assert image_t is not None  # resolve_thresholds raised otherwise
     with runlock.publish(out, **kind) as staging:
-        rows = _predict_into(staging, paths, run, image_t, pixel_t, batch_size, overlays)
+        rows = _predict_into(staging, paths, run, image_t, pixel_t, batch_size, overlays, save_maps)
         _write_json(staging / JSON_FILE, rows, run, workdir, image_t, pixel_t, skipped, warnings)
     page = report.prediction_page(out)  # from the published rows (thumbnails came with them)
     n_bad = sum(r["status"] != "ok" for r in rows)
@@ -315,7 +352,23 @@ def predict(
     return rows
 
 
-def _predict_into(out, paths, run, image_t, pixel_t, batch_size, overlays) -> list[dict]:
+def _scored(run, images: list[np.ndarray]):
+    """``(image score, map)`` per image: one batch, or (tiled: sizes may differ) one image at a
+    time, each through ``method.score_images``."""
+    method, model, fitted, step = run.method, run.model, run.fitted, run.step
+    if not run.config.data.get("tile_size", 0):
+        scores = method.score_images(model, fitted, np.stack(images), step=step)
+        return list(zip(scores.image_scores, scores.maps, strict=True))
+    out = []
+    for image in images:
+        scores = method.score_images(model, fitted, image[None], step=step)
+        out.append((scores.image_scores[0], scores.maps[0]))
+    return out
+
+
+def _predict_into(
+    out, paths, run, image_t, pixel_t, batch_size, overlays, save_maps=False
+) -> list[dict]:
     (out / OVERLAY_DIR).mkdir(parents=True, exist_ok=True)
     progress = Progress("predict", len(paths), unit="files")
     rows: list[dict[str, Any]] = []
@@ -325,15 +378,16 @@ def _predict_into(out, paths, run, image_t, pixel_t, batch_size, overlays) -> li
         for start, chunk_paths in _chunks(paths, batch_size):
             chunk = _read_chunk(chunk_paths, start, run.config)
             if chunk.images:
-                scores = run.method.score(
-                    run.model, run.fitted, np.stack(chunk.images), step=run.step
-                )
+                scored = _scored(run, chunk.images)
                 for j, i in enumerate(chunk.ok):
-                    _fill(chunk.rows[i], scores.image_scores[j], scores.maps[j], image_t, pixel_t)
+                    score, amap = scored[j]
+                    _fill(chunk.rows[i], score, amap, image_t, pixel_t)
                     if overlays:
                         chunk.rows[i]["overlay"] = _write_overlay(
-                            out, chunk.rows[i], chunk.images[j], scores.maps[j], pixel_t
+                            out, chunk.rows[i], chunk.images[j], amap, pixel_t
                         )
+                    if save_maps:
+                        chunk.rows[i]["map"] = _write_map(out, chunk.rows[i], amap)
             for row in chunk.rows:
                 writer.writerow(row)
             f.flush()
@@ -356,7 +410,15 @@ def _fill(row, score, amap, image_t: thresholds.Threshold, pixel_t) -> None:
     )
 
 
+def _write_map(out, row, amap) -> str:
+    name = pathlib.Path(MAP_DIR) / f"{row['index']:05d}_{pathlib.Path(row['path']).stem}.npy"
+    (out / MAP_DIR).mkdir(exist_ok=True)
+    np.save(out / name, np.asarray(amap, np.float32))
+    return str(name)
+
+
 def _write_overlay(out, row, image, amap, pixel_t) -> str:
+    image, amap = shrink(image), shrink(amap)  # the decision used the full map
     if pixel_t is not None:
         normalised = pixel_t.normalise(amap)
     else:  # no pixel threshold: a per-image min-max heatmap, no region

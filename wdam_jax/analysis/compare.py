@@ -100,7 +100,7 @@ def score_run(workdir: str | pathlib.Path, *, step: int | None = None) -> Scored
     """Restores ``workdir`` and scores its whole test split."""
     run = runs.restore(workdir, step=step)
     split = sources.load_split(run.config.data, split="test")
-    scores = run.method.score(run.model, run.fitted, split.images, step=run.step)
+    scores = run.method.score_images(run.model, run.fitted, split.images, step=run.step)
     return ScoredRun(
         workdir=str(workdir),
         label=describe(run.config)["label"],

@@ -279,11 +279,16 @@ def split_from_arrays(
     examples: Iterable[tuple[np.ndarray, np.ndarray | None, str, str]],
     *,
     root: str,
-    image_size: int,
+    image_size: int | None,
     crop_size: int | None,
 ) -> Split:
     """A :class:`Split` from ``(rgb uint8/float [H, W, 3], mask bool [H, W] or None, defect type,
-    path)`` examples at their original resolution: resize (and crop) as every reader does."""
+    path)`` examples at their original resolution: resize (and crop) as every reader does.
+
+    ``image_size=None`` keeps the original resolution (tiling, :mod:`wdam_jax.data.tiling`):
+    every image of the split must then have the same size."""
+    if image_size is None:
+        return _full_resolution(examples, root=root)
     side = crop_size if crop_size is not None else image_size
     images, masks, labels, defect_types, paths, original_masks = [], [], [], [], [], []
     for rgb, gt, defect_type, path in examples:
@@ -308,6 +313,33 @@ def split_from_arrays(
     )
 
 
+def _full_resolution(examples, *, root: str) -> Split:
+    images, masks, labels, defect_types, paths = [], [], [], [], []
+    for rgb, gt, defect_type, path in examples:
+        if images and rgb.shape != images[0].shape:
+            raise DatasetError(
+                f"{path} is {rgb.shape[1]}x{rgb.shape[0]} but {paths[0]} is "
+                f"{images[0].shape[1]}x{images[0].shape[0]} (W x H): with config.data.tile_size "
+                "set, every image of a split is read at its original resolution and they must "
+                "have one size. Resize the files to one size, or set config.data.tile_size=0 "
+                "(every image resized to data.image_size)."
+            )
+        images.append(np.asarray(rgb, np.float32) / (255.0 if rgb.dtype == np.uint8 else 1.0))
+        masks.append(np.zeros(rgb.shape[:2], bool) if gt is None else np.asarray(gt, bool))
+        labels.append(int(defect_type != "good"))
+        defect_types.append(defect_type)
+        paths.append(path)
+    return Split(
+        images=np.stack(images),
+        masks=np.stack(masks),
+        labels=np.asarray(labels, np.int32),
+        defect_types=defect_types,
+        paths=paths,
+        original_masks=list(masks),
+        root=root,
+    )
+
+
 def _read_item(item: _Item, root: pathlib.Path):
     rgb = read_rgb(item.image)
     gt = None
@@ -326,7 +358,7 @@ def _load_items(
     items: Sequence[_Item],
     *,
     root: pathlib.Path,
-    image_size: int,
+    image_size: int | None,
     crop_size: int | None,
 ) -> Split:
     return split_from_arrays(
@@ -342,7 +374,7 @@ def load_mvtec(
     category: str,
     *,
     split: str,
-    image_size: int,
+    image_size: int | None,
     crop_size: int | None = None,
 ) -> Split:
     """Loads one split of one MVTec AD category.
@@ -369,7 +401,7 @@ def load_visa(
     category: str,
     *,
     split: str,
-    image_size: int,
+    image_size: int | None,
     crop_size: int | None = None,
 ) -> Split:
     """Loads one split of one VisA category in the RealNet / MVTec-style layout (1cls split).
@@ -408,7 +440,7 @@ def load_folder(
     mask_dir: PathLike | None = None,
     normal_test_dir: PathLike | None = None,
     split: str,
-    image_size: int,
+    image_size: int | None,
     crop_size: int | None = None,
     test_fraction: float = 0.2,
     split_seed: int = 0,

@@ -6,6 +6,11 @@ background (so the foreground-mask option matters). Test images carry defects of
 exact pixel masks: a defect changes pixels only inside its mask, and its mask is exactly the set
 of pixels the defect drew.
 
+The high-resolution category ``fabric_2k`` (2048 x 2048 woven fabric, defects 16-48 pixels
+across: what a whole-image resize to 256 shrinks to a few pixels; for tiling, issue 28) is
+generated only when a config names it (:func:`ensure_large_demo_data`, ``<root>/mvtec_demo_2k``),
+so the default demo data stays small and fast.
+
 Layout written by :func:`ensure_demo_data` under ``root``::
 
   <root>/mvtec_demo/<category>/train/good/000.png ...
@@ -316,6 +321,29 @@ def _write_category(
             )
 
 
+def _finished(dataset: pathlib.Path, info: dict, *, also: pathlib.Path | None = None) -> bool:
+    """Whether ``dataset`` is a finished demo dataset made with ``info`` (and ``also`` exists).
+
+    Raises:
+      DatasetError: it was made with other settings, or is half-written.
+    """
+    info_path = dataset / _INFO_FILE
+    if info_path.is_file():
+        found = json.loads(info_path.read_text())
+        if found != info or (also is not None and not also.is_dir()):
+            extra = f" (or {also} is missing)" if also is not None else ""
+            raise DatasetError(
+                f"Demo data in {dataset} was generated with {found}, not {info}{extra}. Delete "
+                f"{dataset}{f' and {also}' if also is not None else ''}, or use another root."
+            )
+        return True
+    if dataset.exists():
+        raise DatasetError(
+            f"{dataset} exists but is not a finished demo dataset (no {_INFO_FILE}); delete it."
+        )
+    return False
+
+
 def ensure_demo_data(root: PathLike, *, seed: int = 0, image_size: int = 128) -> pathlib.Path:
     """Generates the demo dataset under ``root`` on first use and returns the dataset root.
 
@@ -343,18 +371,8 @@ def ensure_demo_data(root: PathLike, *, seed: int = 0, image_size: int = 128) ->
         "version": _GENERATOR_VERSION,
     }
     info_path = dataset / _INFO_FILE
-    if info_path.is_file():
-        found = json.loads(info_path.read_text())
-        if found != info or not fg_root.is_dir():
-            raise DatasetError(
-                f"Demo data in {dataset} was generated with {found}, not {info} (or "
-                f"{fg_root} is missing). Delete {dataset} and {fg_root}, or use another root."
-            )
+    if _finished(dataset, info, also=fg_root):
         return dataset
-    if dataset.exists():
-        raise DatasetError(
-            f"{dataset} exists but is not a finished demo dataset (no {_INFO_FILE}); delete it."
-        )
     root.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=".demo_tmp_", dir=root))
     try:
@@ -391,3 +409,118 @@ def skimage_anomaly_sources(image_size: int) -> np.ndarray:
         gray = np.asarray(getattr(skimage.data, name)(), dtype=np.float32) / 255.0
         out.append(np.repeat(_resize(gray, image_size)[..., None], 3, axis=-1))
     return np.clip(np.stack(out), 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The high-resolution category (tiling), generated only when named.
+
+LARGE_CATEGORIES = ("fabric_2k",)
+LARGE_DATASET_DIR = "mvtec_demo_2k"
+LARGE_SIZE = 2048
+LARGE_DEFECT_TYPES = ("hole", "stain", "thread")
+LARGE_COUNTS = {"train": 10, "test_good": 6, "test_per_defect": 4}
+
+
+def _fabric_image(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A plain-weave fabric, uint8 [S, S, 3]: threads ~12 px apart crossing over and under, a
+    slow illumination gradient, per-thread brightness and fine noise."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    period = rng.uniform(11.0, 13.0)
+    u = (xx + rng.uniform(0, period)) / period
+    v = (yy + rng.uniform(0, period)) / period
+    over = (np.floor(u) + np.floor(v)) % 2 == 0
+    # Each thread its own brightness: a warp thread is a column index, a weft thread a row one.
+    warp_gain = rng.normal(1.0, 0.04, int(u.max()) + 2)[np.floor(u).astype(int)]
+    weft_gain = rng.normal(1.0, 0.04, int(v.max()) + 2)[np.floor(v).astype(int)]
+    warp = (0.45 + 0.35 * np.sin(np.pi * (u % 1.0))) * warp_gain
+    weft = (0.45 + 0.35 * np.sin(np.pi * (v % 1.0))) * weft_gain
+    grey = np.where(over, warp, weft)
+    tilt = rng.uniform(-0.06, 0.06, 2)
+    grey = grey * (1.0 + tilt[0] * (yy / size - 0.5) + tilt[1] * (xx / size - 0.5))
+    grey = grey + rng.normal(0.0, 0.02, grey.shape)
+    rgb = grey[..., None] * np.asarray([0.55, 0.68, 0.95], np.float32)  # denim blue
+    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+
+
+def _small_defect(rng: np.random.Generator, shape: tuple[int, int], kind: str):
+    """A defect 16-48 pixels across at a random place: ``(mask, paint style)``."""
+    y, x = (int(rng.integers(64, n - 64)) for n in shape)
+    mask = np.zeros(shape, bool)
+    if kind == "hole":
+        r = rng.uniform(8, 20)
+        rr, cc = skimage.draw.ellipse(y, x, r, r * rng.uniform(0.7, 1.3), shape=shape)
+        mask[rr, cc] = True
+        return mask, "dark"
+    if kind == "stain":
+        for _ in range(int(rng.integers(2, 4))):
+            r = rng.uniform(6, 14)
+            dy, dx = rng.normal(0, 6, 2)
+            rr, cc = skimage.draw.ellipse(y + dy, x + dx, r, r * rng.uniform(0.6, 1.4), shape=shape)
+            mask[rr, cc] = True
+        return mask, "colour"
+    length, theta = rng.uniform(24, 48), rng.uniform(0, np.pi)  # a loose thread
+    t = np.linspace(-0.5, 0.5, 6)
+    pts = np.stack([y + t * length * np.sin(theta), x + t * length * np.cos(theta)], axis=-1)
+    return _polyline_mask(np.rint(pts), shape, width=3), "bright"
+
+
+def _write_large_category(base: pathlib.Path, category: str, seed: int) -> None:
+    size, n = LARGE_SIZE, LARGE_COUNTS
+    cat_id = len(DEMO_CATEGORIES) + LARGE_CATEGORIES.index(category)
+
+    def rng_for(*key: int) -> np.random.Generator:
+        return np.random.default_rng([seed, cat_id, *key])
+
+    def save(path: pathlib.Path, array: np.ndarray) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(array).save(path, format="PNG", compress_level=1)
+
+    for i in range(n["train"]):
+        save(
+            base / category / "train" / "good" / f"{i:03d}.png", _fabric_image(rng_for(0, i), size)
+        )
+    for i in range(n["test_good"]):
+        save(base / category / "test" / "good" / f"{i:03d}.png", _fabric_image(rng_for(1, i), size))
+    for k, kind in enumerate(LARGE_DEFECT_TYPES):
+        for i in range(n["test_per_defect"]):
+            rng = rng_for(2, k, i)
+            img = _fabric_image(rng, size)
+            mask, style = _small_defect(rng, (size, size), kind)
+            save(base / category / "test" / kind / f"{i:03d}.png", _paint(rng, img, mask, style))
+            save(
+                base / category / "ground_truth" / kind / f"{i:03d}_mask.png",
+                mask.astype(np.uint8) * 255,
+            )
+
+
+def ensure_large_demo_data(root: PathLike, *, seed: int = 0) -> pathlib.Path:
+    """Generates the high-resolution demo category (``fabric_2k``) under ``root`` on first use
+    and returns ``<root>/mvtec_demo_2k``; as :func:`ensure_demo_data` (idempotent, written to a
+    temporary folder and renamed, a pure function of ``seed``), but only when a config names
+    it: ~30 s and ~200 MB of PNGs that ``make demo`` does not need."""
+    root = pathlib.Path(root)
+    dataset = root / LARGE_DATASET_DIR
+    info = {
+        "seed": int(seed),
+        "image_size": LARGE_SIZE,
+        "categories": list(LARGE_CATEGORIES),
+        "counts": LARGE_COUNTS,
+        "version": 1,
+    }
+    info_path = dataset / _INFO_FILE
+    if _finished(dataset, info):
+        return dataset
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=".demo2k_tmp_", dir=root))
+    try:
+        for category in LARGE_CATEGORIES:
+            _write_large_category(tmp, category, seed)
+        (tmp / _INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+        try:
+            os.replace(tmp, dataset)
+        except OSError:
+            if not info_path.is_file():  # not another process generating the same data
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dataset

@@ -25,7 +25,7 @@ import pathlib
 import ml_collections
 import numpy as np
 
-from wdam_jax.data import datasets, demo
+from wdam_jax.data import datasets, demo, tiling
 
 # The demo data is generated once at this size and seed, shared with configs/fmas_mvtec.py:demo;
 # configs resize it to data.image_size.
@@ -47,6 +47,8 @@ DATASET_HELP = (
 def dataset_root(data_config: ml_collections.ConfigDict) -> pathlib.Path:
     """The folder holding ``<category>/...`` (for the demo: generated here on first use)."""
     root = pathlib.Path(data_config.root)
+    if data_config.dataset == "demo" and data_config.category in demo.LARGE_CATEGORIES:
+        return demo.ensure_large_demo_data(root, seed=DEMO_SEED)  # only when named
     if data_config.dataset == "demo":
         return demo.ensure_demo_data(root, seed=DEMO_SEED, image_size=DEMO_SOURCE_SIZE)
     return root
@@ -80,6 +82,7 @@ def check(data_config: ml_collections.ConfigDict) -> list[str]:
             f"config.data.crop_size={crop}: must be 0 (no crop) or at most data.image_size="
             f"{data_config.image_size}."
         )
+    problems += tiling.problems(data_config)
     if kind in ("demo", "tfds"):
         return problems  # generated on first use / built from tfds_manual_dir (checked there)
     if not root:
@@ -121,6 +124,8 @@ def train_fingerprint(data_config: ml_collections.ConfigDict) -> str:
     fields that change what is read: a statistic fitted on other files does not match it."""
     names = ("dataset", "category", "image_size", "crop_size", "holdout_fraction", "holdout_seed")
     fields = {k: data_config.get(k) for k in names}
+    if data_config.get("tile_size", 0):  # only when set: untiled runs keep their fingerprint
+        fields |= {k: data_config.get(k) for k in ("tile_size", "tile_stride")}
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
     if data_config.dataset == "tfds":
         digest.update(str(data_config.root).encode())
@@ -174,11 +179,50 @@ def load_split(data_config: ml_collections.ConfigDict, *, split: str) -> dataset
     """One split (``"train"``, ``"holdout"`` or ``"test"``) of ``data_config.category``, resized
     to ``data_config.image_size``.
 
+    With tiling (``data.tile_size > 0``, :mod:`wdam_jax.data.tiling`) images are read at their
+    original resolution (one size per split); the ``"train"`` split is then the *tiles* of the
+    training images, each resized to ``data.image_size``: the tiles are the training examples
+    (and what ``fit`` sees); a tile's path is its image's. ``"holdout"`` and ``"test"`` are the
+    whole images, scored tile by tile (:meth:`wdam_jax.methods.base.Method.score_images`).
+
     ``data.holdout_fraction`` (default 0: none) of the training images form the ``"holdout"``
     split and are left out of ``"train"``, so neither training nor ``fit`` sees them: their
     scores are those of unseen normal images, from which :mod:`wdam_jax.thresholds` sets the
     normal-only decision threshold. The choice is seeded by ``data.holdout_seed`` (default 0).
     """
+    out = _load_with_holdout(data_config, split=split)
+    tiles = tiling.from_config(data_config)
+    if tiles is None:
+        return out
+    corners = tiling.grid(*out.images.shape[1:3], size=tiles.size, stride=tiles.stride)
+    return tile_split(out, tiles, corners) if split == "train" else out
+
+
+def tile_split(split: datasets.Split, tiles: tiling.Tiling, corners: np.ndarray) -> datasets.Split:
+    """The normal images of ``split`` ``[N, H, W, 3]`` as their tiles ``[N * T, s, s, 3]`` (image
+    by image, each image's tiles in grid order), ``s = data.image_size``."""
+    if split.labels.any():
+        raise ValueError("tile_split: training tiles are cut from normal images only.")
+    images = np.concatenate(
+        [
+            tiling.cut(im, corners, size=tiles.size, input_size=tiles.input_size)
+            for im in split.images
+        ]
+    )
+    n, side = len(images), tiles.input_size
+    owner = np.repeat(np.arange(len(split)), len(corners))
+    return dataclasses.replace(
+        split,
+        images=images,
+        masks=np.zeros((n, side, side), bool),
+        labels=np.zeros(n, np.int32),
+        defect_types=["good"] * n,
+        paths=[split.paths[i] for i in owner],
+        original_masks=[np.zeros((side, side), bool)] * n,
+    )
+
+
+def _load_with_holdout(data_config: ml_collections.ConfigDict, *, split: str) -> datasets.Split:
     fraction = float(data_config.get("holdout_fraction", 0.0) or 0.0)
     if split == "holdout" or (split == "train" and fraction):
         if split == "holdout" and not fraction:
@@ -198,8 +242,9 @@ def _load_split(data_config: ml_collections.ConfigDict, *, split: str) -> datase
     kind = data_config.dataset
     if kind not in DATASETS:
         raise ValueError(f"config.data.dataset={kind!r}; use one of {', '.join(DATASETS)}.")
-    size = data_config.image_size
-    # Resize, then centre crop (the PatchCore protocol) when data.crop_size is set.
+    # Tiling reads the original resolution (None); else resize, then centre crop (the
+    # PatchCore protocol) when data.crop_size is set.
+    size = None if data_config.get("tile_size", 0) else data_config.image_size
     crop = data_config.get("crop_size", 0) or None
     if kind == "tfds":
         from wdam_jax.data import tfds_builder  # imports TensorFlow Datasets: only when used

@@ -27,7 +27,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from wdam_jax.data import datasets, sources
+from wdam_jax.data import datasets, sources, tiling
+from wdam_jax.errors import ConfigError
 
 _MODE_NOTES = {
     "L": "grayscale: repeated over the three channels",
@@ -146,7 +147,9 @@ def summarize(data_config: ml_collections.ConfigDict) -> dict[str, Any]:
         if mode != "RGB":
             note = _MODE_NOTES.get(mode, f"mode {mode}: converted to RGB")
             warnings.append(f"{n} image(s) are {note} (e.g. {mode_examples[mode]}).")
-    warnings.extend(size_warnings(dims, size))
+    tiles = tiling.from_config(data_config)
+    if tiles is None:  # tiled images are read at their original resolution: not resized
+        warnings.extend(size_warnings(dims, size))
     if len(formats) > 1:
         shown = ", ".join(f"{n} {f}" for f, n in sorted(formats.items()))
         warnings.append(f"Mixed image formats ({shown}): all are read, but check they belong.")
@@ -176,6 +179,7 @@ def summarize(data_config: ml_collections.ConfigDict) -> dict[str, Any]:
         "images": {split: dict(sorted(c.items())) for split, c in sorted(counts.items())},
         "held_out": _held_out(data_config, sum(counts["train"].values())),
         "sizes": dict(sizes.most_common()),
+        "tiling": _tiling(tiles, sizes, counts["train"]) if tiles is not None else None,
         "modes": dict(modes.most_common()),
         "formats": dict(formats.most_common()),
         "ignored": ignored,
@@ -183,6 +187,23 @@ def summarize(data_config: ml_collections.ConfigDict) -> dict[str, Any]:
         "masks_without_image": orphan_masks,
         "duplicates": duplicates,
         "warnings": warnings,
+    }
+
+
+def _tiling(tiles: tiling.Tiling, sizes: collections.Counter, train: collections.Counter):
+    """Tiles per image of each size (``"WxH": T``) and the training tiles (``data.tile_*``)."""
+    per_size = {}
+    for key in sizes:
+        w, h = map(int, key.split("x"))
+        try:
+            per_size[key] = len(tiling.grid(h, w, size=tiles.size, stride=tiles.stride))
+        except ConfigError as e:  # the loader raises it; the summary shows it
+            per_size[key] = str(e)
+    counts = [t for t in per_size.values() if isinstance(t, int)]
+    return {
+        **tiles.as_json(),
+        "tiles_per_image": per_size,
+        "training_tiles": sum(train.values()) * counts[0] if len(counts) == 1 else None,
     }
 
 
@@ -232,6 +253,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(line)
     top = lambda d: ", ".join(f"{k} x{n}" for k, n in list(d.items())[:4])
     lines.append(f"  sizes: {top(summary['sizes'])}; modes: {top(summary['modes'])}")
+    if summary.get("tiling"):
+        t = summary["tiling"]
+        lines.append(
+            f"  tiles: {t['tile_size']} px, stride {t['tile_stride']}; per image "
+            f"{top(t['tiles_per_image'])}; training tiles (before any hold-out) "
+            f"{t['training_tiles']}"
+        )
     return "\n".join(lines)
 
 

@@ -42,7 +42,7 @@ import optax
 from flax import nnx
 
 from wdam_jax.components.scoring import Scorer
-from wdam_jax.data import sources
+from wdam_jax.data import sources, tiling
 
 Batch = dict[str, np.ndarray]
 # Statistics fitted on normal training images after training (name -> array), e.g. PatchCore's
@@ -57,7 +57,8 @@ class ImageScores:
     Attributes:
       image_scores: ``[N]`` float, higher is more anomalous.
       maps: ``[N, S, S]`` float anomaly maps at the model's input resolution (the evaluation
-        resizes them to each ground truth's original resolution).
+        resizes them to each ground truth's original resolution); from a tiled
+        :meth:`Method.score_images`, ``[N, H, W]`` at the original resolution.
     """
 
     image_scores: np.ndarray
@@ -179,6 +180,32 @@ class Method(abc.ABC):
         batches of ``score.eval_batch_size``."""
         run = self.scorer(model, fitted, step=step)
         return ImageScores(*run(images, batch_size=self.config.score.eval_batch_size))
+
+    def score_images(
+        self, model: nnx.Module, fitted: Fitted, images: np.ndarray, *, step: int
+    ) -> ImageScores:
+        """Scores of whole images: :meth:`score` without tiling; with ``data.tile_size`` set,
+        each image ``[H, W, 3]`` at its original resolution is cut into tiles
+        (:mod:`wdam_jax.data.tiling`), its tiles go through :meth:`score` (in its fixed-size
+        batches: one image's tiles at a time, never a whole-image feature tensor), and the tile
+        maps are stitched back to ``[H, W]``. What evaluation, thresholds, prediction and
+        validation call; a method implements only :meth:`score` / :meth:`scorer`.
+
+        Returns:
+          ``ImageScores`` with maps ``[N, H, W]`` (tiled) or ``[N, S, S]`` (not tiled).
+        """
+        tiles = tiling.from_config(self.config.data)
+        if tiles is None:
+            return self.score(model, fitted, images, step=step)
+        scores, maps = [], []
+        for image in images:
+            corners = tiling.grid(*image.shape[:2], size=tiles.size, stride=tiles.stride)
+            cut = tiling.cut(image, corners, size=tiles.size, input_size=tiles.input_size)
+            out = self.score(model, fitted, cut, step=step)
+            stitched = tiling.stitch(out.maps, corners, size=tiles.size, shape=image.shape[:2])
+            scores.append(tiling.image_score(stitched, out.image_scores, how=tiles.image_score))
+            maps.append(stitched)
+        return ImageScores(np.asarray(scores, np.float32), np.stack(maps))
 
     def inference_fn(
         self, model: nnx.Module, fitted: Fitted, *, step: int

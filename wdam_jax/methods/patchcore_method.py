@@ -257,6 +257,14 @@ class PatchCore(Method):
                 f"config.patchcore.normalisation={normalisation(self.config)!r}: use one of "
                 f"{', '.join(NORMALISATIONS)}."
             )
+        if self.config.data.get("tile_size", 0) and (
+            len(self.names) > 1 and normalisation(self.config) == "minmax_over_evaluated_set"
+        ):
+            problems.append(
+                "config.patchcore.normalisation='minmax_over_evaluated_set' with "
+                "config.data.tile_size: each image's tiles are scored apart, so the min-max "
+                "would be per image; use normalisation='train_standardise' or tile_size=0."
+            )
         for name in self.names:
             member = self.config.members[name]
             field = f"config.members.{name}"
@@ -396,6 +404,7 @@ class PatchCore(Method):
         del step
         cfg, category = self.config.patchcore, self.config.data.category
         key = jax.random.key(self.config.seed)
+        train_images = self._bounded(train_images)
         fitted: Fitted = {}
         for index, name in enumerate(self.names):
             what = f"{category}/{name}"
@@ -427,6 +436,21 @@ class PatchCore(Method):
                 )
                 fitted.update({f"{name}.{k}": np.float64(stats[k]) for k in STAT_KEYS})
         return fitted
+
+    def _bounded(self, train_images: np.ndarray) -> np.ndarray:
+        """A seeded subset of the training images (tiles) holding at most
+        ``patchcore.fit_max_patches`` patches (``(S / 8)^2`` per image, layer2's grid), so the
+        features of thousands of tiles are never all held; all of them when it is 0."""
+        limit = int(self.config.patchcore.get("fit_max_patches", 0) or 0)
+        per_image = (train_images.shape[1] // 8) * (train_images.shape[2] // 8)
+        keep = max(1, limit // max(per_image, 1))
+        if not limit or keep >= len(train_images):
+            return train_images
+        logging.info(
+            "patchcore.fit_max_patches=%d: %d of %d training images", limit, keep, len(train_images)
+        )
+        rng = np.random.default_rng([self.config.seed, 0xF17])
+        return train_images[np.sort(rng.choice(len(train_images), keep, replace=False))]
 
     def score(
         self, model: PatchCoreNet, fitted: Fitted, images: np.ndarray, *, step: int

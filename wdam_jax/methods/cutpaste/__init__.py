@@ -448,7 +448,12 @@ class CutPaste(Method):
         gde = self.scorer(model, fitted, step=step, image_score="gde")
 
         def scores(images):
-            """GDE scores, the configured image scores and the maps, from one scoring pass."""
+            """GDE scores, the configured image scores and the maps, from one scoring pass.
+            Tiled (``data.tile_size``): whole images tile by tile, the configured score only
+            (the GDE scores are then None)."""
+            if self.config.data.get("tile_size", 0):
+                tiled = self.score_images(model, fitted, images, step=step)
+                return None, tiled.image_scores, tiled.maps
             gde_scores, maps = gde(images, batch_size=s.eval_batch_size)
             if s.image_score == "gde":
                 return gde_scores, gde_scores, maps
@@ -457,18 +462,20 @@ class CutPaste(Method):
         test = self.test_split
         gde_scores, image_scores, maps = scores(test.images)
         out = {
-            "test/gde_i_auroc": metrics.auroc(gde_scores, test.labels),
             "test/i_auroc": metrics.auroc(image_scores, test.labels),
             "test/p_auroc": metrics.pixel_auroc(maps, test.masks),
         }
+        if gde_scores is not None:
+            out["test/gde_i_auroc"] = metrics.auroc(gde_scores, test.labels)
         if self.validation_set is not None:
             images, masks = self.validation_set
             labels = masks.any(axis=(1, 2))
             gde_scores, image_scores, maps = scores(images)
             i_auroc = metrics.auroc(image_scores, labels)
             p_auroc = metrics.auroc(maps.reshape(-1), masks.reshape(-1))
+            if gde_scores is not None:
+                out["val/gde_i_auroc"] = metrics.auroc(gde_scores, labels)
             out |= {
-                "val/gde_i_auroc": metrics.auroc(gde_scores, labels),
                 "val/i_auroc": i_auroc,
                 "val/p_auroc": p_auroc,
                 "val/mean_auroc": (i_auroc + p_auroc) / 2,

@@ -43,6 +43,12 @@ def load_train_data(config: ml_collections.ConfigDict) -> TrainData:
             "of <category>/train/good/<stem>.png masks written by the FMAS mask stage "
             "(python -m launch.synthesize)."
         )
+    if config.augment.foreground_mask and data.get("tile_size", 0):
+        raise ValueError(
+            "config.augment.foreground_mask (FM) with config.data.tile_size: the foreground "
+            "masks are whole images, not tiles; set augment.foreground_mask=False or "
+            "data.tile_size=0."
+        )
     split = load_split(data, split="train")
     foreground = None
     if config.augment.foreground_mask:

@@ -212,7 +212,7 @@ class Draem(Method):
                 "val/mean_auroc": (i_auroc + p_auroc) / 2,
             }
         test = self.test_split
-        scores = self.score(model, {}, test.images, step=step)
+        scores = self.score_images(model, {}, test.images, step=step)
         out["test/i_auroc"] = metrics.auroc(scores.image_scores, test.labels)
         out["test/p_auroc"] = metrics.pixel_auroc(scores.maps, test.masks)
         return out
